@@ -1,0 +1,186 @@
+"""The `pipeline` command. The only module that imports the stages."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from argparse import ArgumentParser
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline import __version__, config, errors, logs
+from pipeline.config import Config
+from pipeline.endpoints import Endpoints
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+
+def _stop_event() -> threading.Event:
+    """First SIGTERM/SIGINT sets the event (the stage finishes what it holds); a second one kills."""
+    stop = threading.Event()
+
+    def handle(sig: int, _frame: object) -> None:
+        stop.set()
+        signal.signal(sig, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop
+
+
+def _run_dir(cfg: Config, args: argparse.Namespace) -> Path:
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else cfg.default_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _stage(name: str, args: argparse.Namespace, body: Callable[[Config, Path], None]) -> int:
+    """Common life of a stage process: config, logs, run; fatal errors leave a reason for `pipeline up`."""
+    logs.setup(name if name != "worker" else "worker", getattr(args, "rule", None), args.log_level)
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else None
+    try:
+        cfg = config.load(args.config)
+        cfg = cfg.with_workers(_workers(args.workers, cfg))
+        run_dir = _run_dir(cfg, args)
+        body(cfg, run_dir)
+    except PipelineError as e:
+        log.error("%s", e)
+        program = f"rule-{args.rule}" if name == "worker" else name
+        if run_dir is not None and e.exit_code in errors.FATAL_EXIT_CODES:
+            (run_dir / "fatal").mkdir(parents=True, exist_ok=True)
+            (run_dir / "fatal" / f"{program}.txt").write_text(f"{e.exit_code}\n{e}")
+        return e.exit_code
+    return errors.OK
+
+
+def cmd_ingress(args: argparse.Namespace) -> int:
+    from pipeline import ingress
+
+    return _stage("ingress", args, lambda cfg, rd: ingress.run(cfg, Endpoints.for_config(cfg, rd), _stop_event()))
+
+
+def cmd_egress(args: argparse.Namespace) -> int:
+    from pipeline import egress
+
+    return _stage("egress", args, lambda cfg, rd: egress.run(cfg, Endpoints.for_config(cfg, rd), _stop_event()))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from pipeline import workers
+    from pipeline.workers.stage import load
+
+    def body(cfg: Config, rd: Path) -> None:
+        try:
+            cfg.rule(args.rule)
+        except KeyError as e:
+            raise errors.ConfigError(cfg.source, [str(e.args[0])]) from None
+        stop = _stop_event()
+        proc = load(cfg, args.rule, rd / "models")
+        workers.run(cfg, args.rule, Endpoints.for_config(cfg, rd), stop, proc)
+
+    return _stage("worker", args, body)
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from pipeline.control.server import ControlServer
+
+    return _stage("control", args, lambda cfg, rd: ControlServer(cfg, rd, args.log_level or "info").run())
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from pipeline import broker
+
+    logs.setup("broker", None, args.log_level)
+    host, port = args.listen.rsplit(":", 1)
+    broker.run(host, int(port), _stop_event())
+    return errors.OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = config.load(args.config)
+    except errors.ConfigError as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
+    print(summary(cfg))
+    return errors.OK
+
+
+def summary(cfg: Config) -> str:
+    """One screen: brokers, models, rules. Never shows a password."""
+    out = [f"{cfg.source}: OK (stack '{cfg.instance}', control on {cfg.control.listen})", "brokers:"]
+    for n, b in cfg.brokers.items():
+        auth = f" as {b.username}" if b.username else ""
+        out.append(f"  {n:<16} {b.url}{auth}")
+    out.append("models:")
+    out += [f"  {n:<16} {m.path}  params={m.params}" for n, m in cfg.models.items()]
+    out.append("rules:")
+    for r in cfg.rules:
+        out.append(f"  {r.name:<16} {r.sub.broker}:{r.sub.topic} (qos {r.sub.qos}) -> {r.model} x{r.workers} "
+                   f"-> {r.pub.broker}:{r.pub.topic} (qos {r.pub.qos}{', retain' if r.pub.retain else ''}); "
+                   f"errors -> {r.error_topic}; timeout {r.timeout:g}s")
+    return "\n".join(out)
+
+
+def _workers(items: list[str], cfg: Config) -> dict[str, int]:
+    out = {}
+    for item in items:
+        name, _, n = item.partition("=")
+        if not n.isdigit() or int(n) < 1:
+            raise errors.ConfigError("--workers", [f"expected RULE=N with N >= 1 (got {item!r})"])
+        try:
+            cfg.rule(name)
+        except KeyError as e:
+            raise errors.ConfigError("--workers", [str(e.args[0])]) from None
+        out[name] = int(n)
+    return out
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from pipeline.up import Stack
+
+    logs.setup("up", None, args.log_level)
+    try:
+        cfg = config.load(args.config)
+        cfg = cfg.with_workers(_workers(args.workers, cfg))
+        log_dir = Path(args.log_dir).resolve() if args.log_dir else None
+        return Stack(cfg, _run_dir(cfg, args), args.log_level or "info", log_dir).run()
+    except PipelineError as e:
+        print(f"pipeline: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def parser() -> ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipeline", description="Edge model runtime: MQTT -> Python models -> MQTT.")
+    p.add_argument("--version", action="version", version=f"pipeline {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], text: str, stage: bool = True) -> ArgumentParser:
+        sp = sub.add_parser(name, help=text, description=text)
+        sp.set_defaults(func=func)
+        sp.add_argument("--log-level", help="DEBUG, INFO, WARNING... (default: $PIPELINE_LOG_LEVEL or INFO)")
+        if stage:
+            sp.add_argument("-c", "--config", required=True, help="the YAML configuration file")
+            sp.add_argument("--run-dir", help="sockets and supervisord files (default /tmp/pipeline-NAME)")
+            sp.add_argument("--workers", action="append", default=[], metavar="RULE=N", help="override workers of RULE")
+        return sp
+
+    up = add("up", cmd_up, "run the whole stack under supervisord, in the foreground")
+    up.add_argument("--log-dir", help="write each process's log to rotated files here instead of stdout")
+    add("check", cmd_check, "validate a configuration file and print a summary")
+    add("ingress", cmd_ingress, "run the ingress stage (MQTT -> workers)")
+    add("egress", cmd_egress, "run the egress stage (workers -> MQTT)")
+    add("control", cmd_control, "run the control API (gunicorn)")
+    add("worker", cmd_worker, "run one worker of a rule").add_argument("--rule", required=True)
+    add("broker", cmd_broker, "run the embedded MQTT broker (amqtt)", stage=False).add_argument(
+        "--listen", default="127.0.0.1:1883", help="HOST:PORT")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,78 @@
+"""JSON in, JSON (or bytes) out, and the error record: the data contract with models."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+
+MAX_RECORD_PAYLOAD = 64 * 1024
+_DUMP_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
+class BadPayload(ValueError):
+    """The input payload is not UTF-8 JSON; the message says which."""
+
+
+class Unserialisable(TypeError):
+    """The model's return value cannot be published."""
+
+
+def decode_event(payload: bytes) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError as e:
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as u:
+            raise BadPayload(f"payload is not UTF-8: {u.reason} at byte {u.start}") from None
+        raise BadPayload(f"payload is not JSON: {e}") from None
+
+
+def _fallback(value: Any) -> Any:
+    # numpy scalars that orjson does not take natively, tuples from C extensions, sets, Decimals
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, set | frozenset):
+        return list(value)
+    if type(value).__name__ == "Decimal":
+        return float(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def encode_value(value: Any) -> bytes:
+    """A model's return value as the bytes to publish: bytes as is, anything else as UTF-8 JSON.
+
+    NaN and +/-Infinity become null; numpy arrays and scalars become numbers and lists.
+    """
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    try:
+        return orjson.dumps(value, default=_fallback, option=_DUMP_OPTS)
+    except (TypeError, orjson.JSONEncodeError) as e:
+        raise Unserialisable(f"result of type {type(value).__name__} cannot be published: {e}") from None
+
+
+def error_record(
+    *, rule: str, topic: str, reason: str, error: BaseException | str, message_id: str, payload: bytes, attempt: int = 1
+) -> bytes:
+    """The JSON error record published on a rule's error topic."""
+    cut = payload[:MAX_RECORD_PAYLOAD]
+    try:
+        text, encoding = cut.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        text, encoding = base64.b64encode(cut).decode("ascii"), "base64"
+    err = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    record = {
+        "rule": rule,
+        "topic": topic,
+        "reason": reason,
+        "error": err,
+        "message_id": message_id,
+        "attempt": attempt,
+        "payload": text,
+        "payload_encoding": encoding,
+        "payload_truncated": len(payload) > MAX_RECORD_PAYLOAD,
+    }
+    return orjson.dumps(record)

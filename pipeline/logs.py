@@ -1,0 +1,31 @@
+"""One log line per event, with the stage, rule and message id on every line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+FORMAT = "%(asctime)s %(levelname)s %(stage)s rule=%(rule)s msg=%(message_id)s %(name)s: %(message)s"
+
+
+class _Fields(logging.Filter):
+    def __init__(self, stage: str, rule: str | None) -> None:
+        super().__init__()
+        self.stage, self.rule = stage, rule or "-"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.stage = self.stage
+        record.rule = getattr(record, "rule", self.rule)
+        record.message_id = getattr(record, "message_id", "-")
+        return True
+
+
+def setup(stage: str, rule: str | None = None, level: str | None = None) -> None:
+    """Configure the root logger of a stage process (stderr; supervisord collects it)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Fields(stage, rule))
+    handler.setFormatter(logging.Formatter(FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel((level or os.environ.get("PIPELINE_LOG_LEVEL") or "INFO").upper())

@@ -1,0 +1,78 @@
+"""`pipeline up`: render a supervisord configuration for a stack and run supervisord in the foreground.
+
+supervisord restarts any stage that crashes. A stage that exits with one of FATAL_EXIT_CODES (bad config,
+model that will not import, port taken) is not restarted; `pipeline up` notices it through supervisord's
+XML-RPC interface, prints the reason the stage left in `<run dir>/fatal/`, stops the stack and exits with
+that code.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import errors
+from pipeline.config import Config
+
+STOP_WAIT = 4  # seconds supervisord waits for a stage to stop before SIGKILL
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    args: list[str]
+    priority: int  # supervisord starts low first and stops high first: producers stop before consumers
+    numprocs: int = 1
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def programs(cfg: Config, run_dir: Path, log_level: str) -> list[Program]:
+    """Every program of the stack, in start order; worker counts as in `cfg` (overrides applied)."""
+    common = ["-c", str(cfg.source), "--run-dir", str(run_dir), "--log-level", log_level]
+    for rule in cfg.rules:
+        common += ["--workers", f"{rule.name}={rule.workers}"]
+    progs = [Program(f"broker-{n}", ["broker", "--listen", f"{b.host}:{b.port}"], 10)
+             for n, b in cfg.brokers.items() if b.embedded]
+    progs += [Program("egress", ["egress", *common], 20), Program("control", ["control", *common], 30)]
+    for rule in cfg.rules:
+        progs.append(Program(f"rule-{rule.name}", ["worker", "--rule", rule.name, *common], 40, rule.workers,
+                             {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}))
+    progs.append(Program("ingress", ["ingress", *common], 50))
+    return progs
+
+
+def _esc(s: str) -> str:
+    return s.replace("%", "%%")  # supervisord expands %(name)s in values
+
+
+def render(progs: list[Program], run_dir: Path, log_dir: Path | None) -> str:
+    """The supervisord.conf text."""
+    lines = [
+        "[supervisord]", "nodaemon=true", f"logfile={_esc(str(run_dir / 'supervisord.log'))}",
+        "logfile_maxbytes=5MB", "logfile_backups=2", f"pidfile={_esc(str(run_dir / 'supervisord.pid'))}",
+        f"childlogdir={_esc(str(run_dir))}", "",
+        "[unix_http_server]", f"file={_esc(str(run_dir / 'supervisor.sock'))}", "chmod=0700", "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
+        "[supervisorctl]", f"serverurl=unix://{_esc(str(run_dir / 'supervisor.sock'))}", "",
+    ]
+    fatal = ",".join(str(c) for c in (errors.OK, *errors.FATAL_EXIT_CODES))
+    for p in progs:
+        env = {"PYTHONUNBUFFERED": "1", **p.env}
+        if log_dir is None:
+            out = ["stdout_logfile=/dev/stdout", "stdout_logfile_maxbytes=0"]
+        else:
+            out = [f"stdout_logfile={_esc(str(log_dir))}/%(program_name)s-%(process_num)d.log",
+                   "stdout_logfile_maxbytes=10MB", "stdout_logfile_backups=3"]
+        lines += [
+            f"[program:{p.name}]",
+            f"command={_esc(shlex.join([sys.executable, '-m', 'pipeline', *p.args]))}",
+            "process_name=%(program_name)s-%(process_num)d", f"numprocs={p.numprocs}",
+            f"priority={p.priority}", "autostart=true", "autorestart=unexpected", f"exitcodes={fatal}",
+            "startsecs=1", "startretries=3", "stopsignal=TERM", f"stopwaitsecs={STOP_WAIT}",
+            "stopasgroup=true", "killasgroup=true", "redirect_stderr=true", *out,
+            "environment=" + ",".join(f'{k}="{_esc(v)}"' for k, v in env.items()), "",
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""Running a stack: start supervisord, watch it, stop it.
+
+Signal handlers only record the signal; one loop handles it (gunicorn's arbiter style). The stack runs in
+its own session so a terminal's Ctrl-C reaches `pipeline up` alone, which then stops supervisord, which
+stops the stages in reverse priority (ingress first, so intake stops before the consumers go).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from pathlib import Path
+from typing import Any
+
+from supervisor.xmlrpc import SupervisorTransport
+
+from pipeline import errors, stack
+from pipeline.config import Config
+from pipeline.errors import StartupError
+
+log = logging.getLogger("pipeline.up")
+STOP_TIMEOUT = 10.0
+
+
+def port_taken(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def preflight(cfg: Config, run_dir: Path) -> None:
+    """Refuse to start for reasons a restart would not fix, with a message that says what to do."""
+    for name, b in cfg.brokers.items():
+        if b.embedded and port_taken(b.host, b.port):
+            raise StartupError(
+                f"brokers.{name}: the embedded broker cannot listen on {b.host}:{b.port}: something already "
+                f"listens there (a broker?). To use it, set brokers.{name}.url: mqtt://{b.host}:{b.port} in "
+                f"{cfg.source} (for conf/example.yaml: PIPELINE_BROKER_URL=mqtt://{b.host}:{b.port})."
+            )
+    host, port = cfg.control.listen.rsplit(":", 1)
+    if port_taken(host, int(port)):
+        raise StartupError(f"control.listen: {cfg.control.listen} is already in use (another stack?) in {cfg.source}")
+    if (run_dir / "supervisor.sock").exists() and _rpc(run_dir).alive():
+        raise StartupError(f"a stack already runs with run directory {run_dir} (stop it, or pass another --run-dir)")
+
+
+class _rpc:
+    def __init__(self, run_dir: Path) -> None:
+        transport = SupervisorTransport(None, None, serverurl=f"unix://{run_dir / 'supervisor.sock'}")
+        self.proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+    def alive(self) -> bool:
+        try:
+            return self.proxy.supervisor.getState()["statename"] == "RUNNING"
+        except (OSError, xmlrpc.client.Error):
+            return False
+
+    def processes(self) -> list[dict[str, Any]]:
+        try:
+            return self.proxy.supervisor.getAllProcessInfo()
+        except (OSError, xmlrpc.client.Error):
+            return []
+
+
+class Stack:
+    def __init__(self, cfg: Config, run_dir: Path, log_level: str, log_dir: Path | None = None) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.progs = stack.programs(cfg, run_dir, log_level)
+        self.log_dir = log_dir
+        self.signals: list[int] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def spawn(self) -> None:
+        preflight(self.cfg, self.run_dir)
+        (self.run_dir / "fatal").mkdir(parents=True, exist_ok=True)
+        for old in (self.run_dir / "fatal").iterdir():
+            old.unlink()
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.run_dir / "supervisord.conf"
+        conf.write_text(stack.render(self.progs, self.run_dir, self.log_dir))
+        self.proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],
+                                     start_new_session=True)
+        log.info("stack %s starting (run dir %s, control on http://%s)", self.cfg.instance, self.run_dir,
+                 self.cfg.control.listen)
+
+    def run(self) -> int:
+        """Spawn, then watch until a signal or a fatal stage; return the exit code."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda s, _f: self.signals.append(s))
+        self.spawn()
+        rpc, announced = _rpc(self.run_dir), False
+        while not self.signals:
+            time.sleep(0.25)
+            if self.proc is not None and self.proc.poll() is not None:
+                log.error("supervisord exited with %s", self.proc.returncode)
+                return 1
+            procs = rpc.processes()
+            code = self.fatal(procs)
+            if code:
+                self.stop()
+                return code
+            if not announced and procs and all(p["statename"] == "RUNNING" for p in procs):
+                announced = True
+                log.info("all %d processes running; Ctrl-C stops the stack", len(procs))
+        self.stop()
+        return errors.OK
+
+    def fatal(self, procs: list[dict[str, Any]]) -> int:
+        """Exit code of a stage that stopped for good (reported), else 0.
+
+        supervisord forgets the exit status of a process that died within `startsecs` (BACKOFF), so stages
+        leave `<run dir>/fatal/<program>.txt` ("<exit code>\n<reason>") before a fatal exit.
+        """
+        for p in procs:
+            if p["statename"] not in ("EXITED", "FATAL", "BACKOFF"):
+                continue
+            code, reason = self._left_reason(p["group"])
+            if not code and p["statename"] != "FATAL":
+                continue
+            code = code or 1
+            reason = reason or p.get("spawnerr") or f"exit status {p['exitstatus']}"
+            name = errors.EXIT_CODE_NAMES.get(code, "FATAL")
+            log.error("%s stopped for good (%s): %s", p["name"], name, reason)
+            print(f"pipeline: {p['name']} failed ({name}): {reason}", file=sys.stderr)
+            return code
+        return 0
+
+    def _left_reason(self, program: str) -> tuple[int, str]:
+        f = self.run_dir / "fatal" / f"{program}.txt"
+        if not f.exists():
+            return 0, ""
+        code, _, reason = f.read_text().partition("\n")
+        return int(code), reason.strip()
+
+    def stop(self) -> None:
+        """Stop supervisord (it stops every stage); kill the whole session if it takes too long."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        log.info("stopping the stack")
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.error("supervisord did not stop within %gs: killing its process group", STOP_TIMEOUT)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()

@@ -1,0 +1,71 @@
+"""One message through the model: the single place where per-message failures become error records."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pipeline import codec, envelope, topics
+from pipeline.config import Rule
+from pipeline.envelope import Message, Result
+from pipeline.model import Context, LoadedModel
+
+
+class Processor:
+    def __init__(self, rule: Rule, model: LoadedModel, context: Context) -> None:
+        self.rule, self.model, self.context = rule, model, context
+        self.render = topics.compile_template(rule.pub.topic)
+        self.error_topic = topics.compile_template(rule.error_topic)
+        self.call_started = 0.0  # monotonic start of the running model call, 0 when idle (read by the watchdog)
+        self.current: Message | None = None
+        self.batch: tuple[Message, ...] = ()  # the frame being processed and its results so far
+        self.done: list[Result] = []
+        self.log = logging.getLogger("pipeline.worker")
+
+    def run_batch(self, batch: list[Message]) -> list[Result]:
+        self.batch, self.done = tuple(batch), []
+        for msg in batch:
+            self.done.append(self(msg))
+        return self.done
+
+    def abandon(self, reason: str) -> list[Result]:
+        """Results for the whole current batch when the worker must die mid-call (see the watchdog)."""
+        out = list(self.done)
+        for msg in self.batch[len(out):]:
+            why = reason if msg is self.current else f"not processed: worker restarted ({reason} on {self.current.id})"
+            out.append(self.error(msg, "timeout" if msg is self.current else "not_processed", why, 0.0))
+        return out
+
+    def __call__(self, msg: Message) -> Result:
+        try:
+            event = codec.decode_event(msg.payload)
+        except codec.BadPayload as e:
+            return self.error(msg, "bad_payload", e, 0.0)
+        ctx = self.context
+        ctx.topic, ctx.received_at, ctx.message_id, ctx.attempt = msg.topic, msg.received_at, msg.id, msg.attempt
+        self.current, t0 = msg, time.monotonic()
+        self.call_started = t0
+        try:
+            value = self.model.handler(event, ctx)
+        except (Exception, SystemExit) as e:  # SystemExit: a model calling sys.exit() costs one message only
+            return self.error(msg, "model_error", e, time.monotonic() - t0)
+        finally:
+            self.call_started = 0.0
+        took = time.monotonic() - t0
+        if value is None:
+            return Result(msg.id, msg.rule, envelope.NOTHING, "", b"", msg.broker, msg.mid, msg.received_at, took)
+        try:
+            payload = codec.encode_value(value)
+            topic = self.render(msg.topic)
+        except (codec.Unserialisable, IndexError) as e:
+            return self.error(msg, "unserialisable_result", e, took)
+        return Result(msg.id, msg.rule, envelope.PUBLISH, topic, payload, msg.broker, msg.mid, msg.received_at, took)
+
+    def error(self, msg: Message, reason: str, err: BaseException | str, took: float) -> Result:
+        self.log.warning("%s: %s", reason, err, extra={"message_id": msg.id})
+        record = codec.error_record(
+            rule=msg.rule, topic=msg.topic, reason=reason, error=err, message_id=msg.id,
+            payload=msg.payload, attempt=msg.attempt,
+        )
+        topic = self.error_topic(msg.topic)
+        return Result(msg.id, msg.rule, envelope.ERROR, topic, record, msg.broker, msg.mid, msg.received_at, took)

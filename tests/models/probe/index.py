@@ -1,0 +1,33 @@
+"""Test model whose behaviour is chosen by the event: echo, fail, skip, bytes, unserialisable, sleep, exit."""
+
+import math
+import os
+import sys
+import time
+
+
+def handler(event, context):
+    if event.get("fail"):
+        raise ValueError(f"asked to fail on {event.get('seq')}")
+    if event.get("skip"):
+        return None
+    if event.get("bytes"):
+        return b"\x00raw\xff"
+    if event.get("unserialisable"):
+        return {"obj": object()}
+    if event.get("nan"):
+        return {"nan": math.nan, "inf": math.inf, "text": "température"}
+    if "sleep" in event:
+        time.sleep(event["sleep"])
+    if event.get("exit"):
+        sys.exit(3)
+    return {
+        "seq": event.get("seq"),
+        "tag": context.params.get("tag"),
+        "topic": context.topic,
+        "rule": context.rule,
+        "model": context.model,
+        "message_id": context.message_id,
+        "pid": os.getpid(),
+        "received_at": context.received_at,
+    }
