@@ -7,7 +7,9 @@ PUB never blocks: with no control process listening the snapshot is simply not d
 
 from __future__ import annotations
 
+import bisect
 import os
+import resource
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +18,17 @@ import msgpack
 import zmq
 
 INTERVAL = 0.5
+# upper bounds (seconds) of latency histogram buckets; one more bucket counts everything above the last
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def process_usage() -> dict[str, float]:
+    """RSS (bytes) and CPU time (seconds) of this process, read twice a second, not per message."""
+    with open("/proc/self/statm", "rb") as f:
+        rss = int(f.read().split()[1]) * _PAGE
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"rss_bytes": rss, "cpu_seconds": ru.ru_utime + ru.ru_stime}
 
 
 class Reporter:
@@ -25,6 +38,7 @@ class Reporter:
         self.sock.setsockopt(zmq.SNDHWM, 100)
         self.sock.connect(address)
         self.counters: dict[str, int] = {}
+        self.histograms: dict[str, list[int]] = {}  # name -> count per bucket of BUCKETS, then +Inf
         self.gauges: dict[str, Callable[[], Any]] = {}
         self.head = {"stage": stage, "rule": rule, "pid": os.getpid(), "started": time.time()}
         self._next = 0.0
@@ -32,12 +46,19 @@ class Reporter:
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
 
+    def observe(self, name: str, seconds: float) -> None:
+        h = self.histograms.get(name)
+        if h is None:
+            h = self.histograms[name] = [0] * (len(BUCKETS) + 1)
+        h[bisect.bisect_left(BUCKETS, seconds)] += 1
+
     def tick(self, force: bool = False) -> None:
         now = time.monotonic()
         if now < self._next and not force:
             return
         self._next = now + INTERVAL
-        snap = {**self.head, "time": time.time(), "counters": self.counters}
+        snap = {**self.head, "time": time.time(), "counters": self.counters, "histograms": self.histograms,
+                **process_usage()}
         snap.update({k: f() for k, f in self.gauges.items()})
         try:
             self.sock.send(msgpack.packb(snap, use_bin_type=True), zmq.NOBLOCK)

@@ -66,6 +66,7 @@ class Publisher:
             if r.kind == envelope.NOTHING:
                 self.stats.count("nothing")
                 continue
+            self.stats.observe("end_to_end." + r.rule, time.time() - r.received_at)
             client, qos, retain = self.routes[r.rule]
             while True:
                 info = client.publish(r.topic, r.payload, qos, retain and r.kind == envelope.PUBLISH)

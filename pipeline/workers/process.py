@@ -21,6 +21,7 @@ class Processor:
         self.batch: tuple[Message, ...] = ()  # the frame being processed and its results so far
         self.done: list[Result] = []
         self.log = logging.getLogger("pipeline.worker")
+        self.loaded_at = time.time()
 
     def run_batch(self, batch: list[Message]) -> list[Result]:
         self.batch, self.done = tuple(batch), []

@@ -33,8 +33,9 @@ def load(cfg: Config, rule_name: str, cache_dir: os.PathLike[str]) -> Processor:
     loaded = model.load(rule.model, spec.path, cache_dir)
     ctx = model.Context(rule.name, rule.model, dict(spec.params), logging.getLogger(f"model.{rule.model}"))
     model.run_init(loaded, ctx)
+    proc = Processor(rule, loaded, ctx)
     log.info("model %s loaded from %s (sha256 %s)", rule.model, loaded.folder, loaded.sha256[:12])
-    return Processor(rule, loaded, ctx)
+    return proc
 
 
 def run(cfg: Config, rule_name: str, eps: Endpoints, stop: threading.Event, proc: Processor) -> None:
@@ -46,6 +47,8 @@ def run(cfg: Config, rule_name: str, eps: Endpoints, stop: threading.Event, proc
     push.setsockopt(zmq.LINGER, 5000)
     push.connect(eps.results())
     stats = Reporter(ctx, eps.stats(), "rule", rule_name)
+    stats.head.update(model=proc.model.name, sha256=proc.model.sha256, source=str(proc.model.folder),
+                      loaded_at=proc.loaded_at)
     threading.Thread(target=_watchdog, args=(proc, eps, stop), daemon=True, name="watchdog").start()
     try:
         while not stop.is_set():
@@ -57,7 +60,7 @@ def run(cfg: Config, rule_name: str, eps: Endpoints, stop: threading.Event, proc
             stats.count("received", len(results))
             for r in results:
                 stats.count("errors" if r.kind == envelope.ERROR else "processed")
-                stats.count("busy_us", int(r.latency * 1e6))
+                stats.observe("call", r.latency)
     finally:
         stats.close()
         pull.close(linger=0)
