@@ -38,7 +38,7 @@ def _run_dir(cfg: Config, args: argparse.Namespace) -> Path:
     return run_dir
 
 
-def _stage(name: str, args: argparse.Namespace, body: Callable[[Config, Path], None]) -> int:
+def _stage(name: str, args: argparse.Namespace, body: Callable[[Config, Path], int | None]) -> int:
     """Common life of a stage process: config, logs, run; fatal errors leave a reason for `pipeline up`."""
     logs.setup(name if name != "worker" else "worker", getattr(args, "rule", None), args.log_level)
     run_dir = Path(args.run_dir).resolve() if args.run_dir else None
@@ -46,7 +46,7 @@ def _stage(name: str, args: argparse.Namespace, body: Callable[[Config, Path], N
         cfg = config.load(args.config)
         cfg = cfg.with_workers(_workers(args.workers, cfg))
         run_dir = _run_dir(cfg, args)
-        body(cfg, run_dir)
+        return body(cfg, run_dir) or errors.OK
     except PipelineError as e:
         log.error("%s", e)
         program = f"rule-{args.rule}" if name == "worker" else name
@@ -54,7 +54,6 @@ def _stage(name: str, args: argparse.Namespace, body: Callable[[Config, Path], N
             (run_dir / "fatal").mkdir(parents=True, exist_ok=True)
             (run_dir / "fatal" / f"{program}.txt").write_text(f"{e.exit_code}\n{e}")
         return e.exit_code
-    return errors.OK
 
 
 def cmd_ingress(args: argparse.Namespace) -> int:
@@ -73,14 +72,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from pipeline import workers
     from pipeline.workers.stage import load
 
-    def body(cfg: Config, rd: Path) -> None:
+    def body(cfg: Config, rd: Path) -> int:
         try:
             cfg.rule(args.rule)
         except KeyError as e:
             raise errors.ConfigError(cfg.source, [str(e.args[0])]) from None
         stop = _stop_event()
         proc = load(cfg, args.rule, rd / "models")
-        workers.run(cfg, args.rule, Endpoints.for_config(cfg, rd), stop, proc)
+        return workers.run(cfg, args.rule, Endpoints.for_config(cfg, rd), stop, proc)
 
     return _stage("worker", args, body)
 

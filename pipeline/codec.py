@@ -60,7 +60,8 @@ def error_record(
     """The JSON error record published on a rule's error topic."""
     cut = payload[:MAX_RECORD_PAYLOAD]
     try:
-        text, encoding = cut.decode("utf-8"), "utf-8"
+        payload.decode("utf-8")
+        text, encoding = cut.decode("utf-8", errors="ignore"), "utf-8"  # ignore: a character cut in two
     except UnicodeDecodeError:
         text, encoding = base64.b64encode(cut).decode("ascii"), "base64"
     err = error if isinstance(error, str) else f"{type(error).__name__}: {error}"

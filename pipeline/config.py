@@ -19,6 +19,7 @@ import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
+    ByteSize,
     ConfigDict,
     Field,
     SecretStr,
@@ -144,6 +145,11 @@ class Rule(_Strict):
     workers: int = Field(1, ge=1, le=64)
     timeout: Seconds = 10.0
     errors: Errors = Errors()
+    max_attempts: int = Field(3, ge=1, le=100)  # dispatches of one message before it is dead-lettered
+    backlog: int = Field(10_000, ge=10)  # messages ingress holds for this rule, not yet given to a worker
+    overflow: Literal["drop_new", "drop_old"] = "drop_new"  # QoS 0 only: what goes when the backlog is full
+    max_payload_bytes: ByteSize = ByteSize(1 << 20)
+    max_rss: ByteSize | None = None  # a worker above this RSS finishes its frame and is replaced
 
     _model = field_validator("model")(lambda cls, v, info: _known("models", v, info))
 
@@ -155,7 +161,8 @@ class Rule(_Strict):
             try:
                 topics.check_template(template, self.sub.topic)
             except ValueError as e:
-                raise PydanticCustomError("topic_template", "{msg}", {"at": at, "msg": str(e)}) from e
+                ctx = {"at": at, "msg": str(e), "value": template}
+                raise PydanticCustomError("topic_template", "{msg}", ctx) from e
         return self
 
     @property
@@ -165,6 +172,11 @@ class Rule(_Strict):
 
 class Control(_Strict):
     listen: str = Field("127.0.0.1:5888", pattern=r"^[^:\s]+:\d{1,5}$")
+
+
+class Outbox(_Strict):
+    max_bytes: ByteSize = ByteSize(256 << 20)  # full: egress stops taking results (backpressure), drops nothing
+    drain_rate: int = Field(5000, ge=1)  # msg/s cap while catching up after the broker was unreachable
 
 
 class Endpoints(_Strict):
@@ -181,6 +193,8 @@ class Config(_Strict):
     control: Control = Control()
     endpoints: Endpoints = Endpoints()
     run_dir: Path | None = None
+    data_dir: Path | None = None
+    outbox: Outbox = Outbox()
     source: Path = Path("pipeline.yaml")
 
     @model_validator(mode="after")
@@ -202,6 +216,13 @@ class Config(_Strict):
 
     def default_run_dir(self) -> Path:
         return self.run_dir or Path(tempfile.gettempdir()) / f"pipeline-{self.instance}"
+
+    def default_data_dir(self) -> Path:
+        """Outbox and model cache: must survive reboots, so not under /tmp."""
+        if self.data_dir:
+            return self.data_dir if self.data_dir.is_absolute() else self.source.parent / self.data_dir
+        env = os.environ.get("PIPELINE_DATA_DIR")
+        return Path(env) if env else Path.home() / ".local" / "state" / "pipeline" / self.instance
 
     def rule(self, name: str) -> Rule:
         for r in self.rules:
@@ -258,7 +279,9 @@ def _expand(node: Any, at: str, problems: list[str]) -> Any:
         return node
 
     def sub(m: re.Match[str]) -> str:
-        value = os.environ.get(m.group(1), m.group(2))
+        value = os.environ.get(m.group(1))
+        if m.group(2) is not None and not value:  # like the shell: ${VAR:-default} also when VAR is empty
+            value = m.group(2)
         if value is None:
             problems.append(f"{at}: environment variable {m.group(1)} is not set (write ${{{m.group(1)}:-default}})")
             return ""
@@ -280,7 +303,7 @@ def _describe(err: Any) -> str:
         return f"{path}: {msg}"
     if err["type"] == "missing":
         return f"{path}: required key is missing"
-    value = err.get("input")
-    if isinstance(value, dict | list):
+    value = ctx.get("value", err.get("input"))
+    if isinstance(value, dict | list) or "password" in path:  # never echo a secret
         return f"{path}: {msg}"
     return f"{path}: {msg} (got {value!r})"

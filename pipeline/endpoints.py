@@ -1,8 +1,10 @@
 """Every ZeroMQ address of a stack, spelled once.
 
 Stable stages bind, workers connect:
-    ingress  binds PUSH  rule(i)   -> workers of rule i connect PULL
-    egress   binds PULL  results   <- every worker connects PUSH
+    ingress  binds ROUTER rule(i)  <-> workers of rule i connect DEALER (frames out, credit back)
+    ingress  binds PULL  beats     <- every worker's watchdog thread connects PUSH (liveness, timeouts)
+    ingress  binds PULL  confirms  <- egress connects PUSH (results that are safe: ack upstream)
+    egress   binds PULL  results   <- every worker (and ingress, for dead letters) connects PUSH
     control  binds SUB   stats     <- every stage connects PUB (periodic snapshots, never per message)
 """
 
@@ -45,6 +47,12 @@ class Endpoints:
 
     def stats(self) -> str:
         return self._addr("stats", 1)
+
+    def beats(self) -> str:
+        return self._addr("beats", 2)
+
+    def confirms(self) -> str:
+        return self._addr("confirms", 3)
 
     def rule(self, index: int) -> str:
         return self._addr(f"rule-{index}", 10 + index)

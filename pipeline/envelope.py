@@ -15,6 +15,7 @@ from typing import NamedTuple, TypeVar
 
 import msgpack
 
+from pipeline import codec
 from pipeline.errors import DecodeError
 
 VERSION = 1
@@ -45,11 +46,43 @@ class Result(NamedTuple):
     payload: bytes
     source_broker: str
     source_mid: int
+    source_qos: int  # 1: ingress waits for this result to be safe before acking upstream
     received_at: float
     latency: float  # seconds spent in the model call
 
 
 E = TypeVar("E", Message, Result)
+
+
+def result_for(msg: Message, kind: int, topic: str, payload: bytes, latency: float) -> Result:
+    """The Result answering `msg`."""
+    return Result(msg.id, msg.rule, kind, topic, payload, msg.broker, msg.mid, msg.qos, msg.received_at, latency)
+
+
+def error_result(msg: Message, topic: str, reason: str, err: BaseException | str, latency: float = 0.0) -> Result:
+    """An ERROR Result carrying the JSON error record for `msg`."""
+    record = codec.error_record(rule=msg.rule, topic=msg.topic, reason=reason, error=err, message_id=msg.id,
+                                payload=msg.payload, attempt=msg.attempt)
+    return result_for(msg, ERROR, topic, record, latency)
+
+
+# Control messages (small msgpack arrays), besides the data frames:
+#   worker -> ingress, on the rule's DEALER:   [CREDIT, n]          n more messages may be sent to me
+#   worker -> ingress, on beats (PUSH):        [worker id, rule index, BEAT, free credit]
+#                                              [worker id, rule index, TIMEOUT, message id]
+#   egress -> ingress, on confirms (PUSH):     [[message id, rule], ...]   these results are safe
+CREDIT, BEAT, TIMEOUT = 0, 1, 2
+
+
+def pack(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(frame: bytes) -> object:
+    try:
+        return msgpack.unpackb(frame, raw=False)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise DecodeError(f"bad control frame ({len(frame)} bytes): {e}") from e
 
 
 def encode(items: Iterable[Message | Result]) -> bytes:

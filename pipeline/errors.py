@@ -17,6 +17,7 @@ CONFIG_ERROR = 2
 MODEL_LOAD_ERROR = 3
 STARTUP_ERROR = 4
 WORKER_TIMEOUT = 5  # a model call passed the rule's timeout; the worker exits and is restarted
+WORKER_RSS = 6  # a worker grew past the rule's max_rss; it exits after its frame and is restarted
 
 FATAL_EXIT_CODES = (CONFIG_ERROR, MODEL_LOAD_ERROR, STARTUP_ERROR)
 EXIT_CODE_NAMES = {
@@ -24,6 +25,7 @@ EXIT_CODE_NAMES = {
     MODEL_LOAD_ERROR: "MODEL_LOAD_ERROR",
     STARTUP_ERROR: "STARTUP_ERROR",
     WORKER_TIMEOUT: "WORKER_TIMEOUT",
+    WORKER_RSS: "WORKER_RSS",
 }
 
 

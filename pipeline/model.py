@@ -9,6 +9,8 @@ works, and pickles that name helper modules load) and is also imported as a pack
 from __future__ import annotations
 
 import hashlib
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import logging
 import os
@@ -70,11 +72,13 @@ def unpack(archive: Path, into: Path) -> Path:
     if not dest.exists():
         tmp = into / f".{digest}.{os.getpid()}.tmp"  # workers of one rule may unpack at the same time
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         try:
             with zipfile.ZipFile(archive) as z:
                 _check_members(z, archive)
                 z.extractall(tmp)
         except zipfile.BadZipFile as e:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise ModelLoadError(f"{archive}: not a valid zip file: {e}") from e
         try:
             tmp.rename(dest)
@@ -95,18 +99,40 @@ def _index_folder(folder: Path, source: Path) -> Path:
     entries = [p for p in folder.iterdir() if p.name not in ("__MACOSX",)]
     if len(entries) == 1 and entries[0].is_dir() and (entries[0] / "index.py").is_file():
         return entries[0]  # one top-level folder, as the old runtime's zips have
-    raise ModelLoadError(f"{source}: no index.py at the top of the model (or inside its single top folder)")
+    raise ModelLoadError(f"{source}: no index.py at the top of the model (nor inside a single top folder)")
+
+
+class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes `<package>.helper` the very module `helper`, so relative and absolute imports of a model's
+    helper give one module (one class object: isinstance and unpickled objects agree)."""
+
+    def __init__(self, package: str) -> None:
+        self.prefix = package + "."
+
+    def find_spec(self, fullname: str, path: object, target: object = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname.startswith(self.prefix) and fullname != self.prefix + "index":
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        return importlib.import_module(spec.name[len(self.prefix):])
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        pass  # imported already, under its top-level name
 
 
 def load(name: str, path: Path, cache_dir: Path) -> LoadedModel:
     """Import a model package; raise ModelLoadError naming the model and path on any failure."""
+    if not path.exists():
+        raise ModelLoadError(f"model '{name}': {path} does not exist")
     folder = unpack(path, cache_dir / name) if path.is_file() else _index_folder(path, path)
     package = "pipeline_model_" + re.sub(r"\W", "_", name)
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
     pkg = types.ModuleType(package)
-    pkg.__path__ = [str(folder)]
+    pkg.__path__ = []  # submodules come from _Alias, never from a second import of the same file
     sys.modules[package] = pkg
+    sys.meta_path.insert(0, _Alias(package))
     spec = importlib.util.spec_from_file_location(f"{package}.index", folder / "index.py")
     if spec is None or spec.loader is None:
         raise ModelLoadError(f"model '{name}': cannot import {folder / 'index.py'}")

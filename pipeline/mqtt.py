@@ -1,8 +1,9 @@
-"""paho-mqtt clients set up the way every stage needs them.
+"""paho-mqtt clients driven by the stage's own loop (no paho thread).
 
-A `Link` owns one paho client running its own network thread (loop_start), connected asynchronously so a
-stack starts while the broker is down and reconnects with backoff. Callers pass plain callables; paho
-calls them on its network thread, so they must never block.
+A stage polls its ZeroMQ sockets and its MQTT sockets together in one `zmq.Poller` (`Hub`), so one thread
+does everything: paho callbacks run inside `Hub.poll()` on the stage thread and may touch the stage's ZMQ
+sockets, and no message crosses a thread. A `Link` reconnects with backoff (1 s doubling to 30 s),
+re-subscribes on every connect, and sets TCP_NODELAY on its socket.
 """
 
 from __future__ import annotations
@@ -10,90 +11,191 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
+import zmq
 
 from pipeline.config import Broker
 
 log = logging.getLogger(__name__)
 
 MAX_QUEUED = 20_000  # paho keys its queue by 16-bit mid: stay well below 65,535 (see docs/architecture.md)
-MAX_INFLIGHT = 200
+MAX_INFLIGHT = 1000
+CONNECT_TIMEOUT = 3.0
+TICK = 0.1
 
 
 class Link:
-    """One MQTT connection: `state` is "connecting", "connected" or "disconnected"."""
+    """One MQTT connection. `state`: connecting, subscribing, connected, disconnected, stopped."""
 
-    def __init__(self, name: str, broker: Broker, client_id: str, *, clean_session: bool = True) -> None:
-        self.name = name
-        self.state = "connecting"
+    def __init__(self, name: str, broker: Broker, client_id: str, *, clean_session: bool = True,
+                 manual_ack: bool = False) -> None:
+        self.name, self.broker = name, broker
+        self.state = "disconnected"
         self.subscriptions: dict[str, int] = {}
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=clean_session,
-            protocol=mqtt.MQTTv311,
-        )
-        c = self.client
+        self.connects = 0  # completed connections: a change tells the stage the session was re-established
+        self.on_connected: Callable[[Link], None] = lambda _link: None
+        self._retry_at, self._backoff, self._since = 0.0, 1.0, 0.0
+        c = self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                      clean_session=clean_session, protocol=mqtt.MQTTv311)
+        c.connect_timeout = CONNECT_TIMEOUT
+        c.manual_ack_set(manual_ack)
         if broker.username:
             c.username_pw_set(broker.username, broker.password.get_secret_value() if broker.password else None)
         if broker.scheme == "mqtts":
             c.tls_set(cert_reqs=ssl.CERT_REQUIRED)
         c.max_inflight_messages_set(MAX_INFLIGHT)
         c.max_queued_messages_set(MAX_QUEUED)
-        c.reconnect_delay_set(min_delay=1, max_delay=30)
         c.on_socket_open = _nodelay
-        c.on_connect = self._on_connect
-        c.on_disconnect = self._on_disconnect
-        c.on_subscribe = self._on_subscribe
-        self._target = (broker.host, broker.port, broker.keepalive)
+        c.on_connect, c.on_disconnect, c.on_subscribe = self._on_connect, self._on_disconnect, self._on_subscribe
+        c.connect_async(broker.host, broker.port, broker.keepalive)  # only records the target
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"
 
     def subscribe(self, topic_filter: str, qos: int) -> None:
         """Remember a subscription; it is (re)made on every connect."""
         self.subscriptions[topic_filter] = max(qos, self.subscriptions.get(topic_filter, 0))
 
-    def on_message(self, callback: Callable[[mqtt.MQTTMessage], None]) -> None:
-        self.client.on_message = lambda _c, _u, msg: callback(msg)
+    def fileno(self) -> int | None:
+        sock = self.client.socket()
+        return sock.fileno() if sock is not None else None
 
-    def start(self) -> None:
-        host, port, keepalive = self._target
-        self.client.connect_async(host, port, keepalive)
-        self.client.loop_start()
+    def tick(self, now: float) -> None:
+        """Keepalive, connect timeout and reconnect; call about every TICK seconds."""
+        if self.state in ("stopped",):
+            return
+        if self.state == "disconnected":
+            if now >= self._retry_at:
+                self._connect(now)
+            return
+        if self.state == "connecting" and now - self._since > CONNECT_TIMEOUT + 2:
+            self._lost(now, "no CONNACK")
+            return
+        if self.client.loop_misc() != mqtt.MQTT_ERR_SUCCESS and self.state != "disconnected":
+            self._lost(now, "keepalive")
+
+    def read(self) -> None:
+        if self.client.loop_read() != mqtt.MQTT_ERR_SUCCESS and self.state not in ("disconnected", "stopped"):
+            self._lost(time.monotonic(), "read failed")
+
+    def write(self) -> None:
+        if self.client.want_write() and self.client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
+            if self.state not in ("disconnected", "stopped"):
+                self._lost(time.monotonic(), "write failed")
 
     def stop(self) -> None:
-        self.state = "stopped"
-        self.client.disconnect()
-        self.client.loop_stop()
+        was, self.state = self.state, "stopped"
+        if was != "disconnected":
+            self.client.disconnect()
+            self.write()
+        sock = self.client.socket()
+        if sock is not None:
+            sock.close()
+
+    def _connect(self, now: float) -> None:
+        self.state, self._since = "connecting", now
+        try:
+            self.client.reconnect()
+        except (OSError, ssl.SSLError) as e:
+            self._lost(now, f"{self.broker.host}:{self.broker.port}: {e}")
+
+    def _lost(self, now: float, why: str) -> None:
+        if self.state == "connected":
+            log.warning("lost broker %s (%s); reconnecting", self.name, why)
+        elif self._backoff == 1.0:
+            log.warning("cannot reach broker %s (%s); retrying with backoff", self.name, why)
+        self.state = "disconnected"
+        self._retry_at, self._backoff = now + self._backoff, min(self._backoff * 2, 30.0)
 
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
-        host, port, _ = self._target
         if rc.is_failure:
-            self.state = "disconnected"
-            log.error("broker %s (%s:%s) refused the connection: %s", self.name, host, port, rc)
+            log.error("broker %s refused the connection: %s", self.name, rc)
+            self._lost(time.monotonic(), str(rc))
             return
-        log.info("connected to broker %s (%s:%s)", self.name, host, port)
+        self._backoff = 1.0
+        log.info("connected to broker %s (%s:%s)", self.name, self.broker.host, self.broker.port)
         if self.subscriptions:
             self.state = "subscribing"  # "connected" once the broker acknowledged every subscription
             client.subscribe(list(self.subscriptions.items()))
         else:
-            self.state = "connected"
+            self._up()
 
     def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, codes: list[mqtt.ReasonCode], _p: object) -> None:
         refused = [f for f, rc in zip(self.subscriptions, codes, strict=False) if rc.is_failure]
         if refused:
             self.state = "subscription refused"
             log.error("broker %s refused the subscription to %s", self.name, ", ".join(refused))
-        else:
-            self.state = "connected"
-            log.info("subscribed on broker %s to %s", self.name, ", ".join(self.subscriptions))
+            return
+        log.info("subscribed on broker %s to %s", self.name, ", ".join(self.subscriptions))
+        self._up()
+
+    def _up(self) -> None:
+        self.state = "connected"
+        self.connects += 1
+        self.on_connected(self)
 
     def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
-        if self.state == "stopped":
-            return
-        if self.state == "connected":
-            log.warning("disconnected from broker %s: %s; reconnecting", self.name, rc)
-        self.state = "disconnected"
+        if self.state not in ("stopped", "disconnected"):
+            self._lost(time.monotonic(), str(rc))
+
+
+class Hub:
+    """One poller for a stage's ZMQ sockets and MQTT links."""
+
+    def __init__(self, links: list[Link]) -> None:
+        self.links = links
+        self.reading = True  # False: leave MQTT input unread (draining before a stop)
+        self.poller = zmq.Poller()
+        self._fds: dict[int, Link] = {}
+        self._next_tick = 0.0
+
+    def register(self, sock: zmq.Socket) -> None:
+        self.poller.register(sock, zmq.POLLIN)
+
+    def unregister(self, sock: zmq.Socket) -> None:
+        self.poller.unregister(sock)
+
+    def poll(self, timeout_ms: int) -> set[zmq.Socket]:
+        """Wait for input; serve MQTT reads/writes (callbacks run here); return readable ZMQ sockets."""
+        self._sync()
+        events = self.poller.poll(timeout_ms)
+        ready = set()
+        for sock, ev in events:
+            link = self._fds.get(sock) if isinstance(sock, int) else None
+            if link is None:
+                ready.add(sock)
+                continue
+            if ev & zmq.POLLIN:
+                link.read()
+            if ev & zmq.POLLOUT:
+                link.write()
+        now = time.monotonic()
+        if now >= self._next_tick:
+            self._next_tick = now + TICK
+            for link in self.links:
+                link.tick(now)
+        return ready
+
+    def flush(self) -> None:
+        for link in self.links:
+            link.write()
+
+    def _sync(self) -> None:
+        wanted: dict[int, tuple[Link, int]] = {}
+        for link in self.links:
+            fd = link.fileno()
+            flags = (zmq.POLLIN if self.reading else 0) | (zmq.POLLOUT if link.client.want_write() else 0)
+            if fd is not None and flags:
+                wanted[fd] = (link, flags)
+        for fd in self._fds.keys() - wanted.keys():
+            self.poller.unregister(fd)
+        for fd, (_link, flags) in wanted.items():
+            self.poller.register(fd, flags)
+        self._fds = {fd: link for fd, (link, _flags) in wanted.items()}
 
 
 def _nodelay(_client: mqtt.Client, _userdata: object, sock: socket.socket) -> None:

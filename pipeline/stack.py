@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline import errors
 from pipeline.config import Config
 
-STOP_WAIT = 4  # seconds supervisord waits for a stage to stop before SIGKILL
+STOP_WAIT = 4  # seconds supervisord waits for a stage to stop before SIGKILL (ingress, workers: + timeout)
 
 
 @dataclass(frozen=True)
@@ -26,20 +26,28 @@ class Program:
     priority: int  # supervisord starts low first and stops high first: producers stop before consumers
     numprocs: int = 1
     env: dict[str, str] = field(default_factory=dict)
+    stop_wait: int = STOP_WAIT
+    retries: int = 3  # quick failures in a row before supervisord gives up (FATAL)
+    start_secs: int = 1  # a process must stay up this long to count as started
 
 
 def programs(cfg: Config, run_dir: Path, log_level: str) -> list[Program]:
     """Every program of the stack, in start order; worker counts as in `cfg` (overrides applied)."""
     common = ["-c", str(cfg.source), "--run-dir", str(run_dir), "--log-level", log_level]
+    drain = int(max(r.timeout for r in cfg.rules)) + STOP_WAIT  # ingress waits for in-flight work
     for rule in cfg.rules:
         common += ["--workers", f"{rule.name}={rule.workers}"]
     progs = [Program(f"broker-{n}", ["broker", "--listen", f"{b.host}:{b.port}"], 10)
              for n, b in cfg.brokers.items() if b.embedded]
-    progs += [Program("egress", ["egress", *common], 20), Program("control", ["control", *common], 30)]
+    progs += [Program("egress", ["egress", *common], 20, stop_wait=STOP_WAIT + 5),
+              Program("control", ["control", *common], 30)]
     for rule in cfg.rules:
+        # workers: startsecs=0, so a message that kills a fresh worker is a crash to restart from, not a failed
+        # start that ends in FATAL; max_attempts bounds how often one message can do that
         progs.append(Program(f"rule-{rule.name}", ["worker", "--rule", rule.name, *common], 40, rule.workers,
-                             {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}))
-    progs.append(Program("ingress", ["ingress", *common], 50))
+                             {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+                             stop_wait=int(rule.timeout) + STOP_WAIT, start_secs=0))
+    progs.append(Program("ingress", ["ingress", *common], 50, stop_wait=drain))
     return progs
 
 
@@ -71,7 +79,8 @@ def render(progs: list[Program], run_dir: Path, log_dir: Path | None) -> str:
             f"command={_esc(shlex.join([sys.executable, '-m', 'pipeline', *p.args]))}",
             "process_name=%(program_name)s-%(process_num)d", f"numprocs={p.numprocs}",
             f"priority={p.priority}", "autostart=true", "autorestart=unexpected", f"exitcodes={fatal}",
-            "startsecs=1", "startretries=3", "stopsignal=TERM", f"stopwaitsecs={STOP_WAIT}",
+            f"startsecs={p.start_secs}", f"startretries={p.retries}", "stopsignal=TERM",
+            f"stopwaitsecs={p.stop_wait}",
             "stopasgroup=true", "killasgroup=true", "redirect_stderr=true", *out,
             "environment=" + ",".join(f'{k}="{_esc(v)}"' for k, v in env.items()), "",
         ]

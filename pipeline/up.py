@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import xmlrpc.client
 from pathlib import Path
@@ -25,7 +26,6 @@ from pipeline.config import Config
 from pipeline.errors import StartupError
 
 log = logging.getLogger("pipeline.up")
-STOP_TIMEOUT = 10.0
 
 
 def port_taken(host: str, port: int) -> bool:
@@ -48,6 +48,13 @@ def preflight(cfg: Config, run_dir: Path) -> None:
         raise StartupError(f"control.listen: {cfg.control.listen} is already in use (another stack?) in {cfg.source}")
     if (run_dir / "supervisor.sock").exists() and _rpc(run_dir).alive():
         raise StartupError(f"a stack already runs with run directory {run_dir} (stop it, or pass another --run-dir)")
+
+
+def _copy(pipe: Any) -> None:
+    out = sys.stdout.buffer
+    for line in iter(pipe.readline, b""):
+        out.write(line)
+        out.flush()
 
 
 class _rpc:
@@ -74,6 +81,8 @@ class Stack:
         self.progs = stack.programs(cfg, run_dir, log_level)
         self.log_dir = log_dir
         self.signals: list[int] = []
+        # ingress drains for up to the longest timeout (+2 s); everything else stops within a few seconds
+        self.stop_timeout = max(r.timeout for r in cfg.rules) + 12.0
         self.proc: subprocess.Popen[bytes] | None = None
 
     def spawn(self) -> None:
@@ -85,8 +94,12 @@ class Stack:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         conf = self.run_dir / "supervisord.conf"
         conf.write_text(stack.render(self.progs, self.run_dir, self.log_dir))
+        # children log to supervisord's stdout: a pipe we copy to ours (reopening a redirected /dev/stdout
+        # would write from offset 0 over what is there)
         self.proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],
-                                     start_new_session=True)
+                                     start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.copier = threading.Thread(target=_copy, args=(self.proc.stdout,), daemon=True, name="logs")
+        self.copier.start()
         log.info("stack %s starting (run dir %s, control on http://%s)", self.cfg.instance, self.run_dir,
                  self.cfg.control.listen)
 
@@ -146,8 +159,9 @@ class Stack:
         log.info("stopping the stack")
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(STOP_TIMEOUT)
+            self.proc.wait(self.stop_timeout)
         except subprocess.TimeoutExpired:
-            log.error("supervisord did not stop within %gs: killing its process group", STOP_TIMEOUT)
+            log.error("supervisord did not stop within %gs: killing its process group", self.stop_timeout)
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        self.copier.join(2)

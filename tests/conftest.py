@@ -64,6 +64,7 @@ class Mosquitto:
         self.conf = workdir / "mosquitto.conf"
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "max_queued_messages 100000",
                  f"persistence {'true' if persistence else 'false'}", f"persistence_location {workdir}/",
+                 "autosave_interval 1",
                  "log_type error", "log_type warning"]
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -158,7 +159,8 @@ class Up:
         self.log = run_dir.parent / "up.log"
         args = [sys.executable, "-m", "pipeline", "up", "-c", str(config), "--run-dir", str(run_dir), *extra]
         self.proc = subprocess.Popen(args, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PIPELINE_LOG_LEVEL": "INFO"})
+                                     env={**os.environ, "PIPELINE_LOG_LEVEL": "INFO",
+                                          "PIPELINE_DATA_DIR": str(run_dir.parent / "data")})
 
     def get(self, path: str) -> tuple[int, dict]:
         try:

@@ -1,7 +1,10 @@
-"""The egress stage: one PULL socket for all results, one paho client per output broker.
+"""The egress stage: results from every worker -> MQTT, through the durable outbox.
 
-paho's publish() only queues (its network thread writes); when paho's bounded queue is full the stage
-waits for it to drain instead of dropping, which backs pressure up through ZMQ to the workers.
+A result of a QoS 1 message is written to the outbox (one SQLite transaction per frame) and only then
+confirmed to ingress, which may then ack the input; the publisher hands outbox rows to paho oldest first
+(at most WINDOW unacknowledged per broker) and deletes each row on its PUBACK. Results of QoS 0 messages
+skip the outbox (at most once): published if the broker is connected, else dropped and counted. While the
+outbox is full, egress stops taking results, which backs pressure up to the workers and ingress.
 """
 
 from __future__ import annotations
@@ -15,76 +18,178 @@ import zmq
 
 from pipeline import envelope
 from pipeline.config import Config
+from pipeline.egress.outbox import Outbox, Row
 from pipeline.endpoints import Endpoints
-from pipeline.mqtt import Link
+from pipeline.envelope import Result
+from pipeline.mqtt import Hub, Link
+from pipeline.sockets import bind, drain
 from pipeline.stats import Reporter
 
 log = logging.getLogger(__name__)
 
-
-def _links(cfg: Config) -> dict[str, Link]:
-    names = {r.pub.broker for r in cfg.rules}
-    return {n: Link(n, cfg.brokers[n], f"{cfg.instance}-egress-{n}") for n in sorted(names)}
+WINDOW = 500  # outbox rows handed to paho and not yet PUBACKed, per broker
 
 
 def run(cfg: Config, eps: Endpoints, stop: threading.Event) -> None:
-    """Run until `stop` is set, then publish what already arrived and let paho flush it."""
-    ctx = zmq.Context.instance()
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(eps.results())
-    stats = Reporter(ctx, eps.stats(), "egress")
-    links = _links(cfg)
-    stats.gauges["brokers"] = lambda: {n: lk.state for n, lk in links.items()}
-    for link in links.values():
-        link.start()
-    out = Publisher(cfg, links, stats, stop)
-    log.info("egress up: publishing to %d broker(s)", len(links))
+    """Serve until `stop` is set, then take what workers already sent and flush the outbox (up to 5 s)."""
+    egress = Egress(cfg, eps)
     try:
-        while not stop.is_set():
-            stats.tick()
-            if pull.poll(200):
-                out.publish(envelope.decode(pull.recv(), envelope.Result))
-        while pull.poll(300):  # drain what workers sent before they stopped
-            out.publish(envelope.decode(pull.recv(), envelope.Result))
-        out.flush(timeout=5.0)
+        egress.serve(stop)
+        egress.finish(time.monotonic() + 5.0)
     finally:
-        for link in links.values():
-            link.stop()
-        stats.close()
-        pull.close(linger=0)
+        egress.close()
 
 
-class Publisher:
-    def __init__(self, cfg: Config, links: dict[str, Link], stats: Reporter, stop: threading.Event) -> None:
-        self.routes = {r.name: (links[r.pub.broker].client, r.pub.qos, r.pub.retain) for r in cfg.rules}
-        self.stats, self.stop = stats, stop
-        self.last: dict[str, mqtt.MQTTMessageInfo] = {}
+class Egress:
+    def __init__(self, cfg: Config, eps: Endpoints) -> None:
+        ctx = zmq.Context.instance()
+        self.cfg, self.stats = cfg, Reporter(ctx, eps.stats(), "egress")
+        self.pull = bind(ctx, zmq.PULL, eps.results())
+        self.confirm = ctx.socket(zmq.PUSH)
+        self.confirm.setsockopt(zmq.LINGER, 2000)
+        self.confirm.connect(eps.confirms())
+        self.outbox = Outbox(cfg.default_data_dir() / "outbox.sqlite3", cfg.outbox.max_bytes)
+        names = sorted({r.pub.broker for r in cfg.rules})
+        self.links = {n: Link(n, cfg.brokers[n], f"{cfg.instance}-egress-{n}") for n in names}
+        self.publisher = {n: Publisher(link, self.outbox, cfg.outbox.drain_rate, self.stats)
+                          for n, link in self.links.items()}
+        self.routes = {r.name: (r.pub.broker, r.pub.qos, r.pub.retain) for r in cfg.rules}
+        self.hub = Hub(list(self.links.values()))
+        self.hub.register(self.pull)
+        self.reading = True
+        g = self.stats.gauges
+        g["brokers"] = lambda: {n: lk.state for n, lk in self.links.items()}
+        g["outbox"] = lambda: {"rows": self.outbox.rows, "bytes": self.outbox.bytes, "full": self.outbox.full}
+        if self.outbox.rows:
+            log.info("outbox holds %d result(s) from an earlier run: publishing them first", self.outbox.rows)
 
-    def publish(self, results: list[envelope.Result]) -> None:
+    def serve(self, stop: threading.Event) -> None:
+        log.info("egress up: publishing to %d broker(s), outbox %s", len(self.links), self.outbox.path)
+        while not stop.is_set():
+            self._backpressure()
+            if self.pull in self.hub.poll(50):
+                for frame in drain(self.pull, 64):
+                    self.take(envelope.decode(frame, Result))
+            self.step()
+
+    def step(self) -> None:
+        for p in self.publisher.values():
+            p.pump()
+        self.hub.flush()
+        self.stats.tick()
+
+    def _backpressure(self) -> None:
+        if self.reading and self.outbox.full:
+            log.warning("outbox full (%d bytes): not taking results until it drains", self.outbox.bytes)
+            self.hub.unregister(self.pull)
+        elif not self.reading and not self.outbox.full:
+            self.hub.register(self.pull)
+        self.reading = not self.outbox.full
+
+    def take(self, results: list[Result]) -> None:
+        safe, confirms = [], []
         self.stats.count("received", len(results))
         for r in results:
+            self.stats.observe("end_to_end." + r.rule, time.time() - r.received_at)
+            if r.source_qos:
+                confirms.append([r.message_id, r.rule, r.source_broker])
             if r.kind == envelope.NOTHING:
                 self.stats.count("nothing")
                 continue
-            self.stats.observe("end_to_end." + r.rule, time.time() - r.received_at)
-            client, qos, retain = self.routes[r.rule]
-            while True:
-                info = client.publish(r.topic, r.payload, qos, retain and r.kind == envelope.PUBLISH)
-                if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
-                    break
-                time.sleep(0.005)  # paho's queue is full: wait for the network thread to drain it
-            # QoS>0 while disconnected: paho keeps it and sends it after reconnecting
-            if info.rc == mqtt.MQTT_ERR_SUCCESS or (qos and info.rc == mqtt.MQTT_ERR_NO_CONN):
-                self.stats.count("published" if r.kind == envelope.PUBLISH else "error_records")
-                self.last[r.rule] = info
+            self.stats.count("error_records" if r.kind == envelope.ERROR else "results")
+            broker, qos, retain = self.routes[r.rule]
+            retain = int(retain and r.kind == envelope.PUBLISH)
+            if r.source_qos:
+                safe.append((broker, r.topic, r.payload, qos, retain, r.rule, r.received_at))
             else:
-                self.stats.count("dropped")
-                log.warning("dropped result of %s on %s: %s", r.message_id, r.topic, mqtt.error_string(info.rc))
+                self.publisher[broker].direct(r.topic, r.payload, qos, retain)
+        if safe:
+            self.outbox.add(safe)
+        if confirms:
+            self.confirm.send(envelope.pack(confirms))
 
-    def flush(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for info in self.last.values():
-            try:
-                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-            except (RuntimeError, ValueError):
-                pass
+    def finish(self, deadline: float) -> None:
+        while self.pull.poll(300):
+            for frame in drain(self.pull, 64):
+                self.take(envelope.decode(frame, Result))
+        while time.monotonic() < deadline and any(p.busy for p in self.publisher.values()):
+            self.hub.poll(20)
+            self.step()
+        if self.outbox.rows:
+            log.warning("stopping with %d result(s) in the outbox: they go out at the next start", self.outbox.rows)
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.stop()
+        self.stats.close()
+        self.pull.close(linger=0)
+        self.confirm.close()
+        self.outbox.close()
+
+
+class Publisher:
+    """Moves one broker's outbox rows to paho, oldest first, and deletes them on PUBACK."""
+
+    def __init__(self, link: Link, outbox: Outbox, drain_rate: int, stats: Reporter) -> None:
+        self.link, self.outbox, self.rate, self.stats = link, outbox, drain_rate, stats
+        self.cursor = 0  # highest row id handed to paho
+        self.sent: dict[int, tuple[int, int]] = {}  # paho mid -> (row id, payload length)
+        self.acked: list[tuple[int, int]] = []  # PUBACKed rows, deleted in one transaction per pump
+        self.catch_up_until = 0  # while cursor < this, hand rows at no more than drain_rate per second
+        self.tokens, self.t = 0.0, time.monotonic()
+        link.client.on_publish = self._on_publish
+        link.on_connected = self._connected
+
+    @property
+    def busy(self) -> bool:
+        pending = self.sent or self.acked or self.outbox.after(self.link.name, self.cursor, 1)
+        return self.link.connected and bool(pending)
+
+    def _connected(self, _link: Link) -> None:
+        last = self.outbox.after(self.link.name, self.cursor, 1)
+        if last:
+            self.catch_up_until = self.outbox.db.execute("SELECT max(id) FROM outbox").fetchone()[0]
+            log.info("broker %s is back: catching up on the outbox at %d msg/s at most", self.link.name, self.rate)
+
+    def pump(self) -> None:
+        if self.acked:
+            self.outbox.delete(self.acked)
+            self.stats.count("published", len(self.acked))
+            self.acked = []
+        if not self.link.connected or self.outbox.rows == 0:
+            return
+        room = WINDOW - len(self.sent)
+        if self.cursor < self.catch_up_until:
+            now = time.monotonic()
+            self.tokens = min(self.tokens + (now - self.t) * self.rate, float(self.rate))
+            self.t = now
+            room = min(room, int(self.tokens))
+        if room <= 0:
+            return
+        rows = self.outbox.after(self.link.name, self.cursor, room)
+        self.tokens -= len(rows)
+        done = [d for row in rows if (d := self._hand(row)) is not None]
+        if done:
+            self.outbox.delete(done)
+            self.stats.count("published", len(done))
+
+    def _hand(self, row: Row) -> tuple[int, int] | None:
+        info = self.link.client.publish(row.topic, row.payload, row.qos, bool(row.retain))
+        self.cursor = row.id
+        if row.qos == 0:  # no PUBACK to wait for: gone once paho has it
+            return (row.id, len(row.payload))
+        self.sent[info.mid] = (row.id, len(row.payload))
+        return None
+
+    def _on_publish(self, _c: mqtt.Client, _u: object, mid: int, _rc: object, _p: object) -> None:
+        entry = self.sent.pop(mid, None)
+        if entry is not None:
+            self.acked.append(entry)
+
+    def direct(self, topic: str, payload: bytes, qos: int, retain: int) -> None:
+        """A result of a QoS 0 message: published now if connected, else dropped (counted)."""
+        if not self.link.connected:
+            self.stats.count("dropped")
+            return
+        info = self.link.client.publish(topic, payload, qos, bool(retain))
+        self.stats.count("published" if info.rc == mqtt.MQTT_ERR_SUCCESS else "dropped")

@@ -1,18 +1,17 @@
-"""The ingress stage.
+"""The ingress stage: MQTT subscriptions of every rule -> frames to each rule's workers.
 
-paho's network thread only appends (broker, MQTTMessage, time) to a SimpleQueue: it never blocks, so
-keepalives and acks keep flowing. The stage's own thread takes batches from that queue, routes each message
-to every rule whose filter matches, and sends one frame per rule per batch. Only this thread touches ZMQ.
+One thread does everything (see `mqtt.Hub`): paho's on_message runs inside the poll loop and only queues
+the message in its rules' `RuleQueue`s. QoS 1 messages are acknowledged to the broker with manual acks,
+in arrival order, once egress confirms every rule's result is safe (`AckWindow`); the session is persistent
+(clean_session=False, a stable client id), so whatever was not acked comes again after any crash.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 import zmq
@@ -20,17 +19,20 @@ import zmq
 from pipeline import envelope, topics
 from pipeline.config import Config
 from pipeline.endpoints import Endpoints
-from pipeline.mqtt import Link
+from pipeline.envelope import Message, Result
+from pipeline.ingress.acks import AckWindow
+from pipeline.ingress.dispatch import RuleQueue
+from pipeline.mqtt import Hub, Link
+from pipeline.sockets import bind, drain
 from pipeline.stats import Reporter
 
 log = logging.getLogger(__name__)
 
-BATCH = 64
-SNDHWM = 10_000
+TICK = 0.2
 
 
 class Router:
-    """topic -> indices of the rules it feeds, memoised (device topics repeat)."""
+    """(broker, topic) -> indices of the rules it feeds, memoised (device topics repeat)."""
 
     def __init__(self, cfg: Config) -> None:
         self._subs = [(i, r.sub.broker, r.sub.topic) for i, r in enumerate(cfg.rules)]
@@ -46,73 +48,145 @@ class Router:
         return hit
 
 
-def _links(cfg: Config, put: Callable[[tuple], None]) -> dict[str, Link]:
+def run(cfg: Config, eps: Endpoints, stop: threading.Event) -> None:
+    """Serve until `stop` is set, then drain: stop intake, let in-flight work finish, ack it, leave."""
+    ingress = Ingress(cfg, eps)
+    try:
+        ingress.serve(stop)
+        ingress.drain(time.monotonic() + max(r.timeout for r in cfg.rules) + 2.0)
+    finally:
+        ingress.close()
+
+
+class Ingress:
+    def __init__(self, cfg: Config, eps: Endpoints) -> None:
+        ctx = zmq.Context.instance()
+        self.cfg, self.stats = cfg, Reporter(ctx, eps.stats(), "ingress")
+        self.routers = [bind(ctx, zmq.ROUTER, eps.rule(i)) for i in range(len(cfg.rules))]
+        self.beats, self.confirms = bind(ctx, zmq.PULL, eps.beats()), bind(ctx, zmq.PULL, eps.confirms())
+        self.letters = ctx.socket(zmq.PUSH)
+        self.letters.connect(eps.results())
+        self.queues = [RuleQueue(r, s, self.stats, self.letters_send, topics.compile_template(r.error_topic))
+                       for r, s in zip(cfg.rules, self.routers, strict=True)]
+        self.by_name = {r.name: q for r, q in zip(cfg.rules, self.queues, strict=True)}
+        self.links = _links(cfg, self._arrive)
+        self.acks = {name: AckWindow(link.client) for name, link in self.links.items()}
+        for link in self.links.values():
+            link.on_connected = lambda lk: self.acks[lk.name].reset()  # a new session: old packet ids are void
+        self.hub = Hub(list(self.links.values()))
+        for s in (*self.routers, self.beats, self.confirms):
+            self.hub.register(s)
+        self.route, self.boot, self.seq = Router(cfg), secrets.token_hex(3), 0
+        self._gauges()
+
+    def _gauges(self) -> None:
+        g = self.stats.gauges
+        g["brokers"] = lambda: {n: lk.state for n, lk in self.links.items()}
+        g["depth"] = lambda: sum(q.depth for q in self.queues)
+        g["rules"] = lambda: {q.rule.name: {"pending": q.depth, "in_flight": q.holding, "workers": len(q.workers)}
+                              for q in self.queues}
+        g["unacked"] = lambda: {n: len(a) for n, a in self.acks.items()}
+
+    def serve(self, stop: threading.Event) -> None:
+        log.info("ingress up: %d rule(s) on %d broker(s)", len(self.queues), len(self.links))
+        next_tick = 0.0
+        while not stop.is_set():
+            self._handle(self.hub.poll(50))
+            now = time.monotonic()
+            for q in self.queues:
+                q.dispatch(now)
+            self.hub.flush()
+            if now >= next_tick:
+                next_tick = now + TICK
+                self._tick(now)
+
+    def _tick(self, now: float) -> None:
+        for q in self.queues:
+            q.expire(now)
+        self.stats.tick()
+
+    def _arrive(self, broker: str, msg: mqtt.MQTTMessage) -> None:
+        """paho's on_message, called inside hub.poll() on this thread."""
+        self.seq += 1
+        msg_id, topic, payload, now = f"{self.boot}-{self.seq}", msg.topic, msg.payload, time.time()
+        waiting: set[str] = set()
+        targets = self.route(broker, topic)
+        for i in targets:
+            q = self.queues[i]
+            m = Message(msg_id, q.rule.name, broker, topic, payload, msg.qos, msg.mid, 1, now)
+            if msg.qos:
+                waiting.add(q.rule.name)
+            if len(payload) > q.rule.max_payload_bytes:
+                self.stats.count("oversize")
+                err = f"payload of {len(payload)} bytes is over max_payload_bytes ({q.rule.max_payload_bytes})"
+                self.letters_send(envelope.error_result(m, q.error_topic(topic), "payload_too_large", err))
+            else:
+                q.offer(m)
+        if msg.qos:
+            self.acks[broker].add(msg_id, msg.mid, waiting)
+        self.stats.count("received")
+        if msg.dup:
+            self.stats.count("redelivered")  # the broker sent it again: its result may be a duplicate
+        if not targets:
+            self.stats.count("unrouted")
+
+    def letters_send(self, result: Result) -> None:
+        """Dead letters and rejected messages go straight to egress as error records."""
+        self.letters.send(envelope.encode([result]))
+
+    def _handle(self, ready: set[zmq.Socket]) -> None:
+        now = time.monotonic()
+        for i, sock in enumerate(self.routers):
+            if sock in ready:
+                for ident, frame in drain(sock, multipart=True):
+                    _kind, n = envelope.unpack(frame)
+                    self.queues[i].on_credit(ident, n, now)
+        if self.beats in ready:
+            self._beats(now)
+        if self.confirms in ready:
+            for frame in drain(self.confirms):
+                for msg_id, rule, broker in envelope.unpack(frame):
+                    self.by_name[rule].confirm(msg_id)
+                    self.acks[broker].done(msg_id, rule)
+
+    def _beats(self, now: float) -> None:
+        for frame in drain(self.beats):
+            ident, index, kind, value = envelope.unpack(frame)
+            if kind == envelope.BEAT:
+                self.queues[index].on_beat(ident.encode(), value, now)
+            elif kind == envelope.TIMEOUT:
+                self.queues[index].on_timeout(ident.encode(), value, now)
+
+    def drain(self, deadline: float) -> None:
+        """Stop reading MQTT; wait (until `deadline`) for what workers hold; the rest comes again later."""
+        self.hub.reading = False
+        for q in self.queues:
+            dropped = sum(1 for m in (*q.pending, *q.retry) if not m.qos)
+            self.stats.count(f"dropped.{q.rule.name}", dropped)
+            q.pending.clear()
+            q.retry.clear()
+        log.info("ingress draining: %d message(s) in workers", sum(q.holding for q in self.queues))
+        while time.monotonic() < deadline and any(q.holding for q in self.queues):
+            self._handle(self.hub.poll(50))
+            self.hub.flush()
+        self.stats.tick(force=True)
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.stop()
+        self.stats.close()
+        for s in (*self.routers, self.beats, self.confirms):
+            s.close(linger=0)
+        self.letters.close(linger=2000)
+
+
+def _links(cfg: Config, arrive: object) -> dict[str, Link]:
     links: dict[str, Link] = {}
     for rule in cfg.rules:
         name = rule.sub.broker
         if name not in links:
-            link = links[name] = Link(name, cfg.brokers[name], f"{cfg.instance}-ingress-{name}", clean_session=False)
-            link.on_message(lambda msg, b=name: put((b, msg, time.time())))
+            link = links[name] = Link(name, cfg.brokers[name], f"{cfg.instance}-ingress-{name}",
+                                      clean_session=False, manual_ack=True)
+            link.client.on_message = lambda _c, _u, m, b=name: arrive(b, m)
         links[name].subscribe(rule.sub.topic, rule.sub.qos)
     return links
-
-
-def run(cfg: Config, eps: Endpoints, stop: threading.Event) -> None:
-    """Run until `stop` is set."""
-    ctx = zmq.Context.instance()
-    inbox: queue.SimpleQueue[tuple[str, mqtt.MQTTMessage, float]] = queue.SimpleQueue()
-    socks = []
-    for i, _rule in enumerate(cfg.rules):
-        s = ctx.socket(zmq.PUSH)
-        s.setsockopt(zmq.SNDHWM, SNDHWM)
-        s.setsockopt(zmq.LINGER, 2000)
-        s.bind(eps.rule(i))
-        socks.append(s)
-    stats = Reporter(ctx, eps.stats(), "ingress")
-    links = _links(cfg, inbox.put)
-    stats.gauges["brokers"] = lambda: {n: lk.state for n, lk in links.items()}
-    stats.gauges["depth"] = inbox.qsize
-    for link in links.values():
-        link.start()
-    log.info("ingress up: %d rule(s) on %d broker(s)", len(cfg.rules), len(links))
-    try:
-        _loop(cfg, socks, inbox, stats, stop)
-    finally:
-        for link in links.values():
-            link.stop()
-        stats.close()
-        for s in socks:
-            s.close()
-
-
-def _loop(
-    cfg: Config, socks: list[zmq.Socket], inbox: queue.SimpleQueue, stats: Reporter, stop: threading.Event
-) -> None:
-    route, boot, seq = Router(cfg), secrets.token_hex(3), 0
-    names = [r.name for r in cfg.rules]
-    per_rule = [f"dispatched.{n}" for n in names]
-    while not stop.is_set():
-        stats.tick()
-        try:
-            batch = [inbox.get(timeout=0.2)]
-        except queue.Empty:
-            continue
-        while len(batch) < BATCH:
-            try:
-                batch.append(inbox.get_nowait())
-            except queue.Empty:
-                break
-        frames: dict[int, list[envelope.Message]] = {}
-        for broker, msg, ts in batch:
-            seq += 1
-            targets = route(broker, msg.topic)
-            for i in targets:
-                m = envelope.Message(f"{boot}-{seq}", names[i], broker, msg.topic, msg.payload, msg.qos, msg.mid, 1, ts)
-                frames.setdefault(i, []).append(m)
-            if not targets:
-                stats.count("unrouted")
-        stats.count("received", len(batch))
-        for i, msgs in frames.items():
-            socks[i].send(envelope.encode(msgs))
-            stats.count("dispatched", len(msgs))
-            stats.count(per_rule[i], len(msgs))

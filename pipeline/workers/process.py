@@ -7,7 +7,7 @@ import time
 
 from pipeline import codec, envelope, topics
 from pipeline.config import Rule
-from pipeline.envelope import Message, Result
+from pipeline.envelope import Message, Result, result_for
 from pipeline.model import Context, LoadedModel
 
 
@@ -30,11 +30,17 @@ class Processor:
         return self.done
 
     def abandon(self, reason: str) -> list[Result]:
-        """Results for the whole current batch when the worker must die mid-call (see the watchdog)."""
+        """What to send when the worker must die in the middle of a frame (see the watchdog).
+
+        The results made so far, plus error records for the QoS 0 messages the worker will not get to
+        (nobody retries those: at most once). QoS 1 ones are left to ingress, which dispatches them again.
+        """
         out = list(self.done)
         for msg in self.batch[len(out):]:
-            why = reason if msg is self.current else f"not processed: worker restarted ({reason} on {self.current.id})"
-            out.append(self.error(msg, "timeout" if msg is self.current else "not_processed", why, 0.0))
+            if msg.qos == 0:
+                is_current = msg is self.current
+                why = reason if is_current else f"worker restarted after {reason} on message {self.current.id}"
+                out.append(self.error(msg, "timeout" if is_current else "not_processed", why, 0.0))
         return out
 
     def __call__(self, msg: Message) -> Result:
@@ -54,19 +60,14 @@ class Processor:
             self.call_started = 0.0
         took = time.monotonic() - t0
         if value is None:
-            return Result(msg.id, msg.rule, envelope.NOTHING, "", b"", msg.broker, msg.mid, msg.received_at, took)
+            return result_for(msg, envelope.NOTHING, "", b"", took)
         try:
             payload = codec.encode_value(value)
             topic = self.render(msg.topic)
         except (codec.Unserialisable, IndexError) as e:
             return self.error(msg, "unserialisable_result", e, took)
-        return Result(msg.id, msg.rule, envelope.PUBLISH, topic, payload, msg.broker, msg.mid, msg.received_at, took)
+        return result_for(msg, envelope.PUBLISH, topic, payload, took)
 
     def error(self, msg: Message, reason: str, err: BaseException | str, took: float) -> Result:
         self.log.warning("%s: %s", reason, err, extra={"message_id": msg.id})
-        record = codec.error_record(
-            rule=msg.rule, topic=msg.topic, reason=reason, error=err, message_id=msg.id,
-            payload=msg.payload, attempt=msg.attempt,
-        )
-        topic = self.error_topic(msg.topic)
-        return Result(msg.id, msg.rule, envelope.ERROR, topic, record, msg.broker, msg.mid, msg.received_at, took)
+        return envelope.error_result(msg, self.error_topic(msg.topic), reason, err, took)

@@ -1,8 +1,14 @@
-"""The worker stage: PULL messages of one rule, call the model, PUSH one Result per message to egress.
+"""The worker stage: take frames of one rule from ingress, call the model, PUSH one Result per message.
 
-A watchdog thread enforces the rule's timeout: when a model call runs longer, the watchdog sends the
-error record on its own socket and ends the process with WORKER_TIMEOUT, so supervisord starts a fresh
-worker (a hung C extension cannot be interrupted any other way).
+Flow control is by credit: the worker's DEALER tells ingress how many messages it may send (PREFETCH to
+start, then what each frame used, once its results are on their way to egress). So ingress always knows
+which worker holds which message, and a dead worker's messages can be dispatched again.
+
+A watchdog thread, with sockets of its own, sends a heartbeat to ingress twice a second and enforces the
+rule's timeout: past it, it sends what the frame produced so far, tells ingress which message timed out,
+and ends the process with WORKER_TIMEOUT so supervisord starts a fresh worker (a hung C extension cannot
+be interrupted any other way). A worker above the rule's `max_rss` finishes its frame and exits the same
+way with WORKER_RSS.
 """
 
 from __future__ import annotations
@@ -17,13 +23,14 @@ import zmq
 from pipeline import envelope, model
 from pipeline.config import Config
 from pipeline.endpoints import Endpoints
-from pipeline.errors import WORKER_TIMEOUT
-from pipeline.stats import Reporter
+from pipeline.errors import WORKER_RSS, WORKER_TIMEOUT
+from pipeline.stats import Reporter, process_usage
 from pipeline.workers.process import Processor
 
 log = logging.getLogger(__name__)
 
-RCVHWM = 256  # small: what sits in a worker's pipe is lost if it dies (until in-flight tracking lands)
+PREFETCH = 64  # messages a worker may hold: one frame in the model, the next one waiting
+BEAT = 0.5
 
 
 def load(cfg: Config, rule_name: str, cache_dir: os.PathLike[str]) -> Processor:
@@ -33,50 +40,97 @@ def load(cfg: Config, rule_name: str, cache_dir: os.PathLike[str]) -> Processor:
     loaded = model.load(rule.model, spec.path, cache_dir)
     ctx = model.Context(rule.name, rule.model, dict(spec.params), logging.getLogger(f"model.{rule.model}"))
     model.run_init(loaded, ctx)
-    proc = Processor(rule, loaded, ctx)
     log.info("model %s loaded from %s (sha256 %s)", rule.model, loaded.folder, loaded.sha256[:12])
-    return proc
+    return Processor(rule, loaded, ctx)
 
 
-def run(cfg: Config, rule_name: str, eps: Endpoints, stop: threading.Event, proc: Processor) -> None:
+def run(cfg: Config, rule_name: str, eps: Endpoints, stop: threading.Event, proc: Processor) -> int:
+    """Serve the rule until `stop` is set; return the exit code (OK, or WORKER_RSS)."""
+    index = cfg.rule_index(rule_name)
+    ident = f"{os.getpid()}-{os.urandom(2).hex()}"
     ctx = zmq.Context.instance()
-    pull = ctx.socket(zmq.PULL)
-    pull.setsockopt(zmq.RCVHWM, RCVHWM)
-    pull.connect(eps.rule(cfg.rule_index(rule_name)))
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, ident.encode())
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(eps.rule(index))
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 5000)
     push.connect(eps.results())
     stats = Reporter(ctx, eps.stats(), "rule", rule_name)
     stats.head.update(model=proc.model.name, sha256=proc.model.sha256, source=str(proc.model.folder),
                       loaded_at=proc.loaded_at)
-    threading.Thread(target=_watchdog, args=(proc, eps, stop), daemon=True, name="watchdog").start()
+    watchdog = Watchdog(proc, eps, ident, index, stop)
+    threading.Thread(target=watchdog.run, daemon=True, name="watchdog").start()
+    dealer.send(envelope.pack([envelope.CREDIT, PREFETCH]))
     try:
-        while not stop.is_set():
-            stats.tick()
-            if not pull.poll(200):
-                continue
-            results = proc.run_batch(envelope.decode(pull.recv(), envelope.Message))
-            push.send(envelope.encode(results))
-            stats.count("received", len(results))
-            for r in results:
-                stats.count("errors" if r.kind == envelope.ERROR else "processed")
-                stats.observe("call", r.latency)
+        return _serve(proc, dealer, push, stats, watchdog, stop)
     finally:
         stats.close()
-        pull.close(linger=0)
+        dealer.close()
         push.close()
 
 
-def _watchdog(proc: Processor, eps: Endpoints, stop: threading.Event) -> None:
-    limit = proc.rule.timeout
-    while not stop.wait(min(0.1, limit / 10)):
-        started, msg = proc.call_started, proc.current
-        if not started or msg is None or time.monotonic() - started < limit:
+def _serve(proc: Processor, dealer: zmq.Socket, push: zmq.Socket, stats: Reporter, watchdog: Watchdog,
+           stop: threading.Event) -> int:
+    max_rss = proc.rule.max_rss
+    while not stop.is_set():
+        stats.tick()
+        if not dealer.poll(200):
             continue
-        results = proc.abandon(f"timeout after {limit:g}s")
-        sock = zmq.Context.instance().socket(zmq.PUSH)  # this thread's own socket
-        sock.connect(eps.results())
+        batch = envelope.decode(dealer.recv(), envelope.Message)
+        watchdog.holding += len(batch)
+        results = proc.run_batch(batch)
+        push.send(envelope.encode(results))
+        dealer.send(envelope.pack([envelope.CREDIT, len(batch)]))
+        watchdog.holding -= len(batch)
+        stats.count("received", len(results))
+        for r in results:
+            stats.count("errors" if r.kind == envelope.ERROR else "processed")
+            stats.observe("call", r.latency)
+        if max_rss and process_usage()["rss_bytes"] > max_rss:
+            log.warning("RSS above max_rss (%d bytes): worker exits to be replaced", max_rss)
+            return WORKER_RSS
+    return 0
+
+
+class Watchdog:
+    """Heartbeats and the per-call timeout, on this thread's own sockets."""
+
+    def __init__(self, proc: Processor, eps: Endpoints, ident: str, index: int, stop: threading.Event) -> None:
+        self.proc, self.eps, self.ident, self.index, self.stop = proc, eps, ident, index, stop
+        self.holding = 0  # messages received and not yet answered (read here, written by the main thread)
+
+    def run(self) -> None:
+        beats = zmq.Context.instance().socket(zmq.PUSH)
+        beats.setsockopt(zmq.LINGER, 1000)
+        beats.setsockopt(zmq.SNDHWM, 10)
+        beats.connect(self.eps.beats())
+        limit, next_beat = self.proc.rule.timeout, 0.0
+        try:
+            while not self.stop.wait(min(0.05, limit / 10)):
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + BEAT
+                    self._send(beats, [self.ident, self.index, envelope.BEAT, max(0, PREFETCH - self.holding)])
+                started, msg = self.proc.call_started, self.proc.current
+                if started and msg is not None and now - started >= limit:
+                    self._expire(beats, msg, limit)
+        finally:
+            beats.close()
+
+    def _send(self, sock: zmq.Socket, obj: list) -> None:
+        try:
+            sock.send(envelope.pack(obj), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _expire(self, beats: zmq.Socket, msg: envelope.Message, limit: float) -> None:
+        results = self.proc.abandon(f"timeout after {limit:g}s")
+        sock = zmq.Context.instance().socket(zmq.PUSH)
+        sock.connect(self.eps.results())
         sock.send(envelope.encode(results))
         sock.close(linger=2000)
-        logging.getLogger(__name__).error("model call passed %gs: worker exits to be replaced", limit)
+        beats.send(envelope.pack([self.ident, self.index, envelope.TIMEOUT, msg.id]))
+        beats.close(linger=2000)
+        log.error("model call passed %gs on message %s: worker exits to be replaced", limit, msg.id)
         os._exit(WORKER_TIMEOUT)

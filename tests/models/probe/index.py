@@ -21,6 +21,8 @@ def handler(event, context):
         time.sleep(event["sleep"])
     if event.get("exit"):
         sys.exit(3)
+    if context.attempt <= event.get("crash_on_attempt", 0):
+        os._exit(1)  # the whole worker dies, as a segfault would
     return {
         "seq": event.get("seq"),
         "tag": context.params.get("tag"),

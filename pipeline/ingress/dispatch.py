@@ -1,0 +1,166 @@
+"""Per-rule dispatch: the backlog, credit-based sending to workers, and in-flight tracking.
+
+QoS 1 messages stay "in flight" (with the worker holding them and a deadline) until egress confirms their
+result is safe. A worker that stops sending heartbeats is dead: its QoS 1 messages go again, one per frame
+(so a message that kills workers is singled out), with attempt + 1; past `max_attempts` a message becomes a
+dead letter. QoS 0 messages are never sent twice (at most once): a dead worker's QoS 0 messages are counted
+as dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+
+from pipeline import envelope
+from pipeline.config import Rule
+from pipeline.envelope import Message, Result
+from pipeline.stats import Reporter
+
+log = logging.getLogger(__name__)
+
+BATCH = 32  # messages per frame at most
+WORKER_SILENT = 2.5  # seconds without a heartbeat before a worker counts as dead
+
+
+@dataclass
+class Worker:
+    ident: bytes
+    credit: int
+    seen: float
+    held: dict[str, Message] = field(default_factory=dict)  # QoS 1 messages it holds
+    qos0: int = 0  # QoS 0 messages it holds (count only)
+
+
+class RuleQueue:
+    def __init__(self, rule: Rule, sock: zmq.Socket, stats: Reporter, dead_letter: Callable[[Result], None],
+                 error_topic: Callable[[str], str]) -> None:
+        self.rule, self.sock, self.stats = rule, sock, stats
+        self.dead_letter, self.error_topic = dead_letter, error_topic
+        self.pending: deque[Message] = deque()
+        self.retry: deque[Message] = deque()  # suspects: sent one per frame
+        self.workers: dict[bytes, Worker] = {}
+        self.in_flight: dict[str, tuple[Message, bytes, float]] = {}  # id -> (message, worker, deadline)
+        self.grace = max(2.0 * rule.timeout, rule.timeout + 5.0)
+        self._k = {k: f"{k}.{rule.name}" for k in ("dispatched", "dropped", "redispatched", "dead_letters")}
+
+    def offer(self, msg: Message) -> None:
+        """Queue a message; QoS 0 overflow follows the rule's policy (counted), QoS 1 is never dropped."""
+        if msg.qos == 0 and len(self.pending) >= self.rule.backlog:
+            self.stats.count(self._k["dropped"])
+            if self.rule.overflow == "drop_new":
+                return
+            while self.pending and self.pending[0].qos == 1:  # drop the oldest QoS 0, keep QoS 1 order
+                self.pending.rotate(-1)
+            self.pending.popleft()
+        self.pending.append(msg)
+
+    def dispatch(self, now: float) -> None:
+        for w in list(self.workers.values()):
+            while w.credit > 0 and (self.retry or self.pending):
+                batch = [self.retry.popleft()] if self.retry else self._take(min(w.credit, BATCH))
+                if not self._send(w, batch, now):
+                    break
+
+    def _take(self, n: int) -> list[Message]:
+        p = self.pending
+        return [p.popleft() for _ in range(min(n, len(p)))]
+
+    def _send(self, w: Worker, batch: list[Message], now: float) -> bool:
+        try:
+            self.sock.send_multipart([w.ident, envelope.encode(batch)], zmq.NOBLOCK)
+        except zmq.ZMQError:  # ROUTER_MANDATORY: that worker is gone (not yet sent: no attempt used)
+            self.retry.extendleft(reversed([m for m in batch if m.qos]))
+            self.stats.count(self._k["dropped"], sum(1 for m in batch if not m.qos))
+            self._bury(w, now)
+            return False
+        w.credit -= len(batch)
+        deadline = now + self.grace
+        for m in batch:
+            if m.qos:
+                w.held[m.id] = m
+                self.in_flight[m.id] = (m, w.ident, deadline)
+            else:
+                w.qos0 += 1
+        self.stats.count(self._k["dispatched"], len(batch))
+        return True
+
+    def on_credit(self, ident: bytes, n: int, now: float) -> None:
+        w = self.workers.get(ident)
+        if w is None:
+            w = self.workers[ident] = Worker(ident, 0, now)
+            log.info("worker %s of rule %s is up", ident.decode(), self.rule.name)
+        w.credit += n
+        w.seen = now
+        w.qos0 = max(0, w.qos0 - n)  # QoS 0 messages it answered (credit returns count both kinds)
+
+    def on_beat(self, ident: bytes, free: int, now: float) -> None:
+        """A heartbeat; `free` is the worker's own count of messages it could take now."""
+        w = self.workers.get(ident)
+        if w is None:  # a worker that knew an earlier ingress (restarted): start from what it says
+            self.workers[ident] = Worker(ident, free, now)
+            return
+        w.seen = now
+        # credit lost with an earlier ingress comes back: what the worker has room for, minus what we sent it
+        w.credit = max(w.credit, free - len(w.held) - w.qos0)
+
+    def confirm(self, msg_id: str) -> None:
+        entry = self.in_flight.pop(msg_id, None)
+        if entry is not None:
+            w = self.workers.get(entry[1])
+            if w is not None:
+                w.held.pop(msg_id, None)
+
+    def on_timeout(self, ident: bytes, msg_id: str, now: float) -> None:
+        entry = self.in_flight.get(msg_id)
+        if entry is not None:
+            self._again(entry[0], now, f"timeout after {self.rule.timeout:g}s", "timeout")
+        w = self.workers.get(ident)
+        if w is not None:
+            self._bury(w, now)
+
+    def expire(self, now: float) -> None:
+        """Bury silent workers; send again what passed its deadline (lost in a pipe, e.g. egress restarted)."""
+        for w in [w for w in self.workers.values() if now - w.seen > WORKER_SILENT]:
+            log.warning("worker %s of rule %s is silent: taking back its %d message(s)", w.ident.decode(),
+                        self.rule.name, len(w.held) + w.qos0)
+            self._bury(w, now)
+        for msg_id in [i for i, (_, _, d) in self.in_flight.items() if d < now]:
+            self._again(self.in_flight[msg_id][0], now, "no result before the deadline", "lost")
+
+    def _bury(self, w: Worker, now: float) -> None:
+        self.workers.pop(w.ident, None)
+        if w.qos0:
+            self.stats.count(self._k["dropped"], w.qos0)
+        for m in list(w.held.values()):
+            if m.id in self.in_flight:
+                self._again(m, now, "worker died while holding it", "worker_died")
+
+    def _again(self, msg: Message, now: float, why: str, reason: str) -> None:
+        entry = self.in_flight.pop(msg.id, None)
+        if entry is not None and (w := self.workers.get(entry[1])) is not None:
+            w.held.pop(msg.id, None)
+        if msg.attempt >= self.rule.max_attempts:
+            self.stats.count(self._k["dead_letters"])
+            err = f"{why} (attempt {msg.attempt} of {self.rule.max_attempts})"
+            self.dead_letter(envelope.error_result(msg, self.error_topic(msg.topic), reason, err))
+            return
+        self.stats.count(self._k["redispatched"])
+        self.retry.append(msg._replace(attempt=msg.attempt + 1))
+
+    @property
+    def depth(self) -> int:
+        return len(self.pending) + len(self.retry)
+
+    @property
+    def holding(self) -> int:
+        return sum(len(w.held) + w.qos0 for w in self.workers.values())
+
+
+def now() -> float:
+    return time.monotonic()
