@@ -177,6 +177,8 @@ def parser() -> ArgumentParser:
     add("worker", cmd_worker, "run one worker of a rule").add_argument("--rule", required=True)
     add("broker", cmd_broker, "run the embedded MQTT broker (amqtt)", stage=False).add_argument(
         "--listen", default="127.0.0.1:1883", help="HOST:PORT")
+    __import__("pipeline.bench").bench.add_commands(sub)  # loadgen, bench: their modules load when run
+    __import__("pipeline.status").status.add_commands(sub)  # status: rich loads only when it runs
     return p
 
 

@@ -69,7 +69,7 @@ def error_result(msg: Message, topic: str, reason: str, err: BaseException | str
 # Control messages (small msgpack arrays), besides the data frames:
 #   worker -> ingress, on the rule's DEALER:   [CREDIT, n]          n more messages may be sent to me
 #   worker -> ingress, on beats (PUSH):        [worker id, rule index, BEAT, free credit]
-#                                              [worker id, rule index, TIMEOUT, message id]
+#                                              [worker id, rule index, TIMEOUT, [message id, [answered ids]]]
 #   egress -> ingress, on confirms (PUSH):     [[message id, rule], ...]   these results are safe
 CREDIT, BEAT, TIMEOUT = 0, 1, 2
 

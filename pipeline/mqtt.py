@@ -35,7 +35,9 @@ class Link:
         self.name, self.broker = name, broker
         self.state = "disconnected"
         self.subscriptions: dict[str, int] = {}
-        self.connects = 0  # completed connections: a change tells the stage the session was re-established
+        self.connects = 0  # accepted connections
+        # called on every CONNACK, before any message of the new connection is handled: packet ids of an
+        # earlier connection mean nothing now (and the broker may re-send before our SUBACK arrives)
         self.on_connected: Callable[[Link], None] = lambda _link: None
         self._retry_at, self._backoff, self._since = 0.0, 1.0, 0.0
         c = self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -117,7 +119,9 @@ class Link:
             self._lost(time.monotonic(), str(rc))
             return
         self._backoff = 1.0
+        self.connects += 1
         log.info("connected to broker %s (%s:%s)", self.name, self.broker.host, self.broker.port)
+        self.on_connected(self)
         if self.subscriptions:
             self.state = "subscribing"  # "connected" once the broker acknowledged every subscription
             client.subscribe(list(self.subscriptions.items()))
@@ -135,8 +139,6 @@ class Link:
 
     def _up(self) -> None:
         self.state = "connected"
-        self.connects += 1
-        self.on_connected(self)
 
     def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
         if self.state not in ("stopped", "disconnected"):

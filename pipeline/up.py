@@ -7,6 +7,7 @@ stops the stages in reverse priority (ingress first, so intake stops before the 
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import signal
@@ -65,13 +66,15 @@ class _rpc:
     def alive(self) -> bool:
         try:
             return self.proxy.supervisor.getState()["statename"] == "RUNNING"
-        except (OSError, xmlrpc.client.Error):
+        except (OSError, xmlrpc.client.Error, http.client.HTTPException):
+            self.proxy("transport").close()  # a failed request leaves the connection unusable
             return False
 
     def processes(self) -> list[dict[str, Any]]:
         try:
             return self.proxy.supervisor.getAllProcessInfo()
-        except (OSError, xmlrpc.client.Error):
+        except (OSError, xmlrpc.client.Error, http.client.HTTPException):
+            self.proxy("transport").close()  # supervisord still starting: try again on the next round
             return []
 
 

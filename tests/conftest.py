@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -62,7 +63,9 @@ class Mosquitto:
         self.port = free_port()
         self.workdir = workdir
         self.conf = workdir / "mosquitto.conf"
+        # user: mosquitto started as root drops to user "mosquitto", which cannot write the persistence file here
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "max_queued_messages 100000",
+                 f"user {getpass.getuser()}",
                  f"persistence {'true' if persistence else 'false'}", f"persistence_location {workdir}/",
                  "autosave_interval 1",
                  "log_type error", "log_type warning"]

@@ -1,14 +1,22 @@
-"""The falcon application. `create_app(cfg, board)` takes its data source; `server.py` wires the real one."""
+"""The falcon application. `create_app(cfg, source)` takes its data source; `server.py` wires the real one.
+
+Every request reads the source once and derives its document from that one list of process snapshots,
+so the figures of one answer are consistent with each other.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import falcon
 import orjson
 
 from pipeline.config import Config
-from pipeline.control import views
+from pipeline.control import catalog, metrics, views
+
+STATIC = Path(__file__).parent / "static"
 
 
 class Source(Protocol):
@@ -18,6 +26,7 @@ class Source(Protocol):
 def _json(resp: falcon.Response, doc: Any, status: str = falcon.HTTP_200) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
+    resp.cache_control = ["no-store"]
     resp.data = orjson.dumps(doc)
 
 
@@ -35,17 +44,52 @@ class Ready:
         _json(resp, {"ready": not problems, "problems": problems}, falcon.HTTP_503 if problems else falcon.HTTP_200)
 
 
-class Stages:
+class Document:
+    """A JSON document made by `make(cfg, processes)`."""
+
+    def __init__(self, cfg: Config, source: Source, make: Callable[[Config, list[dict[str, Any]]], Any]) -> None:
+        self.cfg, self.source, self.make = cfg, source, make
+
+    def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
+        _json(resp, self.make(self.cfg, self.source.processes()))
+
+
+class Rules:
+    def __init__(self, cfg: Config) -> None:
+        self.doc = orjson.dumps(catalog.rules(cfg))
+
+    def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self.doc
+
+
+class Metrics:
     def __init__(self, cfg: Config, source: Source) -> None:
         self.cfg, self.source = cfg, source
 
     def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
-        _json(resp, views.stages(self.cfg, self.source.processes()))
+        resp.content_type = metrics.CONTENT_TYPE
+        resp.data = metrics.exposition(self.cfg, self.source.processes())
+
+
+class Dashboard:
+    """GET /: the dashboard page (its scripts and styles are under /static/)."""
+
+    def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_HTML
+        resp.cache_control = ["no-cache"]
+        resp.data = (STATIC / "index.html").read_bytes()
 
 
 def create_app(cfg: Config, source: Source) -> falcon.App:
     app = falcon.App()
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Ready(cfg, source))
-    app.add_route("/stages", Stages(cfg, source))
+    app.add_route("/stages", Document(cfg, source, views.stages))
+    app.add_route("/queue_size_metrics", Document(cfg, source, views.queue_size_metrics))
+    app.add_route("/models", Document(cfg, source, catalog.models))
+    app.add_route("/rules", Rules(cfg))
+    app.add_route("/metrics", Metrics(cfg, source))
+    app.add_route("/", Dashboard())
+    app.add_static_route("/static", str(STATIC))
     return app

@@ -1,63 +1,146 @@
-"""Turning per-process snapshots into the per-stage view of GET /stages (pure functions)."""
+"""Turning per-process snapshots into per-stage documents: GET /stages, /readyz, /queue_size_metrics.
+
+Pure functions of the configuration and the board's process list (see `figures` for the arithmetic).
+Counts sum every process of a stage, dead ones included, so restarts lose nothing; levels (queues, what
+is in flight, broker states) and rates come from live processes only.
+
+Where a message waits, and so which stage's `depth` it adds to:
+- ingress: its own intake queue (snapshot field `depth`, less what it holds per rule, below);
+- a rule: what ingress holds for the rule and has not given to a worker (`rules.<rule>.pending`, when
+  ingress keeps per-rule queues) plus what the rule's workers were given and did not finish (`in_flight`:
+  ingress's `rules.<rule>.at_workers` when reported, else dispatched.<rule> - processed - errors, less the
+  copies ingress took back from dead workers: redispatched.<rule> + dead_letters.<rule>);
+- egress: results sent to it and not taken yet (what workers finished, plus ingress's dead letters, less
+  egress's `received`) plus the rows of its outbox (`outbox.rows`, when reported).
+"""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import Config, Rule
+from pipeline.control import figures as fig
+from pipeline.control.figures import Proc
 
 
-def _sum(procs: list[dict[str, Any]], key: str) -> int:
-    return sum(p["counters"].get(key, 0) for p in procs)
+class Groups:
+    """The processes of a stack sorted by stage, and ingress's per-rule queues summed over its live processes."""
+
+    def __init__(self, procs: list[Proc]) -> None:
+        self.ingress = [p for p in procs if p["stage"] == "ingress"]
+        self.egress = [p for p in procs if p["stage"] == "egress"]
+        self.workers = [p for p in procs if p["stage"] == "rule"]
+        self.queues: dict[str, dict[str, int]] = {}
+        for p in self.ingress:
+            if not p["alive"]:
+                continue
+            for rule, q in (p.get("rules") or {}).items():
+                into = self.queues.setdefault(rule, {})
+                for k, v in q.items():
+                    into[k] = into.get(k, 0) + v
+
+    def rule(self, name: str) -> list[Proc]:
+        return [p for p in self.workers if p.get("rule") == name]
 
 
-def _brokers(procs: list[dict[str, Any]]) -> dict[str, str]:
+def _brokers(procs: list[Proc]) -> dict[str, str]:
     live = [p for p in procs if p["alive"]]
     if not live:
         return {}
-    return dict(max(live, key=lambda p: p["time"]).get("brokers", {}))
+    return dict(max(live, key=lambda p: p["time"]).get("brokers") or {})
 
 
-def stages(cfg: Config, procs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The GET /stages document: ingress, one entry per rule, egress, in data-flow order."""
-    ing = [p for p in procs if p["stage"] == "ingress"]
-    egr = [p for p in procs if p["stage"] == "egress"]
-    out = [{
+def _done(procs: list[Proc]) -> int:
+    """Messages that left a rule's workers: one result each, a model output or an error record."""
+    return fig.total(procs, "processed") + fig.total(procs, "errors")
+
+
+def _at_workers(rule: str, g: Groups) -> int:
+    """Messages given to the rule's workers and not finished."""
+    reported = g.queues.get(rule, {}).get("at_workers")
+    if reported is not None:
+        return reported
+    taken_back = fig.total(g.ingress, f"redispatched.{rule}") + fig.total(g.ingress, f"dead_letters.{rule}")
+    return max(0, fig.total(g.ingress, f"dispatched.{rule}") - _done(g.rule(rule)) - taken_back)
+
+
+def _depth(rule: str, g: Groups) -> int:
+    return g.queues.get(rule, {}).get("pending", 0) + _at_workers(rule, g)
+
+
+def _ingress(cfg: Config, g: Groups) -> dict[str, Any]:
+    ing = g.ingress
+    held = sum(q.get("pending", 0) for q in g.queues.values())
+    unacked = [sum((p.get("unacked") or {}).values()) for p in ing if p["alive"] and "unacked" in p]
+    in_flight = fig.level(ing, "in_flight")
+    return {
         "name": "ingress",
         "up": any(p["alive"] for p in ing),
-        "received": _sum(ing, "received"),
-        "dispatched": _sum(ing, "dispatched"),
-        "unrouted": _sum(ing, "unrouted"),
-        "depth": sum(p.get("depth", 0) for p in ing if p["alive"]),
+        "received": fig.total(ing, "received"),
+        "dispatched": sum(fig.total(ing, f"dispatched.{r.name}") for r in cfg.rules),
+        "unrouted": fig.total(ing, "unrouted"),
+        "depth": max(0, (fig.level(ing, "depth") or 0) - held),
+        "in_flight": in_flight if in_flight is not None or not unacked else sum(unacked),
+        "rate_per_s": fig.rate(ing, "received"),
         "brokers": _brokers(ing),
-    }]
-    for rule in cfg.rules:
-        ws = [p for p in procs if p["stage"] == "rule" and p["rule"] == rule.name]
-        received = _sum(ws, "received")
-        alive = sum(p["alive"] for p in ws)
-        out.append({
-            "name": f"rule:{rule.name}",
-            "up": alive > 0,
-            "workers": rule.workers,
-            "workers_alive": alive,
-            "received": received,
-            "processed": _sum(ws, "processed"),
-            "errors": _sum(ws, "errors"),
-            "depth": max(0, _sum(ing, f"dispatched.{rule.name}") - received),
-        })
-    out.append({
+        "counters": fig.counters(ing),
+    }
+
+
+def _rule(rule: Rule, g: Groups) -> dict[str, Any]:
+    ws, name = g.rule(rule.name), rule.name
+    alive = sum(bool(p["alive"]) for p in ws)
+    reported = fig.level(ws, "in_flight")
+    return {
+        "name": f"rule:{name}",
+        "up": alive > 0,
+        "workers": rule.workers,
+        "workers_alive": alive,
+        "received": fig.total(ws, "received"),
+        "processed": fig.total(ws, "processed"),
+        "errors": fig.total(ws, "errors"),
+        "dropped": fig.total(g.ingress, f"dropped.{name}"),
+        "dead_letters": fig.total(g.ingress, f"dead_letters.{name}"),
+        "depth": _depth(name, g),
+        "in_flight": _at_workers(name, g) if reported is None else reported,
+        "latency_ms": fig.latency_ms(ws, "call"),
+        "end_to_end_ms": fig.latency_ms(g.egress, f"end_to_end.{name}"),
+        "rate_per_s": fig.rate(ws, "processed", "errors"),
+        "counters": fig.counters(ws),
+    }
+
+
+def _outbox(g: Groups) -> dict[str, Any] | None:
+    live = [p["outbox"] for p in g.egress if p["alive"] and isinstance(p.get("outbox"), dict)]
+    return live[-1] if live else None
+
+
+def _egress(cfg: Config, g: Groups) -> dict[str, Any]:
+    egr, outbox = g.egress, _outbox(g)
+    entered = _done(g.workers) + sum(fig.total(g.ingress, f"dead_letters.{r.name}") for r in cfg.rules)
+    doc = {
         "name": "egress",
         "up": any(p["alive"] for p in egr),
-        "received": _sum(egr, "received"),
-        "published": _sum(egr, "published"),
-        "error_records": _sum(egr, "error_records"),
-        "dropped": _sum(egr, "dropped"),
-        "depth": max(0, sum(_sum(ws, "received") for ws in [[p for p in procs if p["stage"] == "rule"]])
-                     - _sum(egr, "received")),
+        "received": fig.total(egr, "received"),
+        "published": fig.total(egr, "published"),
+        "error_records": fig.total(egr, "error_records"),
+        "dropped": fig.total(egr, "dropped"),
+        "depth": max(0, entered - fig.total(egr, "received")) + int((outbox or {}).get("rows", 0)),
+        "rate_per_s": fig.rate(egr, "received"),
         "brokers": _brokers(egr),
-    })
-    return {"time": time.time(), "stages": out}
+        "counters": fig.counters(egr),
+    }
+    if outbox is not None:
+        doc["outbox"] = outbox
+    return doc
+
+
+def stages(cfg: Config, procs: list[Proc]) -> dict[str, Any]:
+    """The GET /stages document: ingress, one entry per rule, egress, in data-flow order."""
+    g = Groups(procs)
+    return {"time": time.time(),
+            "stages": [_ingress(cfg, g), *(_rule(r, g) for r in cfg.rules), _egress(cfg, g)]}
 
 
 def not_ready(doc: dict[str, Any]) -> list[str]:
@@ -70,3 +153,30 @@ def not_ready(doc: dict[str, Any]) -> list[str]:
             if state != "connected":
                 problems.append(f"{st['name']}: broker {name} is {state}")
     return problems
+
+
+def egress_depth(rule: str, g: Groups, egress_total: int) -> int:
+    """Results of `rule` in egress. Exact when egress counts `received.<rule>` and reports its outbox rows per
+    rule (`outbox.rules`); otherwise estimated from the rule's end-to-end histogram (one observation per
+    result taken) and bounded by egress's whole depth."""
+    made = _done(g.rule(rule)) + fig.total(g.ingress, f"dead_letters.{rule}")
+    key = f"received.{rule}"
+    if any(key in p.get("counters", {}) for p in g.egress):
+        taken = fig.total(g.egress, key)
+    else:
+        taken = sum(fig.histogram(g.egress, f"end_to_end.{rule}"))
+    outbox = _outbox(g) or {}
+    rows = (outbox.get("rules") or {}).get(rule)
+    if rows is None:  # the outbox's rows are not told per rule: count them all, within egress's depth
+        return min(egress_total, max(0, made - taken) + int(outbox.get("rows", 0)))
+    return max(0, made - taken) + rows
+
+
+def queue_size_metrics(cfg: Config, procs: list[Proc]) -> dict[str, Any]:
+    """The old runtime's shape: per rule, pre_queue = the rule's depth, post_queue = its results in egress."""
+    g = Groups(procs)
+    egress_total = _egress(cfg, g)["depth"]
+    return {"queue_size_metrics": [
+        {"sub_process_name": r.name, "pre_queue": _depth(r.name, g),
+         "post_queue": egress_depth(r.name, g, egress_total)}
+        for r in cfg.rules]}

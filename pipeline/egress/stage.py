@@ -146,8 +146,7 @@ class Publisher:
         return self.link.connected and bool(pending)
 
     def _connected(self, _link: Link) -> None:
-        last = self.outbox.after(self.link.name, self.cursor, 1)
-        if last:
+        if self.outbox.after(self.link.name, self.cursor, 1):
             self.catch_up_until = self.outbox.db.execute("SELECT max(id) FROM outbox").fetchone()[0]
             log.info("broker %s is back: catching up on the outbox at %d msg/s at most", self.link.name, self.rate)
 

@@ -45,6 +45,7 @@ class RuleQueue:
         self.pending: deque[Message] = deque()
         self.retry: deque[Message] = deque()  # suspects: sent one per frame
         self.workers: dict[bytes, Worker] = {}
+        self.buried: deque[bytes] = deque(maxlen=1000)  # late credit or beats from these must not revive them
         self.in_flight: dict[str, tuple[Message, bytes, float]] = {}  # id -> (message, worker, deadline)
         self.grace = max(2.0 * rule.timeout, rule.timeout + 5.0)
         self._k = {k: f"{k}.{rule.name}" for k in ("dispatched", "dropped", "redispatched", "dead_letters")}
@@ -75,9 +76,9 @@ class RuleQueue:
         try:
             self.sock.send_multipart([w.ident, envelope.encode(batch)], zmq.NOBLOCK)
         except zmq.ZMQError:  # ROUTER_MANDATORY: that worker is gone (not yet sent: no attempt used)
-            self.retry.extendleft(reversed([m for m in batch if m.qos]))
+            self.pending.extendleft(reversed([m for m in batch if m.qos]))
             self.stats.count(self._k["dropped"], sum(1 for m in batch if not m.qos))
-            self._bury(w, now)
+            self._bury(w, now, suspects=False)
             return False
         w.credit -= len(batch)
         deadline = now + self.grace
@@ -92,6 +93,8 @@ class RuleQueue:
 
     def on_credit(self, ident: bytes, n: int, now: float) -> None:
         w = self.workers.get(ident)
+        if w is None and ident in self.buried:
+            return
         if w is None:
             w = self.workers[ident] = Worker(ident, 0, now)
             log.info("worker %s of rule %s is up", ident.decode(), self.rule.name)
@@ -102,8 +105,11 @@ class RuleQueue:
     def on_beat(self, ident: bytes, free: int, now: float) -> None:
         """A heartbeat; `free` is the worker's own count of messages it could take now."""
         w = self.workers.get(ident)
+        if w is None and ident in self.buried:
+            return
         if w is None:  # a worker that knew an earlier ingress (restarted): start from what it says
             self.workers[ident] = Worker(ident, free, now)
+            log.info("worker %s of rule %s reported in (room for %d)", ident.decode(), self.rule.name, free)
             return
         w.seen = now
         # credit lost with an earlier ingress comes back: what the worker has room for, minus what we sent it
@@ -116,30 +122,42 @@ class RuleQueue:
             if w is not None:
                 w.held.pop(msg_id, None)
 
-    def on_timeout(self, ident: bytes, msg_id: str, now: float) -> None:
+    def on_timeout(self, ident: bytes, msg_id: str, answered: list[str], now: float) -> None:
+        """A worker's call of `msg_id` passed the timeout; `answered`: results it sent before dying."""
         entry = self.in_flight.get(msg_id)
         if entry is not None:
             self._again(entry[0], now, f"timeout after {self.rule.timeout:g}s", "timeout")
         w = self.workers.get(ident)
         if w is not None:
-            self._bury(w, now)
+            for done in answered:  # their confirms are on the way (the deadline covers a lost one)
+                w.held.pop(done, None)
+            self._bury(w, now, suspects=False)  # we know the culprit: the others lose no attempt
 
     def expire(self, now: float) -> None:
         """Bury silent workers; send again what passed its deadline (lost in a pipe, e.g. egress restarted)."""
         for w in [w for w in self.workers.values() if now - w.seen > WORKER_SILENT]:
             log.warning("worker %s of rule %s is silent: taking back its %d message(s)", w.ident.decode(),
                         self.rule.name, len(w.held) + w.qos0)
-            self._bury(w, now)
+            self._bury(w, now, suspects=True)
         for msg_id in [i for i, (_, _, d) in self.in_flight.items() if d < now]:
             self._again(self.in_flight[msg_id][0], now, "no result before the deadline", "lost")
 
-    def _bury(self, w: Worker, now: float) -> None:
+    def _bury(self, w: Worker, now: float, suspects: bool) -> None:
+        """Forget a dead worker. Its QoS 1 messages go again: as suspects (attempt + 1, one per frame) when
+        it died without saying why, else as they were, at the head of the backlog."""
         self.workers.pop(w.ident, None)
+        self.buried.append(w.ident)
         if w.qos0:
             self.stats.count(self._k["dropped"], w.qos0)
-        for m in list(w.held.values()):
-            if m.id in self.in_flight:
-                self._again(m, now, "worker died while holding it", "worker_died")
+        held = [m for m in w.held.values() if m.id in self.in_flight]
+        if not suspects:
+            for m in held:
+                del self.in_flight[m.id]
+            self.pending.extendleft(reversed(held))
+            self.stats.count(self._k["redispatched"], len(held))
+            return
+        for m in held:
+            self._again(m, now, "worker died while holding it", "worker_died")
 
     def _again(self, msg: Message, now: float, why: str, reason: str) -> None:
         entry = self.in_flight.pop(msg.id, None)

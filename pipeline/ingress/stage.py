@@ -155,7 +155,7 @@ class Ingress:
             if kind == envelope.BEAT:
                 self.queues[index].on_beat(ident.encode(), value, now)
             elif kind == envelope.TIMEOUT:
-                self.queues[index].on_timeout(ident.encode(), value, now)
+                self.queues[index].on_timeout(ident.encode(), value[0], value[1], now)
 
     def drain(self, deadline: float) -> None:
         """Stop reading MQTT; wait (until `deadline`) for what workers hold; the rest comes again later."""

@@ -126,11 +126,20 @@ class Watchdog:
 
     def _expire(self, beats: zmq.Socket, msg: envelope.Message, limit: float) -> None:
         results = self.proc.abandon(f"timeout after {limit:g}s")
+        answered = [r.message_id for r in results]  # ingress need not send these again
         sock = zmq.Context.instance().socket(zmq.PUSH)
         sock.connect(self.eps.results())
-        sock.send(envelope.encode(results))
-        sock.close(linger=2000)
-        beats.send(envelope.pack([self.ident, self.index, envelope.TIMEOUT, msg.id]))
-        beats.close(linger=2000)
+        # os._exit skips zmq's linger: wait until libzmq has written each frame out (tracker) before leaving;
+        # copy_threshold 0, or pyzmq copies small frames and hands back a tracker that is already done
+        sock.copy_threshold = beats.copy_threshold = 0
+        sent = [sock.send(envelope.encode(results), copy=False, track=True),
+                beats.send(envelope.pack([self.ident, self.index, envelope.TIMEOUT, [msg.id, answered]]),
+                           copy=False, track=True)]
+        for tracker in sent:
+            try:
+                tracker.wait(2.0)
+            except zmq.NotDone:
+                pass
+        time.sleep(0.1)  # "done" means libzmq let go of the buffer, not that its I/O thread wrote it out
         log.error("model call passed %gs on message %s: worker exits to be replaced", limit, msg.id)
         os._exit(WORKER_TIMEOUT)

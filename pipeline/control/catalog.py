@@ -1,0 +1,68 @@
+"""GET /rules and GET /models: what the stack is configured to run and what its workers actually loaded.
+
+Nothing secret leaves here: broker passwords (and any credentials written into a broker url) and model
+params (which may hold keys) are never included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pipeline.config import Broker, Config
+from pipeline.control.figures import Proc
+
+
+def _url(url: str) -> str:
+    """A broker url without any user:password@ part."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def _broker(b: Broker) -> dict[str, Any]:
+    return {"url": _url(b.url), "username": b.username, "password_set": b.password is not None,
+            "keepalive_s": b.keepalive}
+
+
+def rules(cfg: Config) -> dict[str, Any]:
+    """The GET /rules document: every rule as configured (overrides applied), and the brokers they use."""
+    out = []
+    for r in cfg.rules:
+        out.append({
+            "name": r.name,
+            "sub": {"broker": r.sub.broker, "topic": r.sub.topic, "qos": r.sub.qos},
+            "model": r.model,
+            "pub": {"broker": r.pub.broker, "topic": r.pub.topic, "qos": r.pub.qos, "retain": r.pub.retain},
+            "workers": r.workers,
+            "timeout_s": r.timeout,
+            "error_topic": r.error_topic,
+        })
+    return {"rules": out, "brokers": {n: _broker(b) for n, b in cfg.brokers.items()}}
+
+
+def _loaded(workers: list[Proc]) -> dict[str, Any]:
+    """What the most recently loaded live worker of a model reports (else the most recent dead one)."""
+    pick = max(workers, key=lambda p: (bool(p["alive"]), p.get("loaded_at") or 0.0))
+    shas = sorted({p["sha256"] for p in workers if p["alive"] and p.get("sha256")})
+    return {"source": pick.get("source"), "sha256": pick.get("sha256"), "loaded_at": pick.get("loaded_at"),
+            "workers_loaded": sum(bool(p["alive"]) for p in workers),
+            "sha256_differs": len(shas) > 1}
+
+
+def models(cfg: Config, procs: list[Proc]) -> dict[str, Any]:
+    """The GET /models document: per configured model, its package and the rules using it; source, sha256
+    and loaded_at come from the workers' snapshots, or from the config (sha256 and loaded_at null) until a
+    worker of it has reported."""
+    out = []
+    for name, spec in cfg.models.items():
+        users = [r.name for r in cfg.rules if r.model == name]
+        workers = [p for p in procs if p["stage"] == "rule" and p.get("model") == name and p.get("pid")]
+        doc = {"name": name, "path": str(spec.path), "rules": users}
+        if workers:
+            doc.update(_loaded(workers))
+        else:
+            doc.update(source=str(spec.path), sha256=None, loaded_at=None, workers_loaded=0, sha256_differs=False)
+        out.append(doc)
+    return {"models": out}
