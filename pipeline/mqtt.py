@@ -18,6 +18,7 @@ import paho.mqtt.client as mqtt
 import zmq
 
 from pipeline.config import Broker
+from pipeline.fastpaho import FastClient
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Link:
         # earlier connection mean nothing now (and the broker may re-send before our SUBACK arrives)
         self.on_connected: Callable[[Link], None] = lambda _link: None
         self._retry_at, self._backoff, self._since = 0.0, 1.0, 0.0
-        c = self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+        c = self.client = FastClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                       clean_session=clean_session, protocol=mqtt.MQTTv311)
         c.connect_timeout = CONNECT_TIMEOUT
         c.manual_ack_set(manual_ack)
@@ -80,14 +81,32 @@ class Link:
         if self.client.loop_misc() != mqtt.MQTT_ERR_SUCCESS and self.state != "disconnected":
             self._lost(now, "keepalive")
 
-    def read(self) -> None:
-        if self.client.loop_read() != mqtt.MQTT_ERR_SUCCESS and self.state not in ("disconnected", "stopped"):
-            self._lost(time.monotonic(), "read failed")
+    def read(self, max_packets: int = 256) -> None:
+        """Handle what the socket has: one recv(), then every complete packet already buffered."""
+        c = self.client
+        for _ in range(max_packets):
+            if c.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+                if self.state not in ("disconnected", "stopped"):
+                    self._lost(time.monotonic(), "read failed")
+                return
+            if not c.buffered():
+                return
 
     def write(self) -> None:
-        if self.client.want_write() and self.client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
+        """Hand paho's queued packets to the socket in as few send() calls as possible."""
+        c = self.client
+        if c.want_write() and c.loop_write() != mqtt.MQTT_ERR_SUCCESS:
             if self.state not in ("disconnected", "stopped"):
                 self._lost(time.monotonic(), "write failed")
+            return
+        try:
+            c.flush()
+        except OSError as e:
+            if self.state not in ("disconnected", "stopped"):
+                self._lost(time.monotonic(), f"write failed: {e}")
+
+    def wants_write(self) -> bool:
+        return self.client.want_write() or self.client.unflushed()
 
     def stop(self) -> None:
         was, self.state = self.state, "stopped"
@@ -153,6 +172,7 @@ class Hub:
         self.reading = True  # False: leave MQTT input unread (draining before a stop)
         self.poller = zmq.Poller()
         self._fds: dict[int, Link] = {}
+        self._wanted: tuple[tuple[int, int], ...] = ()
         self._next_tick = 0.0
 
     def register(self, sock: zmq.Socket) -> None:
@@ -187,17 +207,19 @@ class Hub:
             link.write()
 
     def _sync(self) -> None:
-        wanted: dict[int, tuple[Link, int]] = {}
-        for link in self.links:
-            fd = link.fileno()
-            flags = (zmq.POLLIN if self.reading else 0) | (zmq.POLLOUT if link.client.want_write() else 0)
-            if fd is not None and flags:
-                wanted[fd] = (link, flags)
-        for fd in self._fds.keys() - wanted.keys():
+        """(Re)register link sockets when their fd or the interest in writing changed (cheap when not)."""
+        wanted = tuple((fd, (zmq.POLLIN if self.reading else 0) | (zmq.POLLOUT if link.wants_write() else 0))
+                       for link in self.links if (fd := link.fileno()) is not None)
+        if wanted == self._wanted:
+            return
+        for fd in self._fds.keys() - {fd for fd, flags in wanted if flags}:
             self.poller.unregister(fd)
-        for fd, (_link, flags) in wanted.items():
-            self.poller.register(fd, flags)
-        self._fds = {fd: link for fd, (link, _flags) in wanted.items()}
+        self._fds = {}
+        for (fd, flags), link in zip(wanted, [lk for lk in self.links if lk.fileno() is not None], strict=True):
+            if flags:
+                self.poller.register(fd, flags)
+                self._fds[fd] = link
+        self._wanted = wanted
 
 
 def _nodelay(_client: mqtt.Client, _userdata: object, sock: socket.socket) -> None:

@@ -48,7 +48,8 @@ def preflight(cfg: Config, run_dir: Path) -> None:
     if port_taken(host, int(port)):
         raise StartupError(f"control.listen: {cfg.control.listen} is already in use (another stack?) in {cfg.source}")
     if (run_dir / "supervisor.sock").exists() and _rpc(run_dir).alive():
-        raise StartupError(f"a stack already runs with run directory {run_dir} (stop it, or pass another --run-dir)")
+        raise StartupError(f"a stack already runs (or is still stopping) with run directory {run_dir}: "
+                           "stop it and wait, or pass another --run-dir")
 
 
 def _copy(pipe: Any) -> None:
@@ -64,8 +65,9 @@ class _rpc:
         self.proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
     def alive(self) -> bool:
+        """True when a supervisord answers on this run directory's socket, running or still stopping."""
         try:
-            return self.proxy.supervisor.getState()["statename"] == "RUNNING"
+            return bool(self.proxy.supervisor.getState()["statename"])
         except (OSError, xmlrpc.client.Error, http.client.HTTPException):
             self.proxy("transport").close()  # a failed request leaves the connection unusable
             return False

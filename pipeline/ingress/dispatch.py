@@ -62,6 +62,8 @@ class RuleQueue:
         self.pending.append(msg)
 
     def dispatch(self, now: float) -> None:
+        if not (self.pending or self.retry):
+            return
         for w in list(self.workers.values()):
             while w.credit > 0 and (self.retry or self.pending):
                 batch = [self.retry.popleft()] if self.retry else self._take(min(w.credit, BATCH))
