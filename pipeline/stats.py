@@ -39,6 +39,7 @@ class Reporter:
         self.sock.connect(address)
         self.counters: dict[str, int] = {}
         self.histograms: dict[str, list[int]] = {}  # name -> count per bucket of BUCKETS, then +Inf
+        self.sums: dict[str, float] = {}  # name -> total seconds observed
         self.gauges: dict[str, Callable[[], Any]] = {}
         self.head = {"stage": stage, "rule": rule, "pid": os.getpid(), "started": time.time()}
         self._next = 0.0
@@ -51,6 +52,7 @@ class Reporter:
         if h is None:
             h = self.histograms[name] = [0] * (len(BUCKETS) + 1)
         h[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.sums[name] = self.sums.get(name, 0.0) + seconds
 
     def tick(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -58,6 +60,7 @@ class Reporter:
             return
         self._next = now + INTERVAL
         snap = {**self.head, "time": time.time(), "counters": self.counters, "histograms": self.histograms,
+                "sums": self.sums,
                 **process_usage()}
         snap.update({k: f() for k, f in self.gauges.items()})
         try:

@@ -90,6 +90,7 @@ class Egress:
         safe, confirms = [], []
         self.stats.count("received", len(results))
         for r in results:
+            self.stats.count("received." + r.rule)
             self.stats.observe("end_to_end." + r.rule, time.time() - r.received_at)
             if r.source_qos:
                 confirms.append([r.message_id, r.rule, r.source_broker])

@@ -35,6 +35,7 @@ class Worker:
     seen: float
     held: dict[str, Message] = field(default_factory=dict)  # QoS 1 messages it holds
     qos0: int = 0  # QoS 0 messages it holds (count only)
+    out: int = 0  # messages sent to it whose credit has not come back
 
 
 class RuleQueue:
@@ -83,6 +84,7 @@ class RuleQueue:
             self._bury(w, now, suspects=False)
             return False
         w.credit -= len(batch)
+        w.out += len(batch)
         deadline = now + self.grace
         for m in batch:
             if m.qos:
@@ -101,6 +103,7 @@ class RuleQueue:
             w = self.workers[ident] = Worker(ident, 0, now)
             log.info("worker %s of rule %s is up", ident.decode(), self.rule.name)
         w.credit += n
+        w.out = max(0, w.out - n)
         w.seen = now
         w.qos0 = max(0, w.qos0 - n)  # QoS 0 messages it answered (credit returns count both kinds)
 
@@ -176,6 +179,10 @@ class RuleQueue:
     @property
     def depth(self) -> int:
         return len(self.pending) + len(self.retry)
+
+    @property
+    def at_workers(self) -> int:
+        return sum(w.out for w in self.workers.values())
 
     @property
     def holding(self) -> int:
