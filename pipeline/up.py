@@ -11,7 +11,6 @@ import http.client
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,29 +22,24 @@ from typing import Any
 from supervisor.xmlrpc import SupervisorTransport
 
 from pipeline import errors, stack
+from pipeline.broker import port_in_use
 from pipeline.config import Config
 from pipeline.errors import StartupError
 
 log = logging.getLogger("pipeline.up")
 
 
-def port_taken(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
 def preflight(cfg: Config, run_dir: Path) -> None:
     """Refuse to start for reasons a restart would not fix, with a message that says what to do."""
     for name, b in cfg.brokers.items():
-        if b.embedded and port_taken(b.host, b.port):
+        if b.embedded and port_in_use(b.host, b.port):
             raise StartupError(
                 f"brokers.{name}: the embedded broker cannot listen on {b.host}:{b.port}: something already "
                 f"listens there (a broker?). To use it, set brokers.{name}.url: mqtt://{b.host}:{b.port} in "
                 f"{cfg.source} (for conf/example.yaml: PIPELINE_BROKER_URL=mqtt://{b.host}:{b.port})."
             )
     host, port = cfg.control.listen.rsplit(":", 1)
-    if port_taken(host, int(port)):
+    if port_in_use(host, int(port)):
         raise StartupError(f"control.listen: {cfg.control.listen} is already in use (another stack?) in {cfg.source}")
     if (run_dir / "supervisor.sock").exists() and _rpc(run_dir).alive():
         raise StartupError(f"a stack already runs (or is still stopping) with run directory {run_dir}: "
