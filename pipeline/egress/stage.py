@@ -174,10 +174,11 @@ class Publisher:
             self.stats.count("published", len(done))
 
     def _hand(self, row: Row) -> tuple[int, int] | None:
-        info = self.link.client.publish(row.topic, row.payload, row.qos, bool(row.retain))
         self.cursor = row.id
-        if row.qos == 0:  # no PUBACK to wait for: gone once paho has it
+        if row.qos == 0:  # no PUBACK to wait for: gone once it is in the send buffer
+            self.link.client.publish0(row.topic, row.payload, bool(row.retain))
             return (row.id, len(row.payload))
+        info = self.link.client.publish(row.topic, row.payload, row.qos, bool(row.retain))
         self.sent[info.mid] = (row.id, len(row.payload))
         return None
 
@@ -191,5 +192,8 @@ class Publisher:
         if not self.link.connected:
             self.stats.count("dropped")
             return
-        info = self.link.client.publish(topic, payload, qos, bool(retain))
-        self.stats.count("published" if info.rc == mqtt.MQTT_ERR_SUCCESS else "dropped")
+        if qos == 0:
+            sent = self.link.client.publish0(topic, payload, bool(retain))
+        else:
+            sent = self.link.client.publish(topic, payload, qos, bool(retain)).rc == mqtt.MQTT_ERR_SUCCESS
+        self.stats.count("published" if sent else "dropped")

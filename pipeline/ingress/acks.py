@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections import deque
 
-import paho.mqtt.client as mqtt
+from pipeline.fastpaho import FastClient
 
 
 class AckWindow:
-    def __init__(self, client: mqtt.Client) -> None:
+    def __init__(self, client: FastClient) -> None:
         self.client = client
         self._order: deque[list] = deque()  # [mid, rules still to confirm], in arrival order
         self._open: dict[str, list] = {}  # message id -> its entry
@@ -38,7 +38,7 @@ class AckWindow:
     def _release(self) -> None:
         order = self._order
         while order and not order[0][1]:
-            self.client.ack(order.popleft()[0], 1)
+            self.client.puback(order.popleft()[0])
             self.acked += 1
 
     def reset(self) -> None:
