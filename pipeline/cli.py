@@ -106,6 +106,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return e.exit_code
     print(summary(cfg))
+    if args.fetch:  # download and verify every model too (offline without it)
+        return __import__("pipeline.models_cli").models_cli.fetch(cfg)
     return errors.OK
 
 
@@ -116,7 +118,7 @@ def summary(cfg: Config) -> str:
         auth = f" as {b.username}" if b.username else ""
         out.append(f"  {n:<16} {b.url}{auth}")
     out.append("models:")
-    out += [f"  {n:<16} {m.path}  params={m.params}" for n, m in cfg.models.items()]
+    out += [f"  {n:<16} {m.where}  params={m.params}" for n, m in cfg.models.items()]
     out.append("rules:")
     for r in cfg.rules:
         out.append(f"  {r.name:<16} {r.sub.broker}:{r.sub.topic} (qos {r.sub.qos}) -> {r.model} x{r.workers} "
@@ -170,7 +172,8 @@ def parser() -> ArgumentParser:
 
     up = add("up", cmd_up, "run the whole stack under supervisord, in the foreground")
     up.add_argument("--log-dir", help="write each process's log to rotated files here instead of stdout")
-    add("check", cmd_check, "validate a configuration file and print a summary")
+    add("check", cmd_check, "validate a configuration file and print a summary").add_argument(
+        "--fetch", action="store_true", help="also download and verify every model (exit 3 naming a failure)")
     add("ingress", cmd_ingress, "run the ingress stage (MQTT -> workers)")
     add("egress", cmd_egress, "run the egress stage (workers -> MQTT)")
     add("control", cmd_control, "run the control API (gunicorn)")
@@ -179,6 +182,8 @@ def parser() -> ArgumentParser:
         "--listen", default="127.0.0.1:1883", help="HOST:PORT")
     __import__("pipeline.bench").bench.add_commands(sub)  # loadgen, bench: their modules load when run
     __import__("pipeline.status").status.add_commands(sub)  # status: rich loads only when it runs
+    __import__("pipeline.deploy").deploy.add_commands(sub)  # supervisord-conf
+    __import__("pipeline.models_cli").models_cli.add_commands(sub)  # convert, models fetch
     return p
 
 

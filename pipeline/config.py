@@ -12,177 +12,26 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import Any
 
 import yaml
 from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ByteSize,
-    ConfigDict,
     Field,
-    SecretStr,
     ValidationError,
-    ValidationInfo,
-    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from pipeline import topics
+from pipeline import pyboot
 from pipeline.errors import ConfigError
+from pipeline.schema.common import Name, _Strict
+from pipeline.schema.rules import Control, Endpoints, Errors, Outbox, Pub, Rule, Sub
+from pipeline.schema.sources import Broker, Model, Packages
 
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+__all__ = ["Broker", "Config", "Control", "Endpoints", "Errors", "Model", "Outbox", "Packages", "Pub", "Rule",
+           "Sub", "load", "parse"]
+
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def _duration(value: Any) -> Any:
-    """'10s', '250ms', '2m', '1h' or a plain number of seconds -> float seconds."""
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
-        if not m:
-            raise ValueError("expected a duration such as 500ms, 10s, 2m or 1h")
-        return float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    return value
-
-
-Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
-Name = Annotated[str, Field(pattern=_NAME)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Broker(_Strict):
-    url: str
-    username: str | None = None
-    password: SecretStr | None = None
-    keepalive: int = Field(30, ge=5, le=3600)
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        if v == "embedded":
-            return "embedded://127.0.0.1:1883"
-        parts = urlsplit(v)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "embedded") or not parts.hostname:
-            raise ValueError("expected mqtt://HOST[:PORT], mqtts://HOST[:PORT], embedded or embedded://HOST:PORT")
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-        return v
-
-    @property
-    def scheme(self) -> str:
-        s = urlsplit(self.url).scheme
-        return "mqtt" if s == "tcp" else s
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or "127.0.0.1"
-
-    @property
-    def port(self) -> int:
-        return urlsplit(self.url).port or (8883 if self.scheme == "mqtts" else 1883)
-
-    @property
-    def embedded(self) -> bool:
-        return self.scheme == "embedded"
-
-
-class Model(_Strict):
-    path: Path
-    params: dict[str, Any] = {}
-
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, v: Path, info: ValidationInfo) -> Path:
-        p = v if v.is_absolute() else Path((info.context or {}).get("base", ".")) / v
-        p = p.resolve()
-        if not p.exists():
-            raise ValueError(f"no such file or folder: {p}")
-        if p.is_file() and p.suffix != ".zip":
-            raise ValueError("a model is a folder or a .zip holding index.py")
-        return p
-
-
-def _known(kind: str, v: str, info: ValidationInfo) -> str:
-    known = (info.context or {}).get(kind)
-    if known is not None and v not in known:
-        names = ", ".join(sorted(known)) or "none"
-        raise ValueError(f"no {kind[:-1]} named '{v}' is defined under '{kind}:' (defined: {names})")
-    return v
-
-
-class Sub(_Strict):
-    broker: str
-    topic: str
-    qos: Literal[0, 1] = 1
-
-    _broker = field_validator("broker")(lambda cls, v, info: _known("brokers", v, info))
-    _topic = field_validator("topic")(lambda cls, v: topics.check_filter(v))
-
-
-class Pub(_Strict):
-    broker: str
-    topic: str
-    qos: Literal[0, 1] = 1
-    retain: bool = False
-
-    _broker = field_validator("broker")(lambda cls, v, info: _known("brokers", v, info))
-
-
-class Errors(_Strict):
-    topic: str | None = None
-
-
-class Rule(_Strict):
-    name: Name
-    sub: Sub
-    model: str
-    pub: Pub
-    workers: int = Field(1, ge=1, le=64)
-    timeout: Seconds = 10.0
-    errors: Errors = Errors()
-    max_attempts: int = Field(3, ge=1, le=100)  # dispatches of one message before it is dead-lettered
-    backlog: int = Field(10_000, ge=10)  # messages ingress holds for this rule, not yet given to a worker
-    overflow: Literal["drop_new", "drop_old"] = "drop_new"  # QoS 0 only: what goes when the backlog is full
-    max_payload_bytes: ByteSize = ByteSize(1 << 20)
-    max_rss: ByteSize | None = None  # a worker above this RSS finishes its frame and is replaced
-
-    _model = field_validator("model")(lambda cls, v, info: _known("models", v, info))
-
-    @model_validator(mode="after")
-    def _templates(self) -> Rule:
-        for at, template in (("pub.topic", self.pub.topic), ("errors.topic", self.errors.topic)):
-            if template is None:
-                continue
-            try:
-                topics.check_template(template, self.sub.topic)
-            except ValueError as e:
-                ctx = {"at": at, "msg": str(e), "value": template}
-                raise PydanticCustomError("topic_template", "{msg}", ctx) from e
-        return self
-
-    @property
-    def error_topic(self) -> str:
-        return self.errors.topic or f"pipeline/errors/{self.name}"
-
-
-class Control(_Strict):
-    listen: str = Field("127.0.0.1:5888", pattern=r"^[^:\s]+:\d{1,5}$")
-
-
-class Outbox(_Strict):
-    max_bytes: ByteSize = ByteSize(256 << 20)  # full: egress stops taking results (backpressure), drops nothing
-    drain_rate: int = Field(5000, ge=1)  # msg/s cap while catching up after the broker was unreachable
-
-
-class Endpoints(_Strict):
-    transport: Literal["ipc", "tcp"] = "ipc"
-    host: str = "127.0.0.1"
-    base_port: int = Field(5800, ge=1024, le=65000)
 
 
 class Config(_Strict):
@@ -195,6 +44,7 @@ class Config(_Strict):
     run_dir: Path | None = None
     data_dir: Path | None = None
     outbox: Outbox = Outbox()
+    packages: Packages = Packages()
     source: Path = Path("pipeline.yaml")
 
     @model_validator(mode="after")
@@ -250,6 +100,9 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(source, [f"not valid YAML: {e}"]) from e
     if not isinstance(raw, dict):
         raise ConfigError(source, ["expected a mapping with brokers:, models: and rules: at the top"])
+    if pyboot.is_pyboot(raw):  # the old runtime's format; native sections it lacks (control:, ...) are kept
+        native = ("control", "endpoints", "outbox", "packages", "run_dir", "data_dir")
+        raw = {**{k: raw[k] for k in native if k in raw}, **pyboot.convert(raw, source)}
     problems: list[str] = []
     data = _expand(raw, "", problems)
     if problems:
@@ -262,6 +115,7 @@ def parse(data: dict[str, Any], source: Path) -> Config:
     ctx = {
         "base": source.parent,
         "brokers": set(data.get("brokers") or {}) if isinstance(data.get("brokers"), dict) else None,
+        "protocols": Broker.protocols(data.get("brokers")),
         "models": set(data.get("models") or {}) if isinstance(data.get("models"), dict) else None,
     }
     try:

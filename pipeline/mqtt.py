@@ -16,8 +16,11 @@ from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 import zmq
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from pipeline.config import Broker
+from pipeline.errors import ConfigError
 from pipeline.fastpaho import FastClient
 
 log = logging.getLogger(__name__)
@@ -26,10 +29,13 @@ MAX_QUEUED = 20_000  # paho keys its queue by 16-bit mid: stay well below 65,535
 MAX_INFLIGHT = 1000
 CONNECT_TIMEOUT = 3.0
 TICK = 0.1
+SESSION_EXPIRY = 0xFFFFFFFF  # MQTT 5: a persistent session never expires, as clean_session=False does in 3.1.1
+REFUSED = "refusing the connection"  # state prefix after a failed CONNACK: /readyz shows the broker's reason
 
 
 class Link:
-    """One MQTT connection. `state`: connecting, subscribing, connected, disconnected, stopped."""
+    """One MQTT connection. `state`: connecting, subscribing, connected, disconnected, stopped, subscription refused,
+    or "refusing the connection (REASON)" (bad credentials, not authorised: retried like disconnected)."""
 
     def __init__(self, name: str, broker: Broker, client_id: str, *, clean_session: bool = True,
                  manual_ack: bool = False) -> None:
@@ -41,26 +47,33 @@ class Link:
         # earlier connection mean nothing now (and the broker may re-send before our SUBACK arrives)
         self.on_connected: Callable[[Link], None] = lambda _link: None
         self._retry_at, self._backoff, self._since = 0.0, 1.0, 0.0
+        v5 = broker.protocol == "5"  # MQTT 5 has no clean_session: clean_start and a session expiry instead
         c = self.client = FastClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                      clean_session=clean_session, protocol=mqtt.MQTTv311)
+                                      clean_session=None if v5 else clean_session,
+                                      protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
         c.connect_timeout = CONNECT_TIMEOUT
         c.manual_ack_set(manual_ack)
         if broker.username:
             c.username_pw_set(broker.username, broker.password.get_secret_value() if broker.password else None)
         if broker.scheme == "mqtts":
-            c.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+            _tls(c, name, broker)
         c.max_inflight_messages_set(MAX_INFLIGHT)
         c.max_queued_messages_set(MAX_QUEUED)
         c.on_socket_open = _nodelay
         c.on_connect, c.on_disconnect, c.on_subscribe = self._on_connect, self._on_disconnect, self._on_subscribe
-        c.connect_async(broker.host, broker.port, broker.keepalive)  # only records the target
+        c.connect_async(broker.host, broker.port, broker.keepalive,  # only records the target
+                        **(_session(clean_session) if v5 else {}))
 
     @property
     def connected(self) -> bool:
         return self.state == "connected"
 
-    def subscribe(self, topic_filter: str, qos: int) -> None:
-        """Remember a subscription; it is (re)made on every connect."""
+    def subscribe(self, topic_filter: str, qos: int, share: str | None = None) -> None:
+        """Remember a subscription; it is (re)made on every connect. `share`: an MQTT 5 shared subscription
+        ($share/GROUP/filter): the broker gives each message to one member of the group. Messages still
+        arrive with their own topic (no $share prefix), so routing matches them against the plain filter."""
+        if share:
+            topic_filter = f"$share/{share}/{topic_filter}"
         self.subscriptions[topic_filter] = max(qos, self.subscriptions.get(topic_filter, 0))
 
     def fileno(self) -> int | None:
@@ -71,7 +84,7 @@ class Link:
         """Keepalive, connect timeout and reconnect; call about every TICK seconds."""
         if self.state in ("stopped",):
             return
-        if self.state == "disconnected":
+        if self.state == "disconnected" or self.state.startswith(REFUSED):
             if now >= self._retry_at:
                 self._connect(now)
             return
@@ -125,6 +138,8 @@ class Link:
             self._lost(now, f"{self.broker.host}:{self.broker.port}: {e}")
 
     def _lost(self, now: float, why: str) -> None:
+        if self.state.startswith(REFUSED):
+            return  # the broker closes the socket after refusing us: already handled
         if self.state == "connected":
             log.warning("lost broker %s (%s); reconnecting", self.name, why)
         elif self._backoff == 1.0:
@@ -136,6 +151,7 @@ class Link:
         if rc.is_failure:
             log.error("broker %s refused the connection: %s", self.name, rc)
             self._lost(time.monotonic(), str(rc))
+            self.state = f"{REFUSED} ({rc})"
             return
         self._backoff = 1.0
         self.connects += 1
@@ -160,8 +176,11 @@ class Link:
         self.state = "connected"
 
     def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
+        why = str(rc)
+        if self.state == "connecting" and self.broker.scheme == "mqtt":
+            why += ": the broker closed the connection before CONNACK (a TLS port? then use mqtts://)"
         if self.state not in ("stopped", "disconnected"):
-            self._lost(time.monotonic(), str(rc))
+            self._lost(time.monotonic(), why)
 
 
 class Hub:
@@ -228,3 +247,25 @@ def _nodelay(_client: mqtt.Client, _userdata: object, sock: socket.socket) -> No
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:  # not a TCP socket (unix socket, websocket wrapper)
         pass
+
+
+def _tls(client: mqtt.Client, name: str, broker: Broker) -> None:
+    """TLS that checks the broker's certificate (against `ca`, else the system CAs) and, unless `insecure`,
+    that it names the host; a client certificate when `cert` is given."""
+    try:
+        client.tls_set(*(str(f) if f else None for f in (broker.ca, broker.cert, broker.key)),
+                       cert_reqs=ssl.CERT_REQUIRED)
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: unreadable file, key not matching the cert
+        raise ConfigError(f"brokers.{name}", [f"cannot use the TLS files (ca, cert, key): {e}"]) from None
+    if broker.insecure:
+        client.tls_insecure_set(True)
+        log.warning("broker %s: insecure: true, the certificate's host name is not checked", name)
+
+
+def _session(clean: bool) -> dict[str, object]:
+    """MQTT 5 connect arguments equivalent to 3.1.1's clean_session: a persistent session (clean=False) resumes
+    on reconnect and outlives the connection (session expiry); a clean one starts afresh and ends with it."""
+    props = Properties(PacketTypes.CONNECT)
+    if not clean:
+        props.SessionExpiryInterval = SESSION_EXPIRY
+    return {"clean_start": clean, "properties": props}

@@ -29,6 +29,16 @@ class Program:
     stop_wait: int = STOP_WAIT
     retries: int = 3  # quick failures in a row before supervisord gives up (FATAL)
     start_secs: int = 1  # a process must stay up this long to count as started
+    autostart: bool = True
+
+
+def spare(rule: str) -> str:
+    """The program of a rule's spare worker: started only by a hot reload (see pipeline.reload)."""
+    return f"spare-{rule}"  # not rule-<name>-spare: a rule may be named "<name>-spare"
+
+
+def is_spare(group: str) -> bool:
+    return group.startswith("spare-")
 
 
 def programs(cfg: Config, run_dir: Path, log_level: str) -> list[Program]:
@@ -44,9 +54,11 @@ def programs(cfg: Config, run_dir: Path, log_level: str) -> list[Program]:
     for rule in cfg.rules:
         # workers: startsecs=0, so a message that kills a fresh worker is a crash to restart from, not a failed
         # start that ends in FATAL; max_attempts bounds how often one message can do that
-        progs.append(Program(f"rule-{rule.name}", ["worker", "--rule", rule.name, *common], 40, rule.workers,
-                             {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        progs.append(Program(f"rule-{rule.name}", ["worker", "--rule", rule.name, *common], 40, rule.workers, env,
                              stop_wait=int(rule.timeout) + STOP_WAIT, start_secs=0))
+        progs.append(Program(spare(rule.name), ["worker", "--rule", rule.name, *common], 40, 1, env,
+                             stop_wait=int(rule.timeout) + STOP_WAIT, start_secs=0, autostart=False))
     progs.append(Program("ingress", ["ingress", *common], 50, stop_wait=drain))
     return progs
 
@@ -78,8 +90,8 @@ def render(progs: list[Program], run_dir: Path, log_dir: Path | None) -> str:
             f"[program:{p.name}]",
             f"command={_esc(shlex.join([sys.executable, '-m', 'pipeline', *p.args]))}",
             "process_name=%(program_name)s-%(process_num)d", f"numprocs={p.numprocs}",
-            f"priority={p.priority}", "autostart=true", "autorestart=unexpected", f"exitcodes={fatal}",
-            f"startsecs={p.start_secs}", f"startretries={p.retries}", "stopsignal=TERM",
+            f"priority={p.priority}", f"autostart={str(p.autostart).lower()}", "autorestart=unexpected",
+            f"exitcodes={fatal}", f"startsecs={p.start_secs}", f"startretries={p.retries}", "stopsignal=TERM",
             f"stopwaitsecs={p.stop_wait}",
             "stopasgroup=true", "killasgroup=true", "redirect_stderr=true", *out,
             "environment=" + ",".join(f'{k}="{_esc(v)}"' for k, v in env.items()), "",

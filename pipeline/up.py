@@ -21,10 +21,11 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from pipeline import errors, stack
+from pipeline import errors, reload, stack
 from pipeline.broker import port_in_use
 from pipeline.config import Config
 from pipeline.errors import StartupError
+from pipeline.models_cli import prefetch
 
 log = logging.getLogger("pipeline.up")
 
@@ -104,8 +105,11 @@ class Stack:
 
     def run(self) -> int:
         """Spawn, then watch until a signal or a fatal stage; return the exit code."""
+        self.hups: list[int] = []  # SIGHUP: reload the models whose version changed (pipeline.reload)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda s, _f: self.signals.append(s))
+        signal.signal(signal.SIGHUP, lambda s, _f: self.hups.append(s))
+        prefetch(self.cfg)  # every model once, before N workers would download it in parallel
         self.spawn()
         rpc, announced = _rpc(self.run_dir), False
         while not self.signals:
@@ -113,7 +117,10 @@ class Stack:
             if self.proc is not None and self.proc.poll() is not None:
                 log.error("supervisord exited with %s", self.proc.returncode)
                 return 1
-            procs = rpc.processes()
+            if self.hups:
+                self.hups.clear()
+                reload.on_sighup(self.cfg, self.run_dir)
+            procs = [p for p in rpc.processes() if not stack.is_spare(p["group"])]  # spares: started by reloads
             code = self.fatal(procs)
             if code:
                 self.stop()

@@ -205,7 +205,8 @@ BAD = [
     ("model-path", "path: model", "path: nowhere",
      ["models.m.path: no such file or folder: TMP/nowhere (got 'nowhere')"]),
     ("model-file", "path: model", "path: model/index.py",
-     ["models.m.path: a model is a folder or a .zip holding index.py (got 'model/index.py')"]),
+     ["models.m.path: a model is a folder or a .zip holding index.py (or a .tar.gz or .tgz archive) "
+      "(got 'model/index.py')"]),
     ("rule-name", "name: r1", "name: r 1!", ["rules[0].name: String should match pattern", "(got 'r 1!')"]),
     ("broker-name", "  local: {", "  my broker: {", ["brokers.my broker", "(got 'my broker')"]),
     ("keepalive", URL + "}", URL + ", keepalive: 1}", ["brokers.local.keepalive: ", "(got 1)"]),

@@ -14,7 +14,7 @@ import falcon
 import orjson
 
 from pipeline.config import Config
-from pipeline.control import catalog, metrics, views
+from pipeline.control import admin, catalog, metrics, views
 
 STATIC = Path(__file__).parent / "static"
 
@@ -81,13 +81,15 @@ class Dashboard:
         resp.data = (STATIC / "index.html").read_bytes()
 
 
-def create_app(cfg: Config, source: Source) -> falcon.App:
-    app = falcon.App()
+def create_app(cfg: Config, source: Source, run_dir: Path | None = None) -> falcon.App:
+    """`run_dir`: the stack's run directory (reloads need it; without it POST /models/{name}/reload is 503)."""
+    app = falcon.App(middleware=[admin.Guard(cfg.control)])
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Ready(cfg, source))
     app.add_route("/stages", Document(cfg, source, views.stages))
     app.add_route("/queue_size_metrics", Document(cfg, source, views.queue_size_metrics))
-    app.add_route("/models", Document(cfg, source, catalog.models))
+    app.add_route("/models", admin.Models(cfg, source, run_dir))
+    app.add_route("/models/{name}/reload", admin.Reload(cfg, source, run_dir))
     app.add_route("/rules", Rules(cfg))
     app.add_route("/metrics", Metrics(cfg, source))
     app.add_route("/", Dashboard())

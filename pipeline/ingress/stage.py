@@ -188,5 +188,5 @@ def _links(cfg: Config, arrive: object) -> dict[str, Link]:
             link = links[name] = Link(name, cfg.brokers[name], f"{cfg.instance}-ingress-{name}",
                                       clean_session=False, manual_ack=True)
             link.client.on_message = lambda _c, _u, m, b=name: arrive(b, m)
-        links[name].subscribe(rule.sub.topic, rule.sub.qos)
+        links[name].subscribe(rule.sub.topic, rule.sub.qos, rule.sub.share)
     return links

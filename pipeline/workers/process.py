@@ -9,6 +9,7 @@ from pipeline import codec, envelope, topics
 from pipeline.config import Rule
 from pipeline.envelope import Message, Result, result_for
 from pipeline.model import Context, LoadedModel
+from pipeline.pyboot import matches
 
 
 class Processor:
@@ -22,6 +23,7 @@ class Processor:
         self.done: list[Result] = []
         self.log = logging.getLogger("pipeline.worker")
         self.loaded_at = time.time()
+        self.filtered = 0  # messages the rule's filter refused: answered with NOTHING, the model not called
 
     def run_batch(self, batch: list[Message]) -> list[Result]:
         self.batch, self.done = tuple(batch), []
@@ -48,6 +50,9 @@ class Processor:
             event = codec.decode_event(msg.payload)
         except codec.BadPayload as e:
             return self.error(msg, "bad_payload", e, 0.0)
+        if self.rule.filter is not None and not matches(self.rule.filter, event):
+            self.filtered += 1
+            return result_for(msg, envelope.NOTHING, "", b"", 0.0)
         ctx = self.context
         ctx.topic, ctx.received_at, ctx.message_id, ctx.attempt = msg.topic, msg.received_at, msg.id, msg.attempt
         self.current, t0 = msg, time.monotonic()

@@ -13,6 +13,7 @@ way with WORKER_RSS.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -20,7 +21,7 @@ import time
 
 import zmq
 
-from pipeline import envelope, model
+from pipeline import envelope, model, packages
 from pipeline.config import Config
 from pipeline.endpoints import Endpoints
 from pipeline.errors import WORKER_RSS, WORKER_TIMEOUT
@@ -34,10 +35,16 @@ BEAT = 0.5
 
 
 def load(cfg: Config, rule_name: str, cache_dir: os.PathLike[str]) -> Processor:
-    """Import the rule's model and run its init(); raise ModelLoadError on failure."""
+    """Resolve the rule's model (a cached, verified version is used without network; a missing one is downloaded),
+    import it and run its init(); raise ModelLoadError on failure. The version reported is the sha256 of the
+    archive it came from (of the folder's files for a folder used in place)."""
     rule = cfg.rule(rule_name)
     spec = cfg.models[rule.model]
-    loaded = model.load(rule.model, spec.path, cache_dir)
+    folder = packages.resolve(rule.model, spec.source, cfg.default_data_dir(), cfg.packages.limits())
+    loaded = model.load(rule.model, folder, cache_dir)
+    info = packages.source_info(folder)
+    if info and info.get("sha256"):
+        loaded = dataclasses.replace(loaded, sha256=info["sha256"])
     ctx = model.Context(rule.name, rule.model, dict(spec.params), logging.getLogger(f"model.{rule.model}"))
     model.run_init(loaded, ctx)
     log.info("model %s loaded from %s (sha256 %s)", rule.model, loaded.folder, loaded.sha256[:12])
@@ -87,6 +94,8 @@ def _serve(proc: Processor, dealer: zmq.Socket, push: zmq.Socket, stats: Reporte
         for r in results:
             stats.count("errors" if r.kind == envelope.ERROR else "processed")
             stats.observe("call", r.latency)
+        if proc.filtered:
+            stats.counters["filtered"] = proc.filtered  # messages the rule's filter refused (among "processed")
         if max_rss and process_usage()["rss_bytes"] > max_rss:
             log.warning("RSS above max_rss (%d bytes): worker exits to be replaced", max_rss)
             return WORKER_RSS

@@ -1,0 +1,99 @@
+"""The control API's guarded part: the bearer-token check, GET /models (with each model's last reload) and
+POST /models/{name}/reload.
+
+Every request but GET/HEAD/OPTIONS needs `Authorization: Bearer <control.token>`; without a token configured,
+such endpoints are disabled. With `control.protect_reads` the reads need it too, except /healthz and /readyz
+(probes). Both refusals are 403 with a JSON body that says which case it is.
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+from typing import Any
+
+import falcon
+import orjson
+
+from pipeline import reload
+from pipeline.config import Config, Control
+from pipeline.control import catalog
+from pipeline.control.figures import Proc
+
+OPEN = frozenset({"/healthz", "/readyz"})
+
+
+class Guard:
+    """falcon middleware: the token check."""
+
+    def __init__(self, control: Control) -> None:
+        self.token = control.token.get_secret_value().encode() if control.token else None
+        self.reads = control.protect_reads
+
+    def process_request(self, req: falcon.Request, _resp: falcon.Response) -> None:
+        if req.method in ("GET", "HEAD", "OPTIONS") and (not self.reads or req.path in OPEN):
+            return
+        if self.token is None:
+            raise falcon.HTTPForbidden(
+                title="disabled", description="endpoints that change the stack are disabled: set control.token "
+                "(e.g. token: ${PIPELINE_TOKEN}) in the config and send Authorization: Bearer <token>")
+        scheme, _, given = (req.get_header("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
+            raise falcon.HTTPForbidden(title="token required",
+                                       description="send Authorization: Bearer <control.token>")
+
+
+def _workers(procs: list[Proc], name: str) -> list[dict[str, Any]]:
+    keys = ("pid", "rule", "model", "sha256", "loaded_at", "alive")
+    return [{k: p.get(k) for k in keys} for p in procs
+            if p["stage"] == "rule" and p.get("model") == name and p.get("pid") and p.get("alive")]
+
+
+def models(cfg: Config, procs: list[Proc], run_dir: Path | None) -> dict[str, Any]:
+    """GET /models: catalog.models, plus the configured source (path or url, no credentials), the live
+    workers with the version each loaded, and the last reload's result (null when there was none)."""
+    doc = catalog.models(cfg, procs)
+    for entry in doc["models"]:
+        spec = cfg.models[entry["name"]]
+        entry["path"] = str(spec.path) if spec.path is not None else None
+        entry["configured"] = spec.where
+        if not entry["workers_loaded"]:
+            entry["source"] = spec.where
+        entry["workers"] = _workers(procs, entry["name"])
+        entry["reload"] = reload.last(run_dir, entry["name"])
+    return doc
+
+
+def _json(resp: falcon.Response, doc: Any, status: str = falcon.HTTP_200) -> None:
+    resp.status = status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.cache_control = ["no-store"]
+    resp.data = orjson.dumps(doc)
+
+
+class Models:
+    def __init__(self, cfg: Config, source: Any, run_dir: Path | None) -> None:
+        self.cfg, self.source, self.run_dir = cfg, source, run_dir
+
+    def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
+        _json(resp, models(self.cfg, self.source.processes(), self.run_dir))
+
+
+class Reload:
+    """POST /models/{name}/reload: answers when the reload is done (200) or failed (422, old version kept)."""
+
+    def __init__(self, cfg: Config, source: Any, run_dir: Path | None) -> None:
+        self.cfg = cfg
+        self.reloader = reload.Reloader(cfg, run_dir, source.processes) if run_dir else None
+
+    def on_post(self, _req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        if name not in self.cfg.models:
+            raise falcon.HTTPNotFound(title="no such model",
+                                      description=f"no model named '{name}' (models: {', '.join(self.cfg.models)})")
+        if self.reloader is None:
+            raise falcon.HTTPServiceUnavailable(title="unavailable", description="this control API runs no stack")
+        try:
+            result = self.reloader.reload(name, "api")
+        except reload.Busy as e:
+            raise falcon.HTTPConflict(title="busy", description=str(e)) from None
+        _json(resp, result, falcon.HTTP_200 if result["ok"] else falcon.HTTP_422)

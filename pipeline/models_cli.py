@@ -1,0 +1,93 @@
+"""`pipeline convert OLD.yaml` and `pipeline models fetch -c FILE`; `fetch` also serves `pipeline check --fetch`,
+`prefetch` serves `pipeline up` (every model once, before supervisord starts N workers that would download it
+in parallel)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline import config, errors, packages, pyboot
+from pipeline.config import Config
+from pipeline.errors import ConfigError, ModelLoadError
+from pipeline.reload import version_of
+
+# native top-level sections an old-format file may carry too (config.load keeps the same ones)
+NATIVE = ("control", "endpoints", "outbox", "packages", "run_dir", "data_dir")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    text = "print the native configuration equivalent to an old runtime's (pyboot v3) one"
+    convert = sub.add_parser("convert", help=text, description=text)
+    convert.add_argument("old_config", help="the old YAML configuration file")
+    convert.set_defaults(func=cmd_convert)
+    text = "model packages: download, verify and cache"
+    models = sub.add_parser("models", help=text, description=text)
+    actions = models.add_subparsers(dest="models_command", required=True)
+    text = "download and verify every model of a configuration (into the cache), without starting anything"
+    fetch_cmd = actions.add_parser("fetch", help=text, description=text)
+    fetch_cmd.add_argument("-c", "--config", required=True, help="the YAML configuration file")
+    fetch_cmd.set_defaults(func=cmd_fetch)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    source = Path(args.old_config).resolve()
+    try:
+        try:
+            raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(source, [f"cannot read the file: {e.strerror}"]) from None
+        except yaml.YAMLError as e:
+            raise ConfigError(source, [f"not valid YAML: {e}"]) from None
+        if not pyboot.is_pyboot(raw):
+            raise ConfigError(source, ["not an old-format (pyboot) configuration: it has no mqtts: list, or it has "
+                                       "brokers: (a native configuration needs no conversion)"])
+        native = {**{k: raw[k] for k in NATIVE if k in raw}, **pyboot.convert(raw, source)}
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
+    print(f"# converted by `pipeline convert` from {source}")
+    print(yaml.safe_dump(native, sort_keys=False, allow_unicode=True, width=120, default_flow_style=None), end="")
+    return errors.OK
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    try:
+        cfg = config.load(args.config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
+    return fetch(cfg)
+
+
+def fetch(cfg: Config, progress: bool = True) -> int:
+    """Download (or find in the cache) and verify every model; one line each; OK, or MODEL_LOAD_ERROR naming
+    each failure (model, url, expected and actual digest) on stderr."""
+    data_dir = cfg.default_data_dir()
+    print(f"models ({data_dir / 'models'}):")
+    sources = {name: spec.source for name, spec in cfg.models.items()}
+    results = packages.fetch_all(sources, data_dir, cfg.packages.limits(), progress)
+    failed = []
+    for name, got in results.items():
+        if isinstance(got, ModelLoadError):
+            failed.append(got)
+            print(f"  {name:<16} FAILED  {cfg.models[name].where}")
+        else:
+            print(f"  {name:<16} OK      sha256 {version_of(got)[:12]}  {got}")
+    for e in failed:
+        print(f"pipeline: {e}", file=sys.stderr)
+    return errors.MODEL_LOAD_ERROR if failed else errors.OK
+
+
+def prefetch(cfg: Config) -> None:
+    """Resolve every model a rule uses (downloads show a progress bar on a terminal); raise ModelLoadError
+    naming each failure."""
+    used = dict.fromkeys(r.model for r in cfg.rules)
+    sources = {name: cfg.models[name].source for name in used}
+    results = packages.fetch_all(sources, cfg.default_data_dir(), cfg.packages.limits(), progress=True)
+    failed = [str(e) for e in results.values() if isinstance(e, ModelLoadError)]
+    if failed:
+        raise ModelLoadError("\n".join(failed))

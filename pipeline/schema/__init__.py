@@ -1,0 +1,1 @@
+"""The configuration schema, in sections; `pipeline.config` assembles and loads it."""

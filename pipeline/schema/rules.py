@@ -1,0 +1,132 @@
+"""Configuration sections for what runs: rules and the stack's own settings."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    ByteSize,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from pipeline import pyboot, topics
+from pipeline.schema.common import Name, Seconds, _known, _Strict
+
+
+class Sub(_Strict):
+    broker: str
+    topic: str
+    qos: Literal[0, 1] = 1
+    share: str | None = Field(None, pattern=r"^[^/+#\s]{1,64}$")  # MQTT 5 shared subscription group ($share/GROUP/)
+
+    _broker = field_validator("broker")(lambda cls, v, info: _known("brokers", v, info))
+    _topic = field_validator("topic")(lambda cls, v: topics.check_filter(v))
+
+    @model_validator(mode="after")
+    def _share_needs_mqtt5(self, info: ValidationInfo) -> Sub:
+        protocol = ((info.context or {}).get("protocols") or {}).get(self.broker, "5")
+        if self.share is not None and protocol != "5":
+            raise PydanticCustomError(
+                "share_protocol", "a shared subscription needs MQTT 5: set brokers.{broker}.protocol: \"5\"",
+                {"at": "share", "broker": self.broker, "value": self.share})
+        return self
+
+
+class Pub(_Strict):
+    broker: str
+    topic: str
+    qos: Literal[0, 1] = 1
+    retain: bool = False
+
+    _broker = field_validator("broker")(lambda cls, v, info: _known("brokers", v, info))
+
+
+class Errors(_Strict):
+    topic: str | None = None
+
+
+class Rule(_Strict):
+    name: Name
+    sub: Sub
+    model: str
+    pub: Pub
+    workers: int = Field(1, ge=1, le=64)
+    timeout: Seconds = 10.0
+    errors: Errors = Errors()
+    max_attempts: int = Field(3, ge=1, le=100)  # dispatches of one message before it is dead-lettered
+    backlog: int = Field(10_000, ge=10)  # messages ingress holds for this rule, not yet given to a worker
+    overflow: Literal["drop_new", "drop_old"] = "drop_new"  # QoS 0 only: what goes when the backlog is full
+    max_payload_bytes: ByteSize = ByteSize(1 << 20)
+    max_rss: ByteSize | None = None  # a worker above this RSS finishes its frame and is replaced
+    filter: dict[str, Any] | None = None  # see pipeline.pyboot.filters; a message it refuses gives no output
+
+    _model = field_validator("model")(lambda cls, v, info: _known("models", v, info))
+
+    @field_validator("filter")
+    @classmethod
+    def _filter(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        problems = pyboot.filter_problems(v, "filter") if v is not None else []
+        if problems:
+            at, _, msg = problems[0].partition(": ")
+            ctx = {"msg": "; ".join([msg, *problems[1:]]), "value": []}  # the value: not echoed (a mapping)
+            if at != "filter":
+                ctx["at"] = at.removeprefix("filter.")
+            raise PydanticCustomError("filter", "{msg}", ctx)
+        return v
+
+    @model_validator(mode="after")
+    def _templates(self) -> Rule:
+        for at, template in (("pub.topic", self.pub.topic), ("errors.topic", self.errors.topic)):
+            if template is None:
+                continue
+            try:
+                topics.check_template(template, self.sub.topic)
+            except ValueError as e:
+                ctx = {"at": at, "msg": str(e), "value": template}
+                raise PydanticCustomError("topic_template", "{msg}", ctx) from e
+        return self
+
+    @property
+    def error_topic(self) -> str:
+        return self.errors.topic or f"pipeline/errors/{self.name}"
+
+
+class Control(_Strict):
+    listen: str = Field("127.0.0.1:5888", pattern=r"^[^:\s]+:\d{1,5}$")
+    token: SecretStr | None = None  # mutating endpoints need "Authorization: Bearer <token>"; without: disabled
+    protect_reads: bool = False  # the token is needed by every endpoint but /healthz and /readyz
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _token(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None  # token: ${PIPELINE_TOKEN:-} with the variable unset or empty: no token
+        if not isinstance(v, str) or len(v.strip()) < 16:  # "value": [] keeps the secret out of the message
+            raise PydanticCustomError("token", "expected a string of at least 16 characters (openssl rand -hex 16)",
+                                      {"value": []})
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _reads(self) -> Control:
+        if self.protect_reads and self.token is None:
+            raise PydanticCustomError("token", "protect_reads needs control.token", {"at": "protect_reads"})
+        return self
+
+
+
+class Outbox(_Strict):
+    max_bytes: ByteSize = ByteSize(256 << 20)  # full: egress stops taking results (backpressure), drops nothing
+    drain_rate: int = Field(5000, ge=1)  # msg/s cap while catching up after the broker was unreachable
+
+
+class Endpoints(_Strict):
+    transport: Literal["ipc", "tcp"] = "ipc"
+    host: str = "127.0.0.1"
+    base_port: int = Field(5800, ge=1024, le=65000)
+
+
