@@ -2,8 +2,8 @@
 
 A stage polls its ZeroMQ sockets and its MQTT sockets together in one `zmq.Poller` (`Hub`), so one thread
 does everything: paho callbacks run inside `Hub.poll()` on the stage thread and may touch the stage's ZMQ
-sockets, and no message crosses a thread. A `Link` reconnects with backoff (1 s doubling to 30 s),
-re-subscribes on every connect, and sets TCP_NODELAY on its socket.
+sockets, and no message crosses a thread. A `Link` reconnects with backoff (1 s doubling to 5 s, so a broker
+back after an outage is in use within 5 s), re-subscribes on every connect, and sets TCP_NODELAY on its socket.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 MAX_QUEUED = 20_000  # paho keys its queue by 16-bit mid: stay well below 65,535 (see docs/architecture.md)
 MAX_INFLIGHT = 1000
 CONNECT_TIMEOUT = 3.0
+MAX_BACKOFF = 5.0  # seconds between reconnect attempts at most (a local broker: retrying is cheap)
 TICK = 0.1
 SESSION_EXPIRY = 0xFFFFFFFF  # MQTT 5: a persistent session never expires, as clean_session=False does in 3.1.1
 REFUSED = "refusing the connection"  # state prefix after a failed CONNACK: /readyz shows the broker's reason
@@ -145,7 +146,7 @@ class Link:
         elif self._backoff == 1.0:
             log.warning("cannot reach broker %s (%s); retrying with backoff", self.name, why)
         self.state = "disconnected"
-        self._retry_at, self._backoff = now + self._backoff, min(self._backoff * 2, 30.0)
+        self._retry_at, self._backoff = now + self._backoff, min(self._backoff * 2, MAX_BACKOFF)
 
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
         if rc.is_failure:
