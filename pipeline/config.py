@@ -89,15 +89,20 @@ class Config(_Strict):
         return self.rules.index(self.rule(name))
 
 
-def load(path: str | os.PathLike[str]) -> Config:
-    """Read, expand and validate a configuration file; raise ConfigError naming every problem."""
-    source = Path(path).resolve()
+def read_yaml(source: Path) -> Any:
+    """The parsed YAML of a file; ConfigError naming the file when it cannot be read or parsed."""
     try:
-        raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+        return yaml.safe_load(source.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(source, [f"cannot read the file: {e.strerror}"]) from e
     except yaml.YAMLError as e:
         raise ConfigError(source, [f"not valid YAML: {e}"]) from e
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read, expand and validate a configuration file; raise ConfigError naming every problem."""
+    source = Path(path).resolve()
+    raw = read_yaml(source)
     if not isinstance(raw, dict):
         raise ConfigError(source, ["expected a mapping with brokers:, models: and rules: at the top"])
     if pyboot.is_pyboot(raw):  # the old runtime's format; native sections it lacks (control:, ...) are kept

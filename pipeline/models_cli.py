@@ -36,12 +36,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     source = Path(args.old_config).resolve()
     try:
-        try:
-            raw = yaml.safe_load(source.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ConfigError(source, [f"cannot read the file: {e.strerror}"]) from None
-        except yaml.YAMLError as e:
-            raise ConfigError(source, [f"not valid YAML: {e}"]) from None
+        raw = config.read_yaml(source)
         if not pyboot.is_pyboot(raw):
             raise ConfigError(source, ["not an old-format (pyboot) configuration: it has no mqtts: list, or it has "
                                        "brokers: (a native configuration needs no conversion)"])

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import falcon
-import orjson
 
 from pipeline import reload
 from pipeline.config import Config, Control
 from pipeline.control import catalog
 from pipeline.control.figures import Proc
+from pipeline.control.http import send_json as _json
 
 OPEN = frozenset({"/healthz", "/readyz"})
 
@@ -64,11 +64,6 @@ def models(cfg: Config, procs: list[Proc], run_dir: Path | None) -> dict[str, An
     return doc
 
 
-def _json(resp: falcon.Response, doc: Any, status: str = falcon.HTTP_200) -> None:
-    resp.status = status
-    resp.content_type = falcon.MEDIA_JSON
-    resp.cache_control = ["no-store"]
-    resp.data = orjson.dumps(doc)
 
 
 class Models:

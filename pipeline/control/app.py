@@ -15,6 +15,7 @@ import orjson
 
 from pipeline.config import Config
 from pipeline.control import admin, catalog, metrics, views
+from pipeline.control.http import send_json as _json
 
 STATIC = Path(__file__).parent / "static"
 
@@ -23,11 +24,6 @@ class Source(Protocol):
     def processes(self) -> list[dict[str, Any]]: ...
 
 
-def _json(resp: falcon.Response, doc: Any, status: str = falcon.HTTP_200) -> None:
-    resp.status = status
-    resp.content_type = falcon.MEDIA_JSON
-    resp.cache_control = ["no-store"]
-    resp.data = orjson.dumps(doc)
 
 
 class Health:
