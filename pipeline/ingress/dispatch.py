@@ -10,7 +10,6 @@ as dropped.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -187,7 +186,3 @@ class RuleQueue:
     @property
     def holding(self) -> int:
         return sum(len(w.held) + w.qos0 for w in self.workers.values())
-
-
-def now() -> float:
-    return time.monotonic()
