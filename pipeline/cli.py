@@ -77,11 +77,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
             cfg.rule(args.rule)
         except KeyError as e:
             raise errors.ConfigError(cfg.source, [str(e.args[0])]) from None
+        eps = _worker_endpoints(cfg, rd, args)
         stop = _stop_event()
         proc = load(cfg, args.rule, rd / "models")
-        return workers.run(cfg, args.rule, Endpoints.for_config(cfg, rd), stop, proc)
+        return workers.run(cfg, args.rule, eps, stop, proc)
 
     return _stage("worker", args, body)
+
+
+def _worker_endpoints(cfg: Config, rd: Path, args: argparse.Namespace) -> Endpoints:
+    """The stack's own endpoints, or with --connect those a stack on another box opens to remote workers."""
+    if not args.connect:
+        return Endpoints.for_config(cfg, rd)
+    missing = [flag for flag, v in (("--key", args.key), ("--server-key", args.server_key)) if not v]
+    if missing:
+        raise errors.ConfigError("--connect", [f"a remote worker needs {' and '.join(missing)} (see `pipeline keys`)"])
+    return Endpoints.remote_worker(cfg, rd, args.connect, Path(args.key), Path(args.server_key))
 
 
 def cmd_control(args: argparse.Namespace) -> int:
@@ -131,8 +142,8 @@ def _workers(items: list[str], cfg: Config) -> dict[str, int]:
     out = {}
     for item in items:
         name, _, n = item.partition("=")
-        if not n.isdigit() or int(n) < 1:
-            raise errors.ConfigError("--workers", [f"expected RULE=N with N >= 1 (got {item!r})"])
+        if not n.isdigit() or int(n) > 64:  # 0: no local worker (the rule's workers are remote)
+            raise errors.ConfigError("--workers", [f"expected RULE=N with 0 <= N <= 64 (got {item!r})"])
         try:
             cfg.rule(name)
         except KeyError as e:
@@ -177,13 +188,19 @@ def parser() -> ArgumentParser:
     add("ingress", cmd_ingress, "run the ingress stage (MQTT -> workers)")
     add("egress", cmd_egress, "run the egress stage (workers -> MQTT)")
     add("control", cmd_control, "run the control API (gunicorn)")
-    add("worker", cmd_worker, "run one worker of a rule").add_argument("--rule", required=True)
+    w = add("worker", cmd_worker, "run one worker of a rule")
+    w.add_argument("--rule", required=True)
+    w.add_argument("--connect", metavar="HOST[:PORT]", help="join the stack on HOST (endpoints.remote; port: its "
+                   "base_port, default from the config or 5900) as a remote worker")
+    w.add_argument("--key", help="with --connect: this worker's secret key file (NAME.key_secret)")
+    w.add_argument("--server-key", help="with --connect: the stack's public key file (NAME.key)")
     add("broker", cmd_broker, "run the embedded MQTT broker (amqtt)", stage=False).add_argument(
         "--listen", default="127.0.0.1:1883", help="HOST:PORT")
     __import__("pipeline.bench").bench.add_commands(sub)  # loadgen, bench: their modules load when run
     __import__("pipeline.status").status.add_commands(sub)  # status: rich loads only when it runs
     __import__("pipeline.deploy").deploy.add_commands(sub)  # supervisord-conf
     __import__("pipeline.models_cli").models_cli.add_commands(sub)  # convert, models fetch
+    __import__("pipeline.curve").curve.add_commands(sub)  # keys
     return p
 
 

@@ -5,15 +5,6 @@ from __future__ import annotations
 import zmq
 
 
-def bind(ctx: zmq.Context, kind: int, address: str) -> zmq.Socket:
-    """A socket of `kind` bound to `address` (ROUTERs refuse to drop frames for unknown peers)."""
-    s = ctx.socket(kind)
-    if kind == zmq.ROUTER:
-        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    s.bind(address)
-    return s
-
-
 def drain(sock: zmq.Socket, limit: int = 1000, multipart: bool = False) -> list:
     """Everything readable now (up to `limit` messages), without blocking."""
     out = []

@@ -55,8 +55,9 @@ def programs(cfg: Config, run_dir: Path, log_level: str) -> list[Program]:
         # workers: startsecs=0, so a message that kills a fresh worker is a crash to restart from, not a failed
         # start that ends in FATAL; max_attempts bounds how often one message can do that
         env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        progs.append(Program(f"rule-{rule.name}", ["worker", "--rule", rule.name, *common], 40, rule.workers, env,
-                             stop_wait=int(rule.timeout) + STOP_WAIT, start_secs=0))
+        if rule.workers:  # 0: served by workers on other boxes only (endpoints.remote)
+            progs.append(Program(f"rule-{rule.name}", ["worker", "--rule", rule.name, *common], 40, rule.workers,
+                                 env, stop_wait=int(rule.timeout) + STOP_WAIT, start_secs=0))
         progs.append(Program(spare(rule.name), ["worker", "--rule", rule.name, *common], 40, 1, env,
                              stop_wait=int(rule.timeout) + STOP_WAIT, start_secs=0, autostart=False))
     progs.append(Program("ingress", ["ingress", *common], 50, stop_wait=drain))

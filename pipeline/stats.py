@@ -12,10 +12,13 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
+
+if TYPE_CHECKING:
+    from pipeline.endpoints import Endpoints
 
 INTERVAL = 0.5
 # upper bounds (seconds) of latency histogram buckets; one more bucket counts everything above the last
@@ -32,17 +35,21 @@ def process_usage() -> dict[str, float]:
 
 
 class Reporter:
-    def __init__(self, ctx: zmq.Context, address: str, stage: str, rule: str | None = None) -> None:
-        self.sock = ctx.socket(zmq.PUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 100)
-        self.sock.connect(address)
+    OPTIONS = {zmq.LINGER: 0, zmq.SNDHWM: 100}  # of the PUB socket: a stats board that is down costs nothing
+
+    def __init__(self, sock: zmq.Socket, stage: str, rule: str | None = None) -> None:
+        self.sock = sock  # PUB, connected to the stats board
         self.counters: dict[str, int] = {}
         self.histograms: dict[str, list[int]] = {}  # name -> count per bucket of BUCKETS, then +Inf
         self.sums: dict[str, float] = {}  # name -> total seconds observed
         self.gauges: dict[str, Callable[[], Any]] = {}
         self.head = {"stage": stage, "rule": rule, "pid": os.getpid(), "started": time.time()}
         self._next = 0.0
+
+    @classmethod
+    def connect(cls, eps: Endpoints, stage: str, rule: str | None = None) -> Reporter:
+        """A reporter of this process to the stack's stats board."""
+        return cls(eps.connect(zmq.Context.instance(), zmq.PUB, "stats", options=cls.OPTIONS), stage, rule)
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n

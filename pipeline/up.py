@@ -24,6 +24,7 @@ from supervisor.xmlrpc import SupervisorTransport
 from pipeline import errors, reload, stack
 from pipeline.broker import port_in_use
 from pipeline.config import Config
+from pipeline.endpoints import Endpoints
 from pipeline.errors import StartupError
 from pipeline.models_cli import prefetch
 
@@ -42,6 +43,7 @@ def preflight(cfg: Config, run_dir: Path) -> None:
     host, port = cfg.control.listen.rsplit(":", 1)
     if port_in_use(host, int(port)):
         raise StartupError(f"control.listen: {cfg.control.listen} is already in use (another stack?) in {cfg.source}")
+    Endpoints.for_config(cfg, run_dir)  # the remote workers' key files, read now rather than by each stage
     if (run_dir / "supervisor.sock").exists() and _rpc(run_dir).alive():
         raise StartupError(f"a stack already runs (or is still stopping) with run directory {run_dir}: "
                            "stop it and wait, or pass another --run-dir")

@@ -186,7 +186,12 @@ BAD = [
     ("plus-in-level", '"a/+/b"', '"a/b+/c"',
      ["rules[0].sub.topic: '+' must be a whole level (got 'a/b+/c')"]),
     ("duplicate-rule", "rules:\n", SECOND, ["rules[1].name: duplicate rule name 'r1'"]),
-    ("workers-0", "workers: 1", "workers: 0", ["rules[0].workers: ", "greater than or equal to 1 (got 0)"]),
+    ("workers-negative", "workers: 1", "workers: -1", ["rules[0].workers: ", "greater than or equal to 0 (got -1)"]),
+    ("remote-without-keys", "    timeout: 10s\n", "    timeout: 10s\nendpoints: {remote: {listen: 0.0.0.0}}\n",
+     ["endpoints.remote.server_key: required key is missing", "endpoints.remote.authorized_keys: required key"]),
+    ("remote-ports-overlap", "    timeout: 10s\n", "    timeout: 10s\nendpoints: {transport: tcp, base_port: 5800, "
+     "remote: {base_port: 5850, server_key: k, authorized_keys: a}}\n",
+     ["endpoints.remote.base_port: remote.base_port must be at least 100 away from base_port"]),
     ("workers-65", "workers: 1", "workers: 65", ["rules[0].workers: ", "less than or equal to 64 (got 65)"]),
     ("bad-duration", "timeout: 10s", "timeout: 10 sec",
      ["rules[0].timeout: expected a duration such as 500ms, 10s, 2m or 1h (got '10 sec')"]),

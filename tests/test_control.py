@@ -242,7 +242,9 @@ def test_board_receives_reporter_snapshots_over_zmq_and_ignores_garbage(tmp_path
     try:
         pub = zmq.Context.instance().socket(zmq.PUB)
         pub.connect(address)
-        rep = Reporter(zmq.Context.instance(), address, "rule", "r")
+        sock = zmq.Context.instance().socket(zmq.PUB)
+        sock.connect(address)
+        rep = Reporter(sock, "rule", "r")
         rep.count("processed", 3)
         deadline = time.monotonic() + 10
         while not b.processes() and time.monotonic() < deadline:

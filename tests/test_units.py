@@ -241,6 +241,16 @@ def test_stack_render_programs(tmp_path):
     assert conf["unix_http_server"]["file"] == str(tmp_path / "run" / "supervisor.sock")
 
 
+def test_a_rule_with_no_local_worker_has_no_worker_program_but_keeps_its_spare(tmp_path):
+    path = tmp_path / "stack.yaml"
+    path.write_text(STACK.format(edge="embedded", models=MODELS))
+    cfg = config.load(path).with_workers({"alpha": 0})
+    names = [p.name for p in stack.programs(cfg, tmp_path / "run", "info")]
+    assert "rule-alpha" not in names and "spare-alpha" in names and "rule-beta.2" in names
+    ingress = next(p for p in stack.programs(cfg, tmp_path / "run", "info") if p.name == "ingress")
+    assert "alpha=0" in " ".join(ingress.args)
+
+
 @pytest.mark.parametrize("url, listen", [("mqtt://10.0.0.1:1883", None), ("embedded://0.0.0.0:2883", "2883")])
 def test_stack_render_broker_and_log_dir(tmp_path, url, listen):
     conf = _render(tmp_path, url, log_dir=tmp_path / "logs")

@@ -19,6 +19,8 @@ import msgpack
 import zmq
 
 from pipeline.control.figures import LEVELS, add
+from pipeline.endpoints import Endpoints
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,8 @@ Snapshot = dict[str, Any]
 
 
 class Board:
-    def __init__(self, address: str = "") -> None:
-        self.address = address
+    def __init__(self, address: str = "", endpoints: Endpoints | None = None) -> None:
+        self.address, self.endpoints = address, endpoints  # the stack's stats endpoint, or a bare address
         self._lock = threading.Lock()
         self._procs: dict[tuple[int, float], deque[tuple[float, Snapshot]]] = {}  # (seen, snapshot), oldest first
         self._retired: dict[tuple[str, str | None], Snapshot] = {}
@@ -87,18 +89,26 @@ class Board:
             _fold(into, snap)
 
     def _listen(self) -> None:
-        sock = zmq.Context.instance().socket(zmq.SUB)
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
-        sock.setsockopt(zmq.LINGER, 0)
+        ctx, sock, guard = zmq.Context.instance(), None, None
         try:
-            sock.bind(self.address)
+            if self.endpoints is not None:
+                guard = self.endpoints.guard(ctx)  # remote workers report here too
+                sock = self.endpoints.bind(ctx, zmq.SUB, "stats")
+            else:
+                sock = ctx.socket(zmq.SUB)
+                sock.bind(self.address)
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+            sock.setsockopt(zmq.LINGER, 0)
             while not self._stop.is_set():
                 if sock.poll(200):
                     self._receive(sock.recv())
-        except zmq.ZMQError as e:
-            log.error("stats board on %s stopped: %s", self.address, e)
+        except (zmq.ZMQError, PipelineError) as e:
+            log.error("stats board on %s stopped: %s", self.address or "the stats endpoint", e)
         finally:
-            sock.close()
+            if sock is not None:
+                sock.close()
+            if guard is not None:
+                guard.stop()
 
     def _receive(self, frame: bytes) -> None:
         try:

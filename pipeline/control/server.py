@@ -16,7 +16,7 @@ from pipeline.endpoints import Endpoints
 
 def get_app(cfg: Config, run_dir: Path) -> falcon.App:
     """The real application: a board listening on the stack's stats endpoint."""
-    board = Board(Endpoints.for_config(cfg, run_dir).stats()).start()
+    board = Board(endpoints=Endpoints.for_config(cfg, run_dir)).start()
     return create_app(cfg, board, run_dir)
 
 

@@ -22,7 +22,7 @@ from pipeline.egress.outbox import Outbox, Row
 from pipeline.endpoints import Endpoints
 from pipeline.envelope import Result
 from pipeline.mqtt import Hub, Link
-from pipeline.sockets import bind, drain
+from pipeline.sockets import drain
 from pipeline.stats import Reporter
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,10 @@ def run(cfg: Config, eps: Endpoints, stop: threading.Event) -> None:
 class Egress:
     def __init__(self, cfg: Config, eps: Endpoints) -> None:
         ctx = zmq.Context.instance()
-        self.cfg, self.stats = cfg, Reporter(ctx, eps.stats(), "egress")
-        self.pull = bind(ctx, zmq.PULL, eps.results())
-        self.confirm = ctx.socket(zmq.PUSH)
-        self.confirm.setsockopt(zmq.LINGER, 2000)
-        self.confirm.connect(eps.confirms())
+        self.cfg, self.stats = cfg, Reporter.connect(eps, "egress")
+        self.guard = eps.guard(ctx)  # lets authorized remote workers in (endpoints.remote), else None
+        self.pull = eps.bind(ctx, zmq.PULL, "results")
+        self.confirm = eps.connect(ctx, zmq.PUSH, "confirms", options={zmq.LINGER: 2000})
         self.outbox = Outbox(cfg.default_data_dir() / "outbox.sqlite3", cfg.outbox.max_bytes)
         names = sorted({r.pub.broker for r in cfg.rules})
         self.links = {n: Link(n, cfg.brokers[n], f"{cfg.instance}-egress-{n}") for n in names}
@@ -126,6 +125,8 @@ class Egress:
         self.pull.close(linger=0)
         self.confirm.close()
         self.outbox.close()
+        if self.guard is not None:
+            self.guard.stop()
 
 
 class Publisher:

@@ -23,7 +23,7 @@ from pipeline.envelope import Message, Result
 from pipeline.ingress.acks import AckWindow
 from pipeline.ingress.dispatch import RuleQueue
 from pipeline.mqtt import Hub, Link
-from pipeline.sockets import bind, drain
+from pipeline.sockets import drain
 from pipeline.stats import Reporter
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,11 @@ def run(cfg: Config, eps: Endpoints, stop: threading.Event) -> None:
 class Ingress:
     def __init__(self, cfg: Config, eps: Endpoints) -> None:
         ctx = zmq.Context.instance()
-        self.cfg, self.stats = cfg, Reporter(ctx, eps.stats(), "ingress")
-        self.routers = [bind(ctx, zmq.ROUTER, eps.rule(i)) for i in range(len(cfg.rules))]
-        self.beats, self.confirms = bind(ctx, zmq.PULL, eps.beats()), bind(ctx, zmq.PULL, eps.confirms())
-        self.letters = ctx.socket(zmq.PUSH)
-        self.letters.connect(eps.results())
+        self.cfg, self.stats = cfg, Reporter.connect(eps, "ingress")
+        self.guard = eps.guard(ctx)  # lets authorized remote workers in (endpoints.remote), else None
+        self.routers = [eps.bind(ctx, zmq.ROUTER, "rule", i) for i in range(len(cfg.rules))]
+        self.beats, self.confirms = eps.bind(ctx, zmq.PULL, "beats"), eps.bind(ctx, zmq.PULL, "confirms")
+        self.letters = eps.connect(ctx, zmq.PUSH, "results")
         self.queues = [RuleQueue(r, s, self.stats, self.letters_send, topics.compile_template(r.error_topic))
                        for r, s in zip(cfg.rules, self.routers, strict=True)]
         self.by_name = {r.name: q for r, q in zip(cfg.rules, self.queues, strict=True)}
@@ -178,6 +178,8 @@ class Ingress:
         for s in (*self.routers, self.beats, self.confirms):
             s.close(linger=0)
         self.letters.close(linger=2000)
+        if self.guard is not None:
+            self.guard.stop()
 
 
 def _links(cfg: Config, arrive: object) -> dict[str, Link]:

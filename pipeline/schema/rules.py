@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
@@ -55,7 +56,7 @@ class Rule(_Strict):
     sub: Sub
     model: str
     pub: Pub
-    workers: int = Field(1, ge=1, le=64)
+    workers: int = Field(1, ge=0, le=64)  # 0: no local worker, the rule is served by remote workers
     timeout: Seconds = 10.0
     errors: Errors = Errors()
     max_attempts: int = Field(3, ge=1, le=100)  # dispatches of one message before it is dead-lettered
@@ -124,9 +125,35 @@ class Outbox(_Strict):
     drain_rate: int = Field(5000, ge=1)  # msg/s cap while catching up after the broker was unreachable
 
 
+PORTS = 100  # a stack on tcp uses base_port + 0..3 and base_port + 10 + rule index
+
+
+class Remote(_Strict):
+    """Workers on other boxes join over tcp, encrypted and authenticated with ZMQ CURVE (`pipeline keys`)."""
+
+    listen: str = "127.0.0.1"  # the interface to bind (0.0.0.0: all); ports base_port + offset, as with tcp
+    base_port: int = Field(5900, ge=1024, le=65000)
+    server_key: Path  # the stack's key pair: the <name>.key_secret file
+    authorized_keys: Path  # folder of the workers' public <name>.key files allowed in
+
+    @field_validator("server_key", "authorized_keys")
+    @classmethod
+    def _relative_to_config(cls, v: Path, info: ValidationInfo) -> Path:
+        # read when the stack starts (a worker box shares the config file, not the stack's secret key)
+        return (v if v.is_absolute() else Path((info.context or {}).get("base", ".")) / v).resolve()
+
+
 class Endpoints(_Strict):
     transport: Literal["ipc", "tcp"] = "ipc"
     host: str = "127.0.0.1"
     base_port: int = Field(5800, ge=1024, le=65000)
+    remote: Remote | None = None
+
+    @model_validator(mode="after")
+    def _ports_apart(self) -> Endpoints:
+        if self.remote and self.transport == "tcp" and abs(self.remote.base_port - self.base_port) < PORTS:
+            raise PydanticCustomError("ports", "remote.base_port must be at least {n} away from base_port",
+                                      {"at": "remote.base_port", "n": PORTS})
+        return self
 
 

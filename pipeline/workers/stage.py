@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import threading
 import time
 
@@ -54,16 +55,11 @@ def load(cfg: Config, rule_name: str, cache_dir: os.PathLike[str]) -> Processor:
 def run(cfg: Config, rule_name: str, eps: Endpoints, stop: threading.Event, proc: Processor) -> int:
     """Serve the rule until `stop` is set; return the exit code (OK, or WORKER_RSS)."""
     index = cfg.rule_index(rule_name)
-    ident = f"{os.getpid()}-{os.urandom(2).hex()}"
+    ident = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"  # unique across boxes too
     ctx = zmq.Context.instance()
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.IDENTITY, ident.encode())
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.connect(eps.rule(index))
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 5000)
-    push.connect(eps.results())
-    stats = Reporter(ctx, eps.stats(), "rule", rule_name)
+    dealer = eps.connect(ctx, zmq.DEALER, "rule", index, {zmq.IDENTITY: ident.encode(), zmq.LINGER: 0})
+    push = eps.connect(ctx, zmq.PUSH, "results", options={zmq.LINGER: 5000})
+    stats = Reporter.connect(eps, "rule", rule_name)
     stats.head.update(model=proc.model.name, sha256=proc.model.sha256, source=str(proc.model.folder),
                       loaded_at=proc.loaded_at)
     watchdog = Watchdog(proc, eps, ident, index, stop)
@@ -110,10 +106,7 @@ class Watchdog:
         self.holding = 0  # messages received and not yet answered (read here, written by the main thread)
 
     def run(self) -> None:
-        beats = zmq.Context.instance().socket(zmq.PUSH)
-        beats.setsockopt(zmq.LINGER, 1000)
-        beats.setsockopt(zmq.SNDHWM, 10)
-        beats.connect(self.eps.beats())
+        beats = self.eps.connect(zmq.Context.instance(), zmq.PUSH, "beats", options={zmq.LINGER: 1000, zmq.SNDHWM: 10})
         limit, next_beat = self.proc.rule.timeout, 0.0
         try:
             while not self.stop.wait(min(0.05, limit / 10)):
@@ -136,8 +129,7 @@ class Watchdog:
     def _expire(self, beats: zmq.Socket, msg: envelope.Message, limit: float) -> None:
         results = self.proc.abandon(f"timeout after {limit:g}s")
         answered = [r.message_id for r in results]  # ingress need not send these again
-        sock = zmq.Context.instance().socket(zmq.PUSH)
-        sock.connect(self.eps.results())
+        sock = self.eps.connect(zmq.Context.instance(), zmq.PUSH, "results")
         # os._exit skips zmq's linger: wait until libzmq has written each frame out (tracker) before leaving;
         # copy_threshold 0, or pyzmq copies small frames and hands back a tracker that is already done
         sock.copy_threshold = beats.copy_threshold = 0
