@@ -21,7 +21,7 @@ from paho.mqtt.properties import Properties
 
 from pipeline.config import Broker
 from pipeline.errors import ConfigError
-from pipeline.fastpaho import FastClient
+from pipeline.fastpaho import Deliver, FastClient
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ class Link:
         # called on every CONNACK, before any message of the new connection is handled: packet ids of an
         # earlier connection mean nothing now (and the broker may re-send before our SUBACK arrives)
         self.on_connected: Callable[[Link], None] = lambda _link: None
+        # incoming PUBLISH packets (topic, payload, qos, mid, dup) read without paho; None: paho's on_message.
+        # Only with manual_ack: paho does not see these packets, so it would not ack them either.
+        self.on_publish: Deliver | None = None
         self._retry_at, self._backoff, self._since = 0.0, 1.0, 0.0
         v5 = broker.protocol == "5"  # MQTT 5 has no clean_session: clean_start and a session expiry instead
         c = self.client = FastClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -96,9 +99,15 @@ class Link:
             self._lost(now, "keepalive")
 
     def read(self, max_packets: int = 256) -> None:
-        """Handle what the socket has: one recv(), then every complete packet already buffered."""
-        c = self.client
+        """Handle what the socket has: one recv(), then every complete packet already buffered (PUBLISH
+        packets through `on_publish` when set, the others through paho)."""
+        c, fast = self.client, self.on_publish
         for _ in range(max_packets):
+            if fast is not None:
+                if not c.fill():
+                    return  # nothing to read
+                if c.take_publishes(fast) and not c.buffered():
+                    return
             if c.loop_read() != mqtt.MQTT_ERR_SUCCESS:
                 if self.state not in ("disconnected", "stopped"):
                     self._lost(time.monotonic(), "read failed")

@@ -41,3 +41,69 @@ def test_puback_bytes():
     c = FastClient(mqtt.CallbackAPIVersion.VERSION2)
     c.puback(0x1234)
     assert bytes(c._wbuf) == b"\x40\x02\x12\x34"
+
+
+def _publish_packet(protocol: int, topic: str, payload: bytes, qos: int, mid: int, dup: bool = False) -> bytes:
+    """A PUBLISH as a broker sends it, built by paho's own encoder."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
+    a, b = socket.socketpair()
+    c._sock = a
+    packets: list[bytes] = []
+    c._packet_queue = lambda _cmd, packet, _mid, _qos, _info=None: packets.append(bytes(packet)) or 0
+    c._send_publish(mid, topic.encode(), payload, qos, False, dup)
+    b.close()
+    return packets[0]
+
+
+def _reader(protocol: int, data: bytes) -> FastClient:
+    c = FastClient(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
+    c._sock, peer = socket.socketpair()  # take_publishes needs a connection; it reads only the buffer
+    peer.close()
+    c._rbuf, c._rpos = data, 0
+    return c
+
+
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv311, mqtt.MQTTv5])
+def test_take_publishes_reads_what_paho_would(protocol):
+    sent = [("plant/dévice/t", b"", 0, 0, False), ("a/b", b"x" * 200, 1, 7, False),
+            ("a/c", bytes(range(256)) * 70, 1, 65535, True), ("z", b"{}", 0, 0, False)]
+    data = b"".join(_publish_packet(protocol, *m) for m in sent)
+    got: list[tuple] = []
+    c = _reader(protocol, data)
+    assert c.take_publishes(lambda *m: got.append(m)) == 4
+    assert got == sent and not c.buffered()
+
+
+def test_take_publishes_stops_at_other_packets_partial_packets_and_its_limit():
+    one = _publish_packet(mqtt.MQTTv311, "t", b"p", 1, 1)
+    pingresp, got = b"\xd0\x00", []
+    c = _reader(mqtt.MQTTv311, one + pingresp + one)
+    assert c.take_publishes(lambda *m: got.append(m)) == 1 and c._rpos == len(one)  # paho reads the PINGRESP
+    c = _reader(mqtt.MQTTv311, one + one[:-1])
+    assert c.take_publishes(lambda *m: got.append(m)) == 1 and c._rpos == len(one)  # the rest comes later
+    c = _reader(mqtt.MQTTv311, one * 5)
+    assert c.take_publishes(lambda *m: got.append(m), limit=3) == 3 and c._rpos == 3 * len(one)
+    qos2 = _publish_packet(mqtt.MQTTv311, "t", b"p", 2, 9)
+    c = _reader(mqtt.MQTTv311, qos2)
+    assert c.take_publishes(lambda *m: got.append(m)) == 0 and c._rpos == 0
+    c = _reader(mqtt.MQTTv311, one)
+    c._in_packet["command"] = 0x30  # paho is in the middle of a packet: not ours to read
+    assert c.take_publishes(lambda *m: got.append(m)) == 0
+    assert len(got) == 5
+
+
+def test_fill_reads_once_the_buffer_is_consumed_and_leaves_a_closed_connection_to_paho():
+    c = FastClient(mqtt.CallbackAPIVersion.VERSION2)
+    c._sock, peer = socket.socketpair()
+    c._sock.setblocking(False)
+    assert c.fill() is False  # nothing there
+    peer.sendall(b"abc")
+    assert c.fill() is True and c._rbuf == b"abc"
+    peer.sendall(b"def")
+    assert c.fill() is True and c._rbuf == b"abc"  # not consumed yet: no recv
+    c._rpos = 3
+    assert c.fill() is True and c._rbuf == b"def"
+    c._rpos = 3
+    peer.close()
+    assert c.fill() is True and not c.buffered()  # closed: paho's own read reports it
+    assert c.loop_read() != mqtt.MQTT_ERR_SUCCESS

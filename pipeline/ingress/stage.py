@@ -13,7 +13,6 @@ import secrets
 import threading
 import time
 
-import paho.mqtt.client as mqtt
 import zmq
 
 from pipeline import envelope, topics
@@ -105,16 +104,16 @@ class Ingress:
             q.expire(now)
         self.stats.tick()
 
-    def _arrive(self, broker: str, msg: mqtt.MQTTMessage) -> None:
-        """paho's on_message, called inside hub.poll() on this thread."""
+    def _arrive(self, broker: str, topic: str, payload: bytes, qos: int, mid: int, dup: bool) -> None:
+        """One MQTT message, from inside hub.poll() on this thread (paho's on_message or the fast path)."""
         self.seq += 1
-        msg_id, topic, payload, now = f"{self.boot}-{self.seq}", msg.topic, msg.payload, time.time()
+        msg_id, now = f"{self.boot}-{self.seq}", time.time()
         waiting: set[str] = set()
         targets = self.route(broker, topic)
         for i in targets:
             q = self.queues[i]
-            m = Message(msg_id, q.rule.name, broker, topic, payload, msg.qos, msg.mid, 1, now)
-            if msg.qos:
+            m = Message(msg_id, q.rule.name, broker, topic, payload, qos, mid, 1, now)
+            if qos:
                 waiting.add(q.rule.name)
             if len(payload) > q.rule.max_payload_bytes:
                 self.stats.count("oversize")
@@ -122,10 +121,10 @@ class Ingress:
                 self.letters_send(envelope.error_result(m, q.error_topic(topic), "payload_too_large", err))
             else:
                 q.offer(m)
-        if msg.qos:
-            self.acks[broker].add(msg_id, msg.mid, waiting)
+        if qos:
+            self.acks[broker].add(msg_id, mid, waiting)
         self.stats.count("received")
-        if msg.dup:
+        if dup:
             self.stats.count("redelivered")  # the broker sent it again: its result may be a duplicate
         if not targets:
             self.stats.count("unrouted")
@@ -189,6 +188,7 @@ def _links(cfg: Config, arrive: object) -> dict[str, Link]:
         if name not in links:
             link = links[name] = Link(name, cfg.brokers[name], f"{cfg.instance}-ingress-{name}",
                                       clean_session=False, manual_ack=True)
-            link.client.on_message = lambda _c, _u, m, b=name: arrive(b, m)
+            link.client.on_message = lambda _c, _u, m, b=name: arrive(b, m.topic, m.payload, m.qos, m.mid, m.dup)
+            link.on_publish = lambda t, p, q, mid, dup, b=name: arrive(b, t, p, q, mid, dup)  # paho's fast path
         links[name].subscribe(rule.sub.topic, rule.sub.qos, rule.sub.share)
     return links
