@@ -25,6 +25,9 @@ class FastClient(mqtt.Client):
         self._wbuf = bytearray()
         self._topics: dict[str, bytes] = {}  # topic -> its encoded length, name (and empty properties)
         self._props = b"\x00" if kwargs.get("protocol") == mqtt.MQTTv5 else b""
+        # PUBACKs of packets sent with publish1() (paho never knew them): from take_publishes, or from paho's
+        # own reader when a PUBACK was split across two reads
+        self.on_puback: Callable[[int], None] | None = None
 
     def buffered(self) -> bool:
         """True when bytes already read from the socket wait to be parsed (no syscall needed)."""
@@ -92,16 +95,36 @@ class FastClient(mqtt.Client):
         w += payload
         return True
 
+    def publish1(self, topic: str, payload: bytes, retain: bool = False) -> int:
+        """A QoS 1 PUBLISH written straight into the send buffer; returns its packet id. paho does not track
+        it: the caller keeps what is unacknowledged, gets PUBACKs from `take_publishes(on_puback=...)` and
+        sends again after a reconnect. Not connected: 0 (nothing written)."""
+        if not self.is_connected():
+            return 0
+        mid = self._mid_generate()
+        raw = topic.encode()
+        w = self._wbuf
+        w.append(0x33 if retain else 0x32)
+        _varint(w, 2 + len(raw) + 2 + len(self._props) + len(payload))
+        w += len(raw).to_bytes(2, "big")
+        w += raw
+        w += mid.to_bytes(2, "big")
+        w += self._props
+        w += payload
+        return mid
+
     def puback(self, mid: int) -> None:
         """A PUBACK for a manually acknowledged QoS 1 message, straight into the send buffer."""
         self._wbuf += bytes((0x40, 2, mid >> 8, mid & 0xFF))  # MQTT 5 allows the short form for success
 
-    def take_publishes(self, deliver: Deliver, limit: int = 256) -> int:
+    def take_publishes(self, deliver: Deliver | None, limit: int = 256,
+                       on_puback: Callable[[int], None] | None = None) -> int:
         """Hand the complete QoS 0/1 PUBLISH packets at the head of the read buffer to
-        `deliver(topic, payload, qos, mid, dup)` without paho's per-packet machinery (MQTTMessage, logging,
-        callback lookup: ~4x the cost of this). Stops at anything else (another packet type, QoS 2, a topic
-        alias, bad UTF-8, an incomplete packet, or a packet paho has started reading): paho reads that one.
-        Only for manually acknowledged QoS 1 (the caller acks); returns how many packets were taken."""
+        `deliver(topic, payload, qos, mid, dup)`, and PUBACKs to `on_puback(mid)`, without paho's per-packet
+        machinery (MQTTMessage, ReasonCode, logging, callback lookup: ~4x the cost of this). Stops at anything
+        else (another packet type, QoS 2, a topic alias, bad UTF-8, an incomplete packet, or a packet paho has
+        started reading): paho reads that one. PUBLISH only for manually acknowledged QoS 1 (the caller
+        acks), PUBACK only for packets sent with `publish1`; returns how many packets were taken."""
         if self._in_packet["command"] != 0 or self._sock is None:
             return 0
         buf, pos, end, n = self._rbuf, self._rpos, len(self._rbuf), 0
@@ -109,22 +132,20 @@ class FastClient(mqtt.Client):
             cmd = buf[pos]
             qos = (cmd >> 1) & 3
             head = _remaining(buf, pos + 1, end)
-            if cmd >> 4 != 3 or qos > 1 or head is None or head[0] + head[1] > end:
+            if head is None or head[0] + head[1] > end:
                 break
             start, length = head
-            t = start + 2 + (buf[start] << 8 | buf[start + 1])
-            if t + (2 if qos else 0) > start + length:
-                break  # malformed: paho reports it
-            mid, p = (buf[t] << 8 | buf[t + 1], t + 2) if qos else (0, t)
-            if self._props:  # MQTT 5: skip the properties (we ask for no topic aliases)
-                props = _remaining(buf, p, end)
-                if props is None or t == start + 2:
-                    break
-                p = props[0] + props[1]
-            try:
-                topic = buf[start + 2:t].decode()
-            except UnicodeDecodeError:
+            if cmd == 0x40 and on_puback is not None and length >= 2:  # PUBACK (MQTT 5: reason, properties)
+                pos = self._rpos = start + length
+                n += 1
+                on_puback(buf[start] << 8 | buf[start + 1])
+                continue
+            if cmd >> 4 != 3 or qos > 1 or deliver is None:
                 break
+            parsed = self._publish(buf, start, length, qos)
+            if parsed is None:
+                break
+            topic, p, mid = parsed
             pos = self._rpos = start + length
             n += 1
             deliver(topic, buf[p:pos], qos, mid, bool(cmd & 8))
@@ -132,6 +153,40 @@ class FastClient(mqtt.Client):
             with self._msgtime_mutex:
                 self._last_bytes_received = mqtt.time_func()
         return n
+
+    def _publish(self, buf: bytes, start: int, length: int, qos: int) -> tuple[str, int, int] | None:
+        """(topic, where the payload starts, packet id) of the PUBLISH whose variable header starts at
+        buf[start]; None when paho should read it (malformed, a topic alias, bad UTF-8)."""
+        t = start + 2 + (buf[start] << 8 | buf[start + 1])
+        if t + (2 if qos else 0) > start + length:
+            return None
+        mid, p = (buf[t] << 8 | buf[t + 1], t + 2) if qos else (0, t)
+        if self._props:  # MQTT 5: skip the properties (we ask for no topic aliases)
+            props = _remaining(buf, p, start + length)
+            if props is None or t == start + 2:
+                return None
+            p = props[0] + props[1]
+        try:
+            return buf[start + 2:t].decode(), p, mid
+        except UnicodeDecodeError:
+            return None
+
+    def _handle_pubackcomp(self, cmd: Any) -> mqtt.MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if cmd == "PUBACK" and self.on_puback is not None and len(packet) >= 2:
+            mid = packet[0] << 8 | packet[1]
+            if mid not in self._out_messages:  # one of publish1's
+                self.on_puback(mid)
+                return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._handle_pubackcomp(cmd)
+
+    def _update_inflight(self) -> mqtt.MQTTErrorCode:
+        """paho calls this after every PUBACK and walks every outgoing message looking for queued ones: O(n)
+        per PUBACK with n up to max_inflight (1,000 here), which made QoS 1 publishing cost ~3x QoS 0. When
+        every outgoing message is already in flight there is nothing queued to send: skip the walk."""
+        if len(self._out_messages) <= self._inflight_messages:
+            return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._update_inflight()
 
     def reconnect(self) -> mqtt.MQTTErrorCode:
         self._rbuf, self._rpos = b"", 0  # bytes of an earlier connection mean nothing on the new one

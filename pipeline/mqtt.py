@@ -101,12 +101,12 @@ class Link:
     def read(self, max_packets: int = 256) -> None:
         """Handle what the socket has: one recv(), then every complete packet already buffered (PUBLISH
         packets through `on_publish` when set, the others through paho)."""
-        c, fast = self.client, self.on_publish
+        c, fast, acked = self.client, self.on_publish, self.client.on_puback
         for _ in range(max_packets):
-            if fast is not None:
+            if fast is not None or acked is not None:
                 if not c.fill():
                     return  # nothing to read
-                if c.take_publishes(fast) and not c.buffered():
+                if c.take_publishes(fast, on_puback=acked) and not c.buffered():
                     return
             if c.loop_read() != mqtt.MQTT_ERR_SUCCESS:
                 if self.state not in ("disconnected", "stopped"):

@@ -107,3 +107,61 @@ def test_fill_reads_once_the_buffer_is_consumed_and_leaves_a_closed_connection_t
     peer.close()
     assert c.fill() is True and not c.buffered()  # closed: paho's own read reports it
     assert c.loop_read() != mqtt.MQTT_ERR_SUCCESS
+
+
+def test_qos1_publishes_beyond_the_inflight_window_still_go_out_as_pubacks_arrive():
+    """_update_inflight skips paho's walk only when nothing is queued: queued messages must still be sent."""
+    c = FastClient(mqtt.CallbackAPIVersion.VERSION2)
+    c.max_inflight_messages_set(2)
+    c._sock, peer = socket.socketpair()
+    c._sock.setblocking(False)
+    c._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+    infos = [c.publish("t", b"%d" % i, 1) for i in range(4)]
+    assert c._inflight_messages == 2 and len(c._out_messages) == 4
+    assert [c._out_messages[i.mid].state for i in infos[2:]] == [mqtt.mqtt_ms_queued] * 2
+    for mid in (infos[0].mid, infos[1].mid):  # PUBACKs for the two in flight
+        c._rbuf, c._rpos = bytes((0x40, 2, mid >> 8, mid & 0xFF)), 0
+        assert c.loop_read() == mqtt.MQTT_ERR_SUCCESS
+    assert [i.is_published() for i in infos] == [True, True, False, False]
+    assert c._inflight_messages == 2 and len(c._out_messages) == 2
+    assert [c._out_messages[i.mid].state for i in infos[2:]] == [mqtt.mqtt_ms_wait_for_puback] * 2  # sent
+    peer.close()
+    c._sock.close()
+
+
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv311, mqtt.MQTTv5])
+@pytest.mark.parametrize("size", [0, 127, 16_384])
+@pytest.mark.parametrize("retain", [False, True])
+def test_publish1_matches_paho_and_its_puback_comes_back_through_take_publishes(protocol, size, retain):
+    c = FastClient(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
+    c.is_connected = lambda: True
+    payload = b"p" * size
+    mid = c.publish1("plant/dévice/alarm", payload, retain)
+    expected = _publish_packet(protocol, "plant/dévice/alarm", payload, 1, mid)
+    if retain:
+        expected = bytes([expected[0] | 1]) + expected[1:]  # the retain bit
+    assert mid == 1 and bytes(c._wbuf) == expected
+    c._sock, peer = socket.socketpair()
+    peer.close()
+    acks: list[int] = []
+    puback5 = b"\x40\x04\x00\x01\x10\x00"  # MQTT 5 long form: reason 0x10 (no matching subscribers), no props
+    c._rbuf, c._rpos = b"\x40\x02\x00\x01" + puback5 + b"\xd0\x00", 0
+    assert c.take_publishes(None, on_puback=acks.append) == 2 and acks == [1, 1]
+    assert c._rpos == 10  # the PINGRESP is paho's
+    c.is_connected = lambda: False
+    assert c.publish1("t", b"x") == 0
+
+
+def test_a_puback_split_across_two_reads_still_reaches_on_puback():
+    c = FastClient(mqtt.CallbackAPIVersion.VERSION2)
+    c._sock, peer = socket.socketpair()
+    c._sock.setblocking(False)
+    c._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+    acks: list[int] = []
+    c.on_puback = acks.append
+    c._rbuf, c._rpos = b"\x40\x02\x12", 0  # the first three bytes of a PUBACK for mid 0x1234
+    assert c.take_publishes(None, on_puback=c.on_puback) == 0  # incomplete: paho's reader takes it
+    peer.sendall(b"\x34")
+    assert c.loop_read() == mqtt.MQTT_ERR_SUCCESS and acks == [0x1234]
+    peer.close()
+    c._sock.close()

@@ -138,7 +138,7 @@ class LoadGen:
         self.connected, self.refused = not rc.is_failure, "" if not rc.is_failure else str(rc)
 
     def _on_publish(self, _c: mqtt.Client, _u: object, _mid: int, _rc: mqtt.ReasonCode, _p: object) -> None:
-        self.summary.acked += 1
+        self.summary.acked += 1  # QoS 1: its PUBACK (QoS 0 messages are counted when written, in send())
 
     def connect(self, timeout: float = 10.0) -> None:
         self.client.connect(self.host, self.port, keepalive=30)
@@ -154,11 +154,15 @@ class LoadGen:
         sock = c.socket()
         if sock is None:
             raise ConnectionError(f"{self.opts.url}: connection lost")
-        readable, writable, _ = select.select([sock], [sock] if c.want_write() else [], [], timeout)
+        readable, writable, _ = select.select([sock], [sock] if c.want_write() or c.unflushed() else [], [], timeout)
         if readable and c.loop_read() != mqtt.MQTT_ERR_SUCCESS:
             raise ConnectionError(f"{self.opts.url}: connection lost")
         if writable and c.loop_write() != mqtt.MQTT_ERR_SUCCESS:
             raise ConnectionError(f"{self.opts.url}: connection lost")
+        try:
+            c.flush()  # FastClient gathers what paho writes until flushed
+        except OSError as e:
+            raise ConnectionError(f"{self.opts.url}: connection lost ({e})") from None
         now = time.monotonic()
         if now >= self._misc_at:
             self._misc_at = now + 1.0
@@ -166,16 +170,29 @@ class LoadGen:
 
     def send(self, seq: int) -> None:
         k = seq % len(self.topics)
+        payload = self.build(seq, self.devices[k], time.time())
+        if self.opts.qos == 0:  # written straight into the send buffer, as egress does (no paho bookkeeping)
+            if not self.client.publish0(self.topics[k], payload):
+                raise ConnectionError(f"{self.opts.url}: connection lost")
+            self.summary.acked += 1
+        else:
+            self._publish1(self.topics[k], payload)
+        try:
+            self.client.flush()  # write it now: messages leave evenly paced, not in bursts
+        except OSError as e:
+            raise ConnectionError(f"{self.opts.url}: connection lost ({e})") from None
+        while self.client.want_write() or self.client.unflushed():  # socket full: wait (backpressure)
+            self.service(0.01)
+
+    def _publish1(self, topic: str, payload: bytes) -> None:
         while True:
-            info = self.client.publish(self.topics[k], self.build(seq, self.devices[k], time.time()), self.opts.qos)
+            info = self.client.publish(topic, payload, 1)
             if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                break
+                return
             if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
                 raise ConnectionError(f"{self.opts.url}: {mqtt.error_string(info.rc)}")
             self.summary.queue_full += 1
             self.service(0.001)
-        while self.client.want_write():  # the socket is full: wait for it (backpressure), never queue unbounded
-            self.service(0.01)
 
     def run(self) -> Summary:
         """Send, then wait for every PUBACK (QoS 1) or socket write (QoS 0)."""

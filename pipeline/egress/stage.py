@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 
-import paho.mqtt.client as mqtt
 import zmq
 
 from pipeline import envelope
@@ -139,7 +138,7 @@ class Publisher:
         self.acked: list[tuple[int, int]] = []  # PUBACKed rows, deleted in one transaction per pump
         self.catch_up_until = 0  # while cursor < this, hand rows at no more than drain_rate per second
         self.tokens, self.t = 0.0, time.monotonic()
-        link.client.on_publish = self._on_publish
+        link.client.on_puback = self._on_puback  # QoS 1 rows go out with publish1: paho never tracks them
         link.on_connected = self._connected
 
     @property
@@ -148,14 +147,19 @@ class Publisher:
         return self.link.connected and bool(pending)
 
     def _connected(self, _link: Link) -> None:
+        if self.acked:
+            self._delete(self.acked)
+            self.acked = []
+        if self.sent:  # handed on the lost connection and never acknowledged: again, from the outbox
+            self.cursor = min(row for row, _ in self.sent.values()) - 1
+            self.sent.clear()
         if self.outbox.after(self.link.name, self.cursor, 1):
             self.catch_up_until = self.outbox.db.execute("SELECT max(id) FROM outbox").fetchone()[0]
             log.info("broker %s is back: catching up on the outbox at %d msg/s at most", self.link.name, self.rate)
 
     def pump(self) -> None:
         if self.acked:
-            self.outbox.delete(self.acked)
-            self.stats.count("published", len(self.acked))
+            self._delete(self.acked)
             self.acked = []
         if not self.link.connected or self.outbox.rows == 0:
             return
@@ -169,21 +173,33 @@ class Publisher:
             return
         rows = self.outbox.after(self.link.name, self.cursor, room)
         self.tokens -= len(rows)
-        done = [d for row in rows if (d := self._hand(row)) is not None]
+        done: list[tuple[int, int]] = []
+        for row in rows:
+            if not self._hand(row, done):
+                break  # the connection went (the caller saw it up): the rest waits for the reconnect
         if done:
-            self.outbox.delete(done)
-            self.stats.count("published", len(done))
+            self._delete(done)
 
-    def _hand(self, row: Row) -> tuple[int, int] | None:
+    def _delete(self, rows: list[tuple[int, int]]) -> None:
+        self.outbox.delete(rows)
+        self.stats.count("published", len(rows))
+
+    def _hand(self, row: Row, done: list[tuple[int, int]]) -> bool:
+        """Write one row into the send buffer; QoS 0 rows are done at once (no PUBACK to wait for)."""
+        c = self.link.client
+        if row.qos == 0:
+            if not c.publish0(row.topic, row.payload, bool(row.retain)):
+                return False
+            done.append((row.id, len(row.payload)))
+        else:
+            mid = c.publish1(row.topic, row.payload, bool(row.retain))
+            if not mid:
+                return False
+            self.sent[mid] = (row.id, len(row.payload))
         self.cursor = row.id
-        if row.qos == 0:  # no PUBACK to wait for: gone once it is in the send buffer
-            self.link.client.publish0(row.topic, row.payload, bool(row.retain))
-            return (row.id, len(row.payload))
-        info = self.link.client.publish(row.topic, row.payload, row.qos, bool(row.retain))
-        self.sent[info.mid] = (row.id, len(row.payload))
-        return None
+        return True
 
-    def _on_publish(self, _c: mqtt.Client, _u: object, mid: int, _rc: object, _p: object) -> None:
+    def _on_puback(self, mid: int) -> None:
         entry = self.sent.pop(mid, None)
         if entry is not None:
             self.acked.append(entry)
@@ -196,5 +212,5 @@ class Publisher:
         if qos == 0:
             sent = self.link.client.publish0(topic, payload, bool(retain))
         else:
-            sent = self.link.client.publish(topic, payload, qos, bool(retain)).rc == mqtt.MQTT_ERR_SUCCESS
+            sent = self.link.client.publish1(topic, payload, bool(retain)) != 0  # its PUBACK is not awaited
         self.stats.count("published" if sent else "dropped")
