@@ -14,7 +14,7 @@ import falcon
 import orjson
 
 from pipeline.config import Config
-from pipeline.control import admin, catalog, metrics, views
+from pipeline.control import admin, catalog, views
 from pipeline.control.http import send_json as _json
 
 STATIC = Path(__file__).parent / "static"
@@ -64,6 +64,8 @@ class Metrics:
         self.cfg, self.source = cfg, source
 
     def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
+        from pipeline.control import metrics  # prometheus_client: loaded by the first scrape
+
         resp.content_type = metrics.CONTENT_TYPE
         resp.data = metrics.exposition(self.cfg, self.source.processes())
 
