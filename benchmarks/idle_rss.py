@@ -1,0 +1,156 @@
+"""Idle memory of a stack: RSS, PSS, USS of every process `pipeline up` starts, summed.
+
+    python benchmarks/idle_rss.py [--settle 8] [--json out.json]
+
+Starts its own Mosquitto on 127.0.0.1:18841 (the broker is not counted) and a one-rule, one-worker stack
+from a temporary config, waits until every program is RUNNING plus --settle seconds, reads
+/proc/PID/smaps_rollup of each process in the stack's session (`pipeline up` itself excluded: it is the
+launcher, not the stack), prints a table and stops everything. Run it from the checkout to measure
+(`python -m pipeline` is started from the current directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PORT = 18841
+
+
+def rollup(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        out[key] = int(value.split()[0])  # kB
+    return out
+
+
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").decode().split("\0")
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out += [int(c) for c in text]
+    return out
+
+
+def tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children(p)
+    return out
+
+
+def label(pid: int) -> str:
+    args = cmdline(pid)
+    if "supervisor.supervisord" in args:
+        return "supervisord"
+    if "pipeline" in args:
+        i = args.index("pipeline")
+        stage = args[i + 1] if i + 1 < len(args) else "?"
+        if stage == "control":
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            stage += " worker" if "pipeline" in cmdline(parent) else ""
+        if stage == "worker":
+            stage = f"worker {args[args.index('--rule') + 1]}"
+        return stage
+    name = Path(f"/proc/{pid}/comm").read_text().strip()
+    return f"{name} ({' '.join(args)[:40]})"
+
+
+def wait_port(port: int, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--settle", type=float, default=8.0, help="seconds to wait after every program runs")
+    ap.add_argument("--json", help="also write the numbers here")
+    ap.add_argument("--control-port", type=int, default=15888)
+    ap.add_argument("--hold", type=float, default=0, help="keep the stack up this many seconds after measuring")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="idle-rss-"))
+    (tmp / "mosquitto.conf").write_text(f"listener {PORT} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    conf = tmp / "idle.yaml"
+    conf.write_text(f"""\
+name: idle-rss
+brokers:
+  local: {{url: "mqtt://127.0.0.1:{PORT}"}}
+models:
+  threshold: {{path: {ROOT / 'models' / 'threshold'}, params: {{limit: 30}}}}
+rules:
+  - name: alarm
+    sub: {{broker: local, topic: "plant/+/telemetry", qos: 1}}
+    model: threshold
+    pub: {{broker: local, topic: "plant/{{1}}/alarm", qos: 1}}
+    workers: 1
+control: {{listen: "127.0.0.1:{args.control_port}"}}
+run_dir: {tmp / 'run'}
+data_dir: {tmp / 'data'}
+""")
+    broker = subprocess.Popen(["mosquitto", "-c", str(tmp / "mosquitto.conf")], stderr=subprocess.DEVNULL)
+    up = None
+    try:
+        wait_port(PORT)
+        env = {**os.environ, "PYTHONPATH": os.getcwd()}  # every stage imports this checkout, not an installed one
+        up = subprocess.Popen([sys.executable, "-m", "pipeline", "up", "-c", str(conf)], cwd=os.getcwd(), env=env,
+                              stdout=open(tmp / "up.log", "wb"), stderr=subprocess.STDOUT)
+        end = time.monotonic() + 60
+        while b"processes running" not in (tmp / "up.log").read_bytes():
+            if up.poll() is not None or time.monotonic() > end:
+                sys.stderr.write((tmp / "up.log").read_text())
+                raise SystemExit("the stack did not start")
+            time.sleep(0.2)
+        time.sleep(args.settle)
+        rows = []
+        for pid in tree(up.pid)[1:]:  # not `pipeline up` itself
+            r = rollup(pid)
+            assert "pipeline" not in cmdline(pid) or Path(f"/proc/{pid}/cwd").resolve() == Path.cwd().resolve()
+            rows.append({"pid": pid, "name": label(pid), "rss": r["Rss"], "pss": r["Pss"],
+                         "uss": r["Private_Clean"] + r["Private_Dirty"],
+                         "threads": len(list(Path(f"/proc/{pid}/task").iterdir()))})
+        rows.sort(key=lambda r: r["name"])
+        print(f"{'process':<22}{'pid':>8}{'thr':>5}{'RSS MiB':>10}{'PSS MiB':>10}{'USS MiB':>10}")
+        for r in rows:
+            print(f"{r['name']:<22}{r['pid']:>8}{r['threads']:>5}{r['rss'] / 1024:>10.1f}{r['pss'] / 1024:>10.1f}"
+                  f"{r['uss'] / 1024:>10.1f}")
+        tot = {k: sum(r[k] for r in rows) / 1024 for k in ("rss", "pss", "uss")}
+        print(f"{'TOTAL':<35}{tot['rss']:>10.1f}{tot['pss']:>10.1f}{tot['uss']:>10.1f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"processes": rows, "total_mib": tot}, indent=1))
+        sys.stdout.flush()
+        time.sleep(args.hold)
+        return 0
+    finally:
+        if up is not None and up.poll() is None:
+            up.send_signal(signal.SIGINT)
+            try:
+                up.wait(30)
+            except subprocess.TimeoutExpired:
+                up.kill()
+        broker.terminate()
+        broker.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
