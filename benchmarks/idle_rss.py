@@ -89,6 +89,10 @@ def main() -> int:
     ap.add_argument("--control-port", type=int, default=15888)
     ap.add_argument("--hold", type=float, default=0, help="keep the stack up this many seconds after measuring")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so `finally` stops the stack
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", PORT)) == 0:
+            raise SystemExit(f"something already listens on {PORT}: stop it first")
     tmp = Path(tempfile.mkdtemp(prefix="idle-rss-"))
     (tmp / "mosquitto.conf").write_text(f"listener {PORT} 127.0.0.1\nallow_anonymous true\npersistence false\n")
     conf = tmp / "idle.yaml"
@@ -143,7 +147,7 @@ data_dir: {tmp / 'data'}
         return 0
     finally:
         if up is not None and up.poll() is None:
-            up.send_signal(signal.SIGINT)
+            up.send_signal(signal.SIGTERM)
             try:
                 up.wait(30)
             except subprocess.TimeoutExpired:

@@ -1,7 +1,12 @@
-"""gunicorn wiring: one worker process, a few threads; the stats board is made inside the worker."""
+"""gunicorn wiring: gunicorn's threaded worker run in this process, without an arbiter, so control is one
+process (a second, the arbiter, would hold another ~40 MiB to restart a worker that supervisord restarts
+anyway). The stats board is made when the worker loads the app."""
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +17,7 @@ from pipeline.config import Config
 from pipeline.control.app import create_app
 from pipeline.control.board import Board
 from pipeline.endpoints import Endpoints
+from pipeline.errors import PipelineError
 
 
 def get_app(cfg: Config, run_dir: Path) -> falcon.App:
@@ -43,3 +49,33 @@ class ControlServer(BaseApplication):
 
     def load(self) -> falcon.App:
         return get_app(self.pipeline, self.run_dir)
+
+    def run(self) -> None:
+        """Serve until SIGTERM (graceful: in-flight requests get `graceful_timeout`) or SIGINT/SIGQUIT.
+
+        What gunicorn's arbiter would do for its one worker, minus forking and respawning: bind (the same
+        retries), then run the worker here. The worker's parent is supervisord: it stops when that goes.
+        PipelineErrors (e.g. an ipc path too long) reach the caller; any other failure to load the app
+        exits 3 as the arbiter's "Worker failed to boot" did.
+        """
+        from gunicorn import sock
+        from gunicorn.glogging import Logger
+
+        log: Logger = self.cfg.logger_class(self.cfg)
+        listeners = sock.create_sockets(self.cfg, log)  # exits 1 after its retries when the port stays taken
+        log.info("Listening at: %s (%s)", ",".join(str(s) for s in listeners), os.getpid())
+        worker = self.cfg.worker_class(1, os.getppid(), listeners, self, self.cfg.timeout / 2.0, self.cfg, log)
+        worker.pid = os.getpid()
+        try:
+            worker.init_process()
+        except (SystemExit, PipelineError):
+            raise
+        except Exception:
+            if worker.booted:
+                raise
+            log.error("Worker failed to boot:\n%s", traceback.format_exc())
+            sys.exit(3)  # gunicorn's WORKER_BOOT_ERROR
+        finally:
+            worker.tmp.close()
+            for listener in listeners:  # the worker closes them on a normal stop; closing twice is harmless
+                listener.close()
