@@ -130,14 +130,16 @@ data_dir: {tmp / 'data'}
         for pid in tree(up.pid)[1:]:  # not `pipeline up` itself
             r = rollup(pid)
             assert "pipeline" not in cmdline(pid) or Path(f"/proc/{pid}/cwd").resolve() == Path.cwd().resolve()
+            maps = Path(f"/proc/{pid}/maps").read_text()
             rows.append({"pid": pid, "name": label(pid), "rss": r["Rss"], "pss": r["Pss"],
+                         "pydantic": "pydantic_core" in maps,
                          "uss": r["Private_Clean"] + r["Private_Dirty"],
                          "threads": len(list(Path(f"/proc/{pid}/task").iterdir()))})
         rows.sort(key=lambda r: r["name"])
-        print(f"{'process':<22}{'pid':>8}{'thr':>5}{'RSS MiB':>10}{'PSS MiB':>10}{'USS MiB':>10}")
+        print(f"{'process':<22}{'pid':>8}{'thr':>5}{'RSS MiB':>10}{'PSS MiB':>10}{'USS MiB':>10}  pydantic")
         for r in rows:
             print(f"{r['name']:<22}{r['pid']:>8}{r['threads']:>5}{r['rss'] / 1024:>10.1f}{r['pss'] / 1024:>10.1f}"
-                  f"{r['uss'] / 1024:>10.1f}")
+                  f"{r['uss'] / 1024:>10.1f}  {'yes' if r['pydantic'] else 'no'}")
         tot = {k: sum(r[k] for r in rows) / 1024 for k in ("rss", "pss", "uss")}
         print(f"{'TOTAL':<35}{tot['rss']:>10.1f}{tot['pss']:>10.1f}{tot['uss']:>10.1f}")
         if args.json:
