@@ -7,18 +7,40 @@
 without trusting it, `cache` ties them together in `<data dir>/models/<name>/<sha256>/`.
 """
 
-from pipeline.packages.archive import model_root, unpack
-from pipeline.packages.cache import RECORD, fetch_all, resolve, source_info
-from pipeline.packages.download import download
-from pipeline.packages.sources import (
-    Limits,
-    ModelSource,
-    choose_url,
-    machine_arch,
-    parse_md5,
-    parse_sha256,
-    redact,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.packages.archive import model_root, unpack
+    from pipeline.packages.cache import RECORD, fetch_all, resolve, source_info
+    from pipeline.packages.download import download
+    from pipeline.packages.sources import (
+        Limits,
+        ModelSource,
+        choose_url,
+        machine_arch,
+        parse_md5,
+        parse_sha256,
+        redact,
+    )
+
+# Loaded on first use: the configuration needs only `sources`, and download/cache/archive pull in
+# urllib.request, http.client, ssl, tarfile, zipfile... (~8 MiB in every stage that never downloads).
+_WHERE = {"model_root": "archive", "unpack": "archive", "RECORD": "cache", "fetch_all": "cache", "resolve": "cache",
+          "source_info": "cache", "download": "download", "Limits": "sources", "ModelSource": "sources",
+          "choose_url": "sources", "machine_arch": "sources", "parse_md5": "sources", "parse_sha256": "sources",
+          "redact": "sources"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "RECORD",

@@ -24,7 +24,6 @@ from typing import Any
 from pipeline.errors import ModelLoadError
 from pipeline.model import sha256_of
 from pipeline.packages.archive import model_root, unpack
-from pipeline.packages.download import download
 from pipeline.packages.sources import Limits, ModelSource, choose_url, expected, md5_text, redact
 
 RECORD = ".source.json"
@@ -94,6 +93,8 @@ def _from_url(name: str, source: ModelSource, data_dir: Path, limits: Limits, pr
         return model_root(cached / "model")
     folder.mkdir(parents=True, exist_ok=True)
     _sweep(folder)
+    from pipeline.packages.download import download  # urllib.request, http.client: only to download
+
     archive = download(url, folder, limits, progress)
     try:
         sha, md5 = _digests(archive)
