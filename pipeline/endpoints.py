@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.config import Config
 from pipeline.errors import StartupError
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Config
 
 _IPC_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 

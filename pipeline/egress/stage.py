@@ -12,18 +12,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 import zmq
 
 from pipeline import envelope
-from pipeline.config import Config
 from pipeline.egress.outbox import Outbox, Row
 from pipeline.endpoints import Endpoints
 from pipeline.envelope import Result
 from pipeline.mqtt import Hub, Link
 from pipeline.sockets import bind, drain
 from pipeline.stats import Reporter
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 

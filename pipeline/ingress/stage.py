@@ -12,12 +12,12 @@ import logging
 import secrets
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 import zmq
 
 from pipeline import envelope, topics
-from pipeline.config import Config
 from pipeline.endpoints import Endpoints
 from pipeline.envelope import Message, Result
 from pipeline.ingress.acks import AckWindow
@@ -25,6 +25,9 @@ from pipeline.ingress.dispatch import RuleQueue
 from pipeline.mqtt import Hub, Link
 from pipeline.sockets import bind, drain
 from pipeline.stats import Reporter
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
