@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import falcon
 import orjson
 
-from pipeline.control import admin, catalog, metrics, views
+from pipeline.control import admin, catalog, views
 from pipeline.control.http import send_json as _json
 
 if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
@@ -66,6 +66,8 @@ class Metrics:
         self.cfg, self.source = cfg, source
 
     def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
+        from pipeline.control import metrics  # prometheus_client: loaded by the first scrape
+
         resp.content_type = metrics.CONTENT_TYPE
         resp.data = metrics.exposition(self.cfg, self.source.processes())
 
