@@ -87,6 +87,8 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=8.0, help="seconds to wait after every program runs")
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--control-port", type=int, default=15888)
+    ap.add_argument("--env", action="append", default=[], metavar="VAR=VALUE",
+                    help="set in the environment of the stack (every process inherits it), e.g. MALLOC_ARENA_MAX=2")
     ap.add_argument("--hold", type=float, default=0, help="keep the stack up this many seconds after measuring")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so `finally` stops the stack
@@ -116,7 +118,7 @@ data_dir: {tmp / 'data'}
     up = None
     try:
         wait_port(PORT)
-        env = {**os.environ, "PYTHONPATH": os.getcwd()}  # every stage imports this checkout, not an installed one
+        env = {**os.environ, "PYTHONPATH": os.getcwd(), **dict(e.split("=", 1) for e in args.env)}  # every stage imports this checkout, not an installed one
         up = subprocess.Popen([sys.executable, "-m", "pipeline", "up", "-c", str(conf)], cwd=os.getcwd(), env=env,
                               stdout=open(tmp / "up.log", "wb"), stderr=subprocess.STDOUT)
         end = time.monotonic() + 60
