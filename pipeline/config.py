@@ -58,7 +58,6 @@ class Config(ConfigMixin, _Strict):  # instance, default_run_dir(), rule(), with
         return self
 
 
-
 def read_yaml(source: Path) -> Any:
     """The parsed YAML of a file; ConfigError naming the file when it cannot be read or parsed."""
     try:

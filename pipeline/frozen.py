@@ -6,7 +6,10 @@ values of the environment variables the file names), and otherwise validates the
 here have the attributes of pipeline.config's, as validated, and the same properties and methods: both take
 them from the mixins below (the pydantic models inherit them too), plus `model_dump()` and `model_copy()`.
 
-The file holds secrets (broker passwords, the control token): it is written mode 0600.
+Secrets (broker passwords, the control token) never appear in the file, which lives in the run dir: it holds
+them XORed with a one-time pad that `write` puts in the environment ($PIPELINE_CONFIG_KEY, hex), which
+supervisord and so every stage inherit. Without that key (a stage started by another supervisord) a
+stage validates the file itself. The file is written mode 0600 all the same.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from pipeline.packages.sources import Limits, ModelSource
 
 FILE = "config.json"
+KEY = "PIPELINE_CONFIG_KEY"
 FORMAT = 1
 _REFS = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")  # the variables pipeline.config._ENV expands
 
@@ -216,43 +220,75 @@ def fingerprint(source: Path) -> str:
     return h.hexdigest()
 
 
-def _encode(v: Any) -> Any:
+def _encode(v: Any, secrets: list[str]) -> Any:
+    """JSON for a validated value; secrets are appended to `secrets` and written as their index there."""
     fields = getattr(type(v), "model_fields", None)
     if fields is not None and type(v).__name__ in _CLASSES:  # a pydantic model of pipeline.config
-        return {"__class__": type(v).__name__, **{k: _encode(getattr(v, k)) for k in fields}}
+        return {"__class__": type(v).__name__, **{k: _encode(getattr(v, k), secrets) for k in fields}}
     if isinstance(v, Path):
         return {"__path__": str(v)}
     if hasattr(v, "get_secret_value"):
-        return {"__secret__": v.get_secret_value()}
+        secrets.append(v.get_secret_value())
+        return {"__secret__": len(secrets) - 1}
     if isinstance(v, dict):
         if not all(isinstance(k, str) for k in v):
             raise TypeError("a mapping with keys that are not strings")
-        return {"__dict__": {k: _encode(x) for k, x in v.items()}}
+        return {"__dict__": {k: _encode(x, secrets) for k, x in v.items()}}
     if isinstance(v, list):
-        return [_encode(x) for x in v]
+        return [_encode(x, secrets) for x in v]
     if v is None or isinstance(v, bool | int | float | str):
         return int(v) if type(v) not in (bool, int, float, str) and isinstance(v, int) else v  # ByteSize -> int
     raise TypeError(f"cannot write a {type(v).__name__}")
 
 
-def _decode(v: Any) -> Any:
+def _decode(v: Any, secrets: list[str]) -> Any:
     if isinstance(v, list):
-        return [_decode(x) for x in v]
+        return [_decode(x, secrets) for x in v]
     if not isinstance(v, dict):
         return v
     if "__path__" in v:
         return Path(v["__path__"])
     if "__secret__" in v:
-        return Secret(v["__secret__"])
+        return Secret(secrets[v["__secret__"]])
     if "__dict__" in v:
-        return {k: _decode(x) for k, x in v["__dict__"].items()}
+        return {k: _decode(x, secrets) for k, x in v["__dict__"].items()}
     fields = dict(v)
-    return _CLASSES[fields.pop("__class__")](**{k: _decode(x) for k, x in fields.items()})
+    return _CLASSES[fields.pop("__class__")](**{k: _decode(x, secrets) for k, x in fields.items()})
+
+
+def _xor(data: bytes, pad: bytes) -> bytes:
+    return bytes(a ^ b for a, b in zip(data, pad, strict=True))
+
+
+def _seal(secrets: list[str]) -> tuple[dict[str, Any], str]:
+    """({"check": the pad's first 16 bytes, "values": each secret XORed with its own later part of the pad}
+    in hex; the pad in hex). The check tells a stage holding another stack's key from one holding this one."""
+    raw = [x.encode("utf-8", "surrogateescape") for x in secrets]
+    pad = os.urandom(16 + sum(len(x) for x in raw))
+    values, at = [], 16
+    for x in raw:
+        values.append(_xor(x, pad[at:at + len(x)]).hex())
+        at += len(x)
+    return {"check": pad[:16].hex(), "values": values}, pad.hex()
+
+
+def _unseal(sealed: dict[str, Any], pad_hex: str) -> list[str]:
+    """The secrets back; ValueError when `pad_hex` is not the key they were sealed with."""
+    raw = [bytes.fromhex(x) for x in sealed["values"]]
+    pad = bytes.fromhex(pad_hex)
+    if len(pad) != 16 + sum(len(x) for x in raw) or pad[:16].hex() != sealed["check"]:
+        raise ValueError("not the key of this file")
+    out, at = [], 16
+    for x in raw:
+        out.append(_xor(x, pad[at:at + len(x)]).decode("utf-8", "surrogateescape"))
+        at += len(x)
+    return out
 
 
 def write(run_dir: Path, source: str | os.PathLike[str]) -> bool:
-    """Validate `source` and write the result for the stages; False (and no file) when it cannot be written
-    faithfully, or the file changed meanwhile: then every stage validates the file itself, as before."""
+    """Validate `source` and write the result for the stages, and the key to its secrets into os.environ (for
+    the processes started next); False (and no file) when it cannot be written faithfully, or the file changed
+    meanwhile: then every stage validates the file itself, as before."""
     from pipeline import config
     from pipeline.errors import PipelineError
 
@@ -262,14 +298,18 @@ def write(run_dir: Path, source: str | os.PathLike[str]) -> bool:
     try:
         before = fingerprint(path)
         cfg = config.load(path)
-        body = {"format": FORMAT, "source": str(path), "fingerprint": before, "config": _encode(cfg)}
+        secrets: list[str] = []
+        body = {"format": FORMAT, "source": str(path), "fingerprint": before, "config": _encode(cfg, secrets)}
+        body["secrets"], key = _seal(secrets)
         text = json.dumps(body, allow_nan=False)
         if fingerprint(path) != before:
             return False
     except (PipelineError, TypeError, ValueError, OSError):
         return False
-    if _decode(json.loads(text)["config"]).model_dump() != cfg.model_dump():  # e.g. a YAML date in a filter
-        return False
+    back = json.loads(text)
+    if _decode(back["config"], _unseal(back["secrets"], key)).model_dump() != cfg.model_dump():
+        return False  # e.g. a YAML date in a filter
+    os.environ[KEY] = key
     tmp = run_dir / f".{FILE}.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -286,7 +326,7 @@ def read(run_dir: Path, source: str | os.PathLike[str]) -> Config | None:
         if body.get("format") != FORMAT or body.get("source") != str(path) or \
                 body.get("fingerprint") != fingerprint(path):
             return None
-        cfg = _decode(body["config"])
+        cfg = _decode(body["config"], _unseal(body["secrets"], os.environ.get(KEY, "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return cfg if isinstance(cfg, Config) else None

@@ -14,6 +14,7 @@ import pytest
 from pipeline import config, frozen
 
 ROOT = Path(__file__).parent.parent
+SECRET = "pw-Zq8-never-print-me"
 CONFIGS = [ROOT / "conf" / "example.yaml", ROOT / "conf" / "bench.yaml",
            *sorted((ROOT / "tests" / "data").rglob("*.yaml"))]
 
@@ -39,13 +40,17 @@ def same(a, b) -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_round_trip(path, tmp_path, monkeypatch):
-    monkeypatch.setenv("MQTT_PASSWORD", "pw-Zq8-never-print-me")
+    monkeypatch.setenv("MQTT_PASSWORD", SECRET)
+    monkeypatch.delenv(frozen.KEY, raising=False)  # write() sets it: undone after the test
     try:
         want = config.load(path)
     except Exception:
         pytest.skip("not a valid configuration on its own")
     assert frozen.write(tmp_path, path)
-    assert os.stat(tmp_path / frozen.FILE).st_mode & 0o077 == 0  # it may hold passwords
+    assert os.stat(tmp_path / frozen.FILE).st_mode & 0o077 == 0
+    text = (tmp_path / frozen.FILE).read_text()
+    for secret in [SECRET, *(b.password.get_secret_value() for b in want.brokers.values() if b.password)]:
+        assert secret not in text
     got = frozen.read(tmp_path, path)
     assert isinstance(got, frozen.Config)
     same(got, want)
@@ -55,10 +60,26 @@ def test_round_trip(path, tmp_path, monkeypatch):
         got.name = "x"
 
 
+def test_secrets_need_the_key_write_put_in_the_environment(tmp_path, monkeypatch):
+    src = tmp_path / "c.yaml"
+    src.write_text((ROOT / "conf" / "example.yaml").read_text().replace("../models", str(ROOT / "models")))
+    monkeypatch.setenv("MQTT_USER", "edge")
+    monkeypatch.setenv("MQTT_PASSWORD", SECRET)
+    monkeypatch.delenv(frozen.KEY, raising=False)
+    assert frozen.write(tmp_path, src)
+    key = os.environ[frozen.KEY]
+    assert frozen.read(tmp_path, src).brokers["local"].password.get_secret_value() == SECRET
+    monkeypatch.delenv(frozen.KEY)
+    assert frozen.read(tmp_path, src) is None  # a stage supervisord did not get from this `pipeline up`
+    monkeypatch.setenv(frozen.KEY, bytes(b ^ 1 for b in bytes.fromhex(key)).hex())
+    assert frozen.read(tmp_path, src) is None  # another stack's key
+
+
 def test_stale_or_foreign_is_not_read(tmp_path, monkeypatch):
     src = tmp_path / "c.yaml"
     src.write_text((ROOT / "conf" / "example.yaml").read_text().replace("../models", str(ROOT / "models")))
     monkeypatch.delenv("PIPELINE_BROKER_URL", raising=False)
+    monkeypatch.delenv(frozen.KEY, raising=False)
     assert frozen.write(tmp_path, src)
     assert frozen.read(tmp_path, src) is not None
     monkeypatch.setenv("PIPELINE_BROKER_URL", "mqtt://10.0.0.1:1883")  # a variable the file names changed
@@ -76,7 +97,8 @@ def test_stale_or_foreign_is_not_read(tmp_path, monkeypatch):
     assert frozen.read(tmp_path, src) is None
 
 
-def test_not_written_when_it_would_not_read_back(tmp_path):
+def test_not_written_when_it_would_not_read_back(tmp_path, monkeypatch):
+    monkeypatch.delenv(frozen.KEY, raising=False)
     src = tmp_path / "c.yaml"
     text = (ROOT / "conf" / "example.yaml").read_text().replace("../models", str(ROOT / "models"))
     src.write_text(text.replace("params: {limit: 30}", "params: {limit: 30, since: 2024-01-01}"))
@@ -85,7 +107,8 @@ def test_not_written_when_it_would_not_read_back(tmp_path):
     assert not (tmp_path / frozen.FILE).exists()
 
 
-def test_a_stage_reading_it_does_not_load_pydantic(tmp_path):
+def test_a_stage_reading_it_does_not_load_pydantic(tmp_path, monkeypatch):
+    monkeypatch.delenv(frozen.KEY, raising=False)
     src = tmp_path / "c.yaml"
     src.write_text((ROOT / "conf" / "example.yaml").read_text().replace("../models", str(ROOT / "models")))
     assert frozen.write(tmp_path, src)

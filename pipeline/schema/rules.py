@@ -93,7 +93,6 @@ class Rule(RuleMixin, _Strict):  # error_topic
         return self
 
 
-
 class Control(_Strict):
     listen: str = Field("127.0.0.1:5888", pattern=r"^[^:\s]+:\d{1,5}$")
     token: SecretStr | None = None  # mutating endpoints need "Authorization: Bearer <token>"; without: disabled

@@ -92,7 +92,6 @@ class Broker(BrokerMixin, _Strict):  # scheme, host, port, embedded
         return {str(n): str(b.get("protocol", "3.1.1")) for n, b in items if isinstance(b, dict)}
 
 
-
 class Model(ModelMixin, _Strict):  # source, where
     """Exactly one source: `path` (a folder, .zip, .tar.gz or .tgz; relative to the config file), or `url` and/or
     `urls` (per machine; `url` serves the others). `sha256` / `md5` (hex; md5 also as base64 of the raw digest, as
@@ -147,7 +146,6 @@ class Model(ModelMixin, _Strict):  # source, where
             raise PydanticCustomError("model_source", "a checksum applies to an archive, and path is a folder",
                                       {"at": "sha256" if self.sha256 else "md5"})
         return self
-
 
 
 class Packages(PackagesMixin, _Strict):  # limits()
