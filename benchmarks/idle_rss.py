@@ -118,7 +118,8 @@ data_dir: {tmp / 'data'}
     up = None
     try:
         wait_port(PORT)
-        env = {**os.environ, "PYTHONPATH": os.getcwd(), **dict(e.split("=", 1) for e in args.env)}  # every stage imports this checkout, not an installed one
+        # PYTHONPATH: every stage imports this checkout, not an installed one
+        env = {**os.environ, "PYTHONPATH": os.getcwd(), **dict(e.split("=", 1) for e in args.env)}
         up = subprocess.Popen([sys.executable, "-m", "pipeline", "up", "-c", str(conf)], cwd=os.getcwd(), env=env,
                               stdout=open(tmp / "up.log", "wb"), stderr=subprocess.STDOUT)
         end = time.monotonic() + 60
