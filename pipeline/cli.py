@@ -10,11 +10,14 @@ import threading
 from argparse import ArgumentParser
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline import __version__, config, errors, logs
-from pipeline.config import Config
+from pipeline import __version__, errors, frozen, logs
 from pipeline.endpoints import Endpoints
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic: only the commands that validate a file import it
+    from pipeline.config import Config
 
 log = logging.getLogger("pipeline")
 
@@ -43,8 +46,7 @@ def _stage(name: str, args: argparse.Namespace, body: Callable[[Config, Path], i
     logs.setup(name if name != "worker" else "worker", getattr(args, "rule", None), args.log_level)
     run_dir = Path(args.run_dir).resolve() if args.run_dir else None
     try:
-        cfg = config.load(args.config)
-        cfg = cfg.with_workers(_workers(args.workers, cfg))
+        cfg = _stage_config(args, run_dir)
         run_dir = _run_dir(cfg, args)
         return body(cfg, run_dir) or errors.OK
     except PipelineError as e:
@@ -54,6 +56,17 @@ def _stage(name: str, args: argparse.Namespace, body: Callable[[Config, Path], i
             (run_dir / "fatal").mkdir(parents=True, exist_ok=True)
             (run_dir / "fatal" / f"{program}.txt").write_text(f"{e.exit_code}\n{e}")
         return e.exit_code
+
+
+def _stage_config(args: argparse.Namespace, run_dir: Path | None) -> Config:
+    """The configuration a stage runs with: the one `pipeline up` validated and left in the run dir when it still
+    describes the file (no pydantic in this process), else the file validated here."""
+    cfg = frozen.read(run_dir, args.config) if run_dir else None
+    if cfg is None:
+        from pipeline import config
+
+        cfg = config.load(args.config)
+    return cfg.with_workers(_workers(args.workers, cfg))
 
 
 def cmd_ingress(args: argparse.Namespace) -> int:
@@ -111,6 +124,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from pipeline import config
+
     try:
         cfg = config.load(args.config)
     except errors.ConfigError as e:
@@ -153,6 +168,7 @@ def _workers(items: list[str], cfg: Config) -> dict[str, int]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from pipeline import config
     from pipeline.up import Stack
 
     logs.setup("up", None, args.log_level)

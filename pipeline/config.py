@@ -7,10 +7,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from pipeline import pyboot
 from pipeline.errors import ConfigError
+from pipeline.frozen import ConfigMixin
 from pipeline.schema.common import Name, _Strict
 from pipeline.schema.rules import Control, Endpoints, Errors, Outbox, Pub, Rule, Sub
 from pipeline.schema.sources import Broker, Model, Packages
@@ -34,7 +33,7 @@ __all__ = ["Broker", "Config", "Control", "Endpoints", "Errors", "Model", "Outbo
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class Config(_Strict):
+class Config(ConfigMixin, _Strict):  # instance, default_run_dir(), rule(), with_workers()...
     name: Name | None = None
     brokers: dict[Name, Broker] = Field(min_length=1)
     models: dict[Name, Model] = Field(min_length=1)
@@ -57,36 +56,6 @@ class Config(_Strict):
                 )
             seen.add(rule.name)
         return self
-
-    @property
-    def instance(self) -> str:
-        """Stable name of this stack: used in MQTT client ids and the default run directory."""
-        digest = hashlib.sha1(str(self.source).encode()).hexdigest()[:6]
-        return self.name or f"{self.source.stem}-{digest}"
-
-    def default_run_dir(self) -> Path:
-        return self.run_dir or Path(tempfile.gettempdir()) / f"pipeline-{self.instance}"
-
-    def default_data_dir(self) -> Path:
-        """Outbox and model cache: must survive reboots, so not under /tmp."""
-        if self.data_dir:
-            return self.data_dir if self.data_dir.is_absolute() else self.source.parent / self.data_dir
-        env = os.environ.get("PIPELINE_DATA_DIR")
-        return Path(env) if env else Path.home() / ".local" / "state" / "pipeline" / self.instance
-
-    def rule(self, name: str) -> Rule:
-        for r in self.rules:
-            if r.name == name:
-                return r
-        raise KeyError(f"no rule named '{name}' in {self.source} (rules: {', '.join(r.name for r in self.rules)})")
-
-    def with_workers(self, workers: dict[str, int]) -> Config:
-        """This config with some rules' worker counts overridden (`--workers RULE=N`)."""
-        rules = [r.model_copy(update={"workers": workers[r.name]}) if r.name in workers else r for r in self.rules]
-        return self.model_copy(update={"rules": rules})
-
-    def rule_index(self, name: str) -> int:
-        return self.rules.index(self.rule(name))
 
 
 def read_yaml(source: Path) -> Any:

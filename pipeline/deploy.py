@@ -13,10 +13,13 @@ import argparse
 import configparser
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline import config, stack
+from pipeline import stack
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline import config
 
 
 def conf_text(cfg: config.Config, run_dir: Path, log_level: str = "info", log_dir: Path | None = None,
@@ -53,6 +56,7 @@ def programs_of(text: str) -> dict[str, dict[str, str]]:
 
 
 def cmd_supervisord_conf(args: argparse.Namespace) -> int:
+    from pipeline import config
     from pipeline.cli import _workers  # the same RULE=N parsing and messages as `pipeline up`
 
     try:

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from pipeline.config import Config
 from pipeline.curve import Authorized, Curve, read_keys
 from pipeline.errors import ConfigError, StartupError
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Config
 
 _IPC_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 _OFFSET = {"results": 0, "stats": 1, "beats": 2, "confirms": 3, "rule": 10}  # rule i: 10 + i

@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import yaml
-
-from pipeline import config, errors, packages, pyboot
-from pipeline.config import Config
+from pipeline import errors, packages, pyboot
 from pipeline.errors import ConfigError, ModelLoadError
-from pipeline.reload import version_of
+
+if TYPE_CHECKING:  # pipeline.config (pydantic) and yaml load in the commands that read a file
+    from pipeline.config import Config
 
 # native top-level sections an old-format file may carry too (config.load keeps the same ones)
 NATIVE = ("control", "endpoints", "outbox", "packages", "run_dir", "data_dir")
@@ -34,6 +34,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipeline import config
+
     source = Path(args.old_config).resolve()
     try:
         raw = config.read_yaml(source)
@@ -50,6 +54,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    from pipeline import config
+
     try:
         cfg = config.load(args.config)
     except ConfigError as e:
@@ -61,6 +67,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def fetch(cfg: Config, progress: bool = True) -> int:
     """Download (or find in the cache) and verify every model; one line each; OK, or MODEL_LOAD_ERROR naming
     each failure (model, url, expected and actual digest) on stderr."""
+    from pipeline import reload  # supervisor.xmlrpc, http.client: not in every stage that builds the parser
+
     data_dir = cfg.default_data_dir()
     print(f"models ({data_dir / 'models'}):")
     sources = {name: spec.source for name, spec in cfg.models.items()}
@@ -71,7 +79,7 @@ def fetch(cfg: Config, progress: bool = True) -> int:
             failed.append(got)
             print(f"  {name:<16} FAILED  {cfg.models[name].where}")
         else:
-            print(f"  {name:<16} OK      sha256 {version_of(got)[:12]}  {got}")
+            print(f"  {name:<16} OK      sha256 {reload.version_of(got)[:12]}  {got}")
     for e in failed:
         print(f"pipeline: {e}", file=sys.stderr)
     return errors.MODEL_LOAD_ERROR if failed else errors.OK

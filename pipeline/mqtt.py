@@ -13,15 +13,18 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 import zmq
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from pipeline.config import Broker
 from pipeline.errors import ConfigError
 from pipeline.fastpaho import Deliver, FastClient
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Broker
 
 log = logging.getLogger(__name__)
 

@@ -14,24 +14,21 @@ untouched. One reload at a time per run directory (a file lock); the last result
 from __future__ import annotations
 
 import fcntl
-import http.client
 import json
 import logging
 import os
 import threading
 import time
-import urllib.request
-import xmlrpc.client
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from supervisor.xmlrpc import Faults, SupervisorTransport
-
-from pipeline import config, model, packages, stack
-from pipeline.config import Config
+from pipeline import model, packages, stack
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Config
 
 log = logging.getLogger("pipeline.reload")
 
@@ -58,11 +55,20 @@ class Supervisor:
     """The few supervisord XML-RPC calls a reload makes; a failure becomes a ReloadError."""
 
     def __init__(self, run_dir: Path) -> None:
+        import xmlrpc.client  # with supervisor.xmlrpc, ~3 MiB the control process needs only during a reload
+
+        from supervisor.xmlrpc import SupervisorTransport
+
         transport = SupervisorTransport(None, None, serverurl=f"unix://{run_dir / 'supervisor.sock'}")
         self.rpc = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
 
     def call(self, method: str, *args: Any) -> Any:
         """Call supervisor.<method>; starting a started or stopping a stopped process is not an error."""
+        import http.client
+        import xmlrpc.client
+
+        from supervisor.xmlrpc import Faults
+
         try:
             return getattr(self.rpc, method)(*args)
         except xmlrpc.client.Fault as e:
@@ -128,6 +134,8 @@ class Reloader:
         return record
 
     def _reload(self, name: str, only_if_changed: bool) -> dict[str, Any]:
+        from pipeline import config  # pydantic: loaded by the first reload, not by control's start
+
         cfg = config.load(self.running.source)
         rules = self._rules(cfg, name)
         spec = cfg.models[name]
@@ -219,6 +227,8 @@ def http_workers(cfg: Config) -> Workers:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def fetch() -> list[dict[str, Any]]:
+        import urllib.request
+
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
             doc = json.loads(r.read())
         return [{"stage": "rule", **w} for m in doc["models"] for w in m.get("workers", [])]

@@ -12,9 +12,12 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline import errors
-from pipeline.config import Config
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Config
 
 STOP_WAIT = 4  # seconds supervisord waits for a stage to stop before SIGKILL (ingress, workers: + timeout)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from pipeline import errors, reload, stack
+from pipeline import errors, frozen, reload, stack
 from pipeline.broker import port_in_use
 from pipeline.config import Config
 from pipeline.endpoints import Endpoints
@@ -96,6 +96,8 @@ class Stack:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         conf = self.run_dir / "supervisord.conf"
         conf.write_text(stack.render(self.progs, self.run_dir, self.log_dir))
+        if not frozen.write(self.run_dir, self.cfg.source):  # the stages then validate the file themselves
+            log.debug("no %s in %s: the stages validate %s themselves", frozen.FILE, self.run_dir, self.cfg.source)
         # children log to supervisord's stdout: a pipe we copy to ours (reopening a redirected /dev/stdout
         # would write from offset 0 over what is there)
         self.proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],

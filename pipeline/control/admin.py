@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import hmac
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import falcon
 
 from pipeline import reload
-from pipeline.config import Config, Control
 from pipeline.control import catalog
 from pipeline.control.figures import Proc
 from pipeline.control.http import send_json as _json
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Config, Control
 
 OPEN = frozenset({"/healthz", "/readyz"})
 

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import falcon
 import orjson
 
-from pipeline.config import Config
 from pipeline.control import admin, catalog, views
 from pipeline.control.http import send_json as _json
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Config
 
 STATIC = Path(__file__).parent / "static"
 

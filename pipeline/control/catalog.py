@@ -6,11 +6,13 @@ params (which may hold keys) are never included.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pipeline.config import Broker, Config
 from pipeline.control.figures import Proc
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Broker, Config
 
 
 def _url(url: str) -> str:

@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from pipeline.config import Config
 from pipeline.control import figures as fig
 from pipeline.control import views
 from pipeline.control.figures import LEVELS, Proc
 from pipeline.stats import BUCKETS
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Config
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STAGE = ("stage", "rule")

@@ -8,16 +8,18 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import falcon
 from gunicorn.app.base import BaseApplication
 
-from pipeline.config import Config
 from pipeline.control.app import create_app
 from pipeline.control.board import Board
 from pipeline.endpoints import Endpoints
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Config
 
 
 def get_app(cfg: Config, run_dir: Path) -> falcon.App:

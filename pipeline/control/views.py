@@ -17,11 +17,13 @@ Where a message waits, and so which stage's `depth` it adds to:
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.config import Config, Rule
 from pipeline.control import figures as fig
 from pipeline.control.figures import Proc
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Config, Rule
 
 
 class Groups:

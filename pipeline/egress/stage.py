@@ -12,17 +12,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import zmq
 
 from pipeline import envelope
-from pipeline.config import Config
 from pipeline.egress.outbox import Outbox, Row
 from pipeline.endpoints import Endpoints
 from pipeline.envelope import Result
 from pipeline.mqtt import Hub, Link
 from pipeline.sockets import drain
 from pipeline.stats import Reporter
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 

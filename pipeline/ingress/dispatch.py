@@ -13,13 +13,16 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import zmq
 
 from pipeline import envelope
-from pipeline.config import Rule
 from pipeline.envelope import Message, Result
 from pipeline.stats import Reporter
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Rule
 
 log = logging.getLogger(__name__)
 

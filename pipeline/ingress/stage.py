@@ -12,11 +12,11 @@ import logging
 import secrets
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import zmq
 
 from pipeline import envelope, topics
-from pipeline.config import Config
 from pipeline.endpoints import Endpoints
 from pipeline.envelope import Message, Result
 from pipeline.ingress.acks import AckWindow
@@ -24,6 +24,9 @@ from pipeline.ingress.dispatch import RuleQueue
 from pipeline.mqtt import Hub, Link
 from pipeline.sockets import drain
 from pipeline.stats import Reporter
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 

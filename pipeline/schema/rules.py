@@ -16,6 +16,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipeline import pyboot, topics
+from pipeline.frozen import RuleMixin
 from pipeline.schema.common import Name, Seconds, _known, _Strict
 
 
@@ -51,7 +52,7 @@ class Errors(_Strict):
     topic: str | None = None
 
 
-class Rule(_Strict):
+class Rule(RuleMixin, _Strict):  # error_topic
     name: Name
     sub: Sub
     model: str
@@ -91,10 +92,6 @@ class Rule(_Strict):
                 ctx = {"at": at, "msg": str(e), "value": template}
                 raise PydanticCustomError("topic_template", "{msg}", ctx) from e
         return self
-
-    @property
-    def error_topic(self) -> str:
-        return self.errors.topic or f"pipeline/errors/{self.name}"
 
 
 class Control(_Strict):

@@ -17,11 +17,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from pipeline.packages.sources import Limits, ModelSource, parse_md5, parse_sha256, redact
+from pipeline.frozen import BrokerMixin, ModelMixin, PackagesMixin
+from pipeline.packages.sources import parse_md5, parse_sha256, redact
 from pipeline.schema.common import Seconds, _Strict
 
 
-class Broker(_Strict):
+class Broker(BrokerMixin, _Strict):  # scheme, host, port, embedded
     url: str  # user:password@ in the url is moved to username / password (and never shown)
     username: str | None = None
     password: SecretStr | None = None
@@ -90,25 +91,8 @@ class Broker(_Strict):
         items = raw.items() if isinstance(raw, dict) else ()
         return {str(n): str(b.get("protocol", "3.1.1")) for n, b in items if isinstance(b, dict)}
 
-    @property
-    def scheme(self) -> str:
-        s = urlsplit(self.url).scheme
-        return "mqtt" if s == "tcp" else s
 
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or "127.0.0.1"
-
-    @property
-    def port(self) -> int:
-        return urlsplit(self.url).port or (8883 if self.scheme == "mqtts" else 1883)
-
-    @property
-    def embedded(self) -> bool:
-        return self.scheme == "embedded"
-
-
-class Model(_Strict):
+class Model(ModelMixin, _Strict):  # source, where
     """Exactly one source: `path` (a folder, .zip, .tar.gz or .tgz; relative to the config file), or `url` and/or
     `urls` (per machine; `url` serves the others). `sha256` / `md5` (hex; md5 also as base64 of the raw digest, as
     the old configs write it) are checked when the archive is fetched (workers, `pipeline up`, `models fetch`,
@@ -163,23 +147,8 @@ class Model(_Strict):
                                       {"at": "sha256" if self.sha256 else "md5"})
         return self
 
-    @property
-    def source(self) -> ModelSource:
-        """What `pipeline.packages.resolve` takes."""
-        copy = (lambda d: dict(d) if isinstance(d, dict) else d)  # noqa: E731
-        return ModelSource(self.path, self.url, copy(self.urls), copy(self.sha256), copy(self.md5))
 
-    @property
-    def where(self) -> str:
-        """The source as shown to people: the path, or the url(s) without credentials."""
-        if self.path is not None:
-            return str(self.path)
-        shown = [f"{arch}: {redact(url)}" for arch, url in (self.urls or {}).items()]
-        return ", ".join(shown + ([redact(self.url)] if self.url else []))
-
-
-
-class Packages(_Strict):
+class Packages(PackagesMixin, _Strict):  # limits()
     """Limits on fetching and unpacking model archives (pipeline.packages.Limits)."""
 
     max_bytes: ByteSize = ByteSize(512 << 20)  # unpacked size of one archive, and the most a download may carry
@@ -188,8 +157,3 @@ class Packages(_Strict):
     read_timeout: Seconds = 60.0  # silence allowed while reading a response
     retries: int = Field(3, ge=0, le=20)  # further attempts after a failed download
     backoff: Seconds = 1.0  # before the first retry, doubled before each next one
-
-    def limits(self) -> Limits:
-        return Limits(**self.model_dump())
-
-

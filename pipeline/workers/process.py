@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from pipeline import codec, envelope, topics
-from pipeline.config import Rule
 from pipeline.envelope import Message, Result, result_for
 from pipeline.model import Context, LoadedModel
 from pipeline.pyboot import matches
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Rule
 
 
 class Processor:

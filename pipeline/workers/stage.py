@@ -19,15 +19,18 @@ import os
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import zmq
 
 from pipeline import envelope, model, packages
-from pipeline.config import Config
 from pipeline.endpoints import Endpoints
 from pipeline.errors import WORKER_RSS, WORKER_TIMEOUT
 from pipeline.stats import Reporter, process_usage
 from pipeline.workers.process import Processor
+
+if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
+    from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
