@@ -22,7 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from pipeline import pyboot
 from pipeline.errors import ConfigError
-from pipeline.frozen import ConfigMixin
+from pipeline.schema.behaviour import ConfigMixin
 from pipeline.schema.common import Name, _Strict
 from pipeline.schema.rules import Control, Endpoints, Errors, Outbox, Pub, Rule, Sub
 from pipeline.schema.sources import Broker, Model, Packages

@@ -4,7 +4,7 @@
 a stage started with that run dir `read()`s it when it was made from the same file (same path, same bytes, same
 values of the environment variables the file names), and otherwise validates the file itself. The classes
 here have the attributes of pipeline.config's, as validated, and the same properties and methods: both take
-them from the mixins below (the pydantic models inherit them too), plus `model_dump()` and `model_copy()`.
+them from the mixins of pipeline.schema.behaviour, plus `model_dump()` and `model_copy()`.
 
 Secrets (broker passwords, the control token) never appear in the file, which lives in the run dir: it holds
 them XORed with a one-time pad that `write` puts in the environment ($PIPELINE_CONFIG_KEY, hex), which
@@ -19,115 +19,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import Any
 
-if TYPE_CHECKING:
-    from pipeline.packages.sources import Limits, ModelSource
+from pipeline.schema.behaviour import BrokerMixin, ConfigMixin, ModelMixin, PackagesMixin, RuleMixin
 
 FILE = "config.json"
 KEY = "PIPELINE_CONFIG_KEY"
 FORMAT = 1
 _REFS = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")  # the variables pipeline.config._ENV expands
-
-
-# -- behaviour shared by the pydantic models (pipeline.schema, pipeline.config) and the plain values below;
-# no annotations here: pydantic would take them for fields --
-
-class BrokerMixin:
-    __slots__ = ()
-
-    @property
-    def scheme(self) -> str:
-        s = urlsplit(self.url).scheme
-        return "mqtt" if s == "tcp" else s
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or "127.0.0.1"
-
-    @property
-    def port(self) -> int:
-        return urlsplit(self.url).port or (8883 if self.scheme == "mqtts" else 1883)
-
-    @property
-    def embedded(self) -> bool:
-        return self.scheme == "embedded"
-
-
-class ModelMixin:
-    __slots__ = ()
-
-    @property
-    def source(self) -> ModelSource:
-        """What `pipeline.packages.resolve` takes."""
-        from pipeline.packages.sources import ModelSource
-
-        copy = (lambda d: dict(d) if isinstance(d, dict) else d)  # noqa: E731
-        return ModelSource(self.path, self.url, copy(self.urls), copy(self.sha256), copy(self.md5))
-
-    @property
-    def where(self) -> str:
-        """The source as shown to people: the path, or the url(s) without credentials."""
-        from pipeline.packages.sources import redact
-
-        if self.path is not None:
-            return str(self.path)
-        shown = [f"{arch}: {redact(url)}" for arch, url in (self.urls or {}).items()]
-        return ", ".join(shown + ([redact(self.url)] if self.url else []))
-
-
-class PackagesMixin:
-    __slots__ = ()
-
-    def limits(self) -> Limits:
-        from pipeline.packages.sources import Limits
-
-        return Limits(**self.model_dump())  # type: ignore[attr-defined]
-
-
-class RuleMixin:
-    __slots__ = ()
-
-    @property
-    def error_topic(self) -> str:
-        return self.errors.topic or f"pipeline/errors/{self.name}"
-
-
-class ConfigMixin:
-    __slots__ = ()
-
-    @property
-    def instance(self) -> str:
-        """Stable name of this stack: used in MQTT client ids and the default run directory."""
-        digest = hashlib.sha1(str(self.source).encode()).hexdigest()[:6]
-        return self.name or f"{self.source.stem}-{digest}"
-
-    def default_run_dir(self) -> Path:
-        import tempfile
-
-        return self.run_dir or Path(tempfile.gettempdir()) / f"pipeline-{self.instance}"
-
-    def default_data_dir(self) -> Path:
-        """Outbox and model cache: must survive reboots, so not under /tmp."""
-        if self.data_dir:
-            return self.data_dir if self.data_dir.is_absolute() else self.source.parent / self.data_dir
-        env = os.environ.get("PIPELINE_DATA_DIR")
-        return Path(env) if env else Path.home() / ".local" / "state" / "pipeline" / self.instance
-
-    def rule(self, name: str) -> Any:
-        for r in self.rules:
-            if r.name == name:
-                return r
-        raise KeyError(f"no rule named '{name}' in {self.source} (rules: {', '.join(r.name for r in self.rules)})")
-
-    def with_workers(self, workers: dict[str, int]) -> Any:
-        """This config with some rules' worker counts overridden (`--workers RULE=N`)."""
-        rules = [r.model_copy(update={"workers": workers[r.name]}) if r.name in workers else r for r in self.rules]
-        return self.model_copy(update={"rules": rules})  # type: ignore[attr-defined]
-
-    def rule_index(self, name: str) -> int:
-        return self.rules.index(self.rule(name))
 
 
 # -- plain values --

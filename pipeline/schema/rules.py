@@ -16,7 +16,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipeline import pyboot, topics
-from pipeline.frozen import RuleMixin
+from pipeline.schema.behaviour import RuleMixin
 from pipeline.schema.common import Name, Seconds, _known, _Strict
 
 

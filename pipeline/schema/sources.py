@@ -17,8 +17,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from pipeline.frozen import BrokerMixin, ModelMixin, PackagesMixin
 from pipeline.packages.sources import parse_md5, parse_sha256, redact
+from pipeline.schema.behaviour import BrokerMixin, ModelMixin, PackagesMixin
 from pipeline.schema.common import Seconds, _Strict
 
 
