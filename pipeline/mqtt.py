@@ -50,8 +50,8 @@ class Link:
         # called on every CONNACK, before any message of the new connection is handled: packet ids of an
         # earlier connection mean nothing now (and the broker may re-send before our SUBACK arrives)
         self.on_connected: Callable[[Link], None] = lambda _link: None
-        # incoming PUBLISH packets (topic, payload, qos, mid, dup) read without paho; None: paho's on_message.
-        # Only with manual_ack: paho does not see these packets, so it would not ack them either.
+        # every incoming PUBLISH (topic, payload, qos, mid, dup): read from the buffer without paho, or handed
+        # over by paho when it read the packet. Only with manual_ack: the receiver acks what it is given.
         self.on_publish: Deliver | None = None
         self._retry_at, self._backoff, self._since = 0.0, 1.0, 0.0
         v5 = broker.protocol == "5"  # MQTT 5 has no clean_session: clean_start and a session expiry instead
@@ -68,6 +68,7 @@ class Link:
         c.max_queued_messages_set(MAX_QUEUED)
         c.on_socket_open = _nodelay
         c.on_connect, c.on_disconnect, c.on_subscribe = self._on_connect, self._on_disconnect, self._on_subscribe
+        c.on_message = self._on_message
         c.connect_async(broker.host, broker.port, broker.keepalive,  # only records the target
                         **(_session(clean_session) if v5 else {}))
 
@@ -175,6 +176,11 @@ class Link:
             client.subscribe(list(self.subscriptions.items()))
         else:
             self._up()
+
+    def _on_message(self, _c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
+        """A PUBLISH paho read itself (split across reads, or not for the fast path): the same delivery."""
+        if self.on_publish is not None:
+            self.on_publish(m.topic, m.payload, m.qos, m.mid, m.dup)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, codes: list[mqtt.ReasonCode], _p: object) -> None:
         refused = [f for f, rc in zip(self.subscriptions, codes, strict=False) if rc.is_failure]

@@ -87,7 +87,6 @@ class Receiver:
         for f in (*filters, *error_filters):
             self.link.subscribe(f, qos)
         self.link.on_publish = self._got
-        self.link.client.on_message = lambda _c, _u, m: self._got(m.topic, m.payload, m.qos, m.mid, m.dup)
         self.hub = Hub([self.link])
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True, name="receiver")
