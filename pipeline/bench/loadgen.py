@@ -159,10 +159,7 @@ class LoadGen:
             raise ConnectionError(f"{self.opts.url}: connection lost")
         if writable and c.loop_write() != mqtt.MQTT_ERR_SUCCESS:
             raise ConnectionError(f"{self.opts.url}: connection lost")
-        try:
-            c.flush()  # FastClient gathers what paho writes until flushed
-        except OSError as e:
-            raise ConnectionError(f"{self.opts.url}: connection lost ({e})") from None
+        self._flush()
         now = time.monotonic()
         if now >= self._misc_at:
             self._misc_at = now + 1.0
@@ -177,12 +174,16 @@ class LoadGen:
             self.summary.acked += 1
         else:
             self._publish1(self.topics[k], payload)
-        try:
-            self.client.flush()  # write it now: messages leave evenly paced, not in bursts
-        except OSError as e:
-            raise ConnectionError(f"{self.opts.url}: connection lost ({e})") from None
+        self._flush()  # write it now: messages leave evenly paced, not in bursts
         while self.client.want_write() or self.client.unflushed():  # socket full: wait (backpressure)
             self.service(0.01)
+
+    def _flush(self) -> None:
+        """Write what FastClient gathered (paho's packets wait in its buffer until flushed)."""
+        try:
+            self.client.flush()
+        except OSError as e:
+            raise ConnectionError(f"{self.opts.url}: connection lost ({e})") from None
 
     def _publish1(self, topic: str, payload: bytes) -> None:
         while True:

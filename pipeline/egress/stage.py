@@ -150,9 +150,7 @@ class Publisher:
         return self.link.connected and bool(pending)
 
     def _connected(self, _link: Link) -> None:
-        if self.acked:
-            self._delete(self.acked)
-            self.acked = []
+        self._delete_acked()
         if self.sent:  # handed on the lost connection and never acknowledged: again, from the outbox
             self.cursor = min(row for row, _ in self.sent.values()) - 1
             self.sent.clear()
@@ -161,9 +159,7 @@ class Publisher:
             log.info("broker %s is back: catching up on the outbox at %d msg/s at most", self.link.name, self.rate)
 
     def pump(self) -> None:
-        if self.acked:
-            self._delete(self.acked)
-            self.acked = []
+        self._delete_acked()
         if not self.link.connected or self.outbox.rows == 0:
             return
         room = WINDOW - len(self.sent)
@@ -186,6 +182,11 @@ class Publisher:
     def _delete(self, rows: list[tuple[int, int]]) -> None:
         self.outbox.delete(rows)
         self.stats.count("published", len(rows))
+
+    def _delete_acked(self) -> None:
+        if self.acked:
+            self._delete(self.acked)
+            self.acked = []
 
     def _hand(self, row: Row, done: list[tuple[int, int]]) -> bool:
         """Write one row into the send buffer; QoS 0 rows are done at once (no PUBACK to wait for)."""
