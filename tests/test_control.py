@@ -21,6 +21,7 @@ from pipeline.control import board as board_mod
 from pipeline.control.app import create_app
 from pipeline.control.board import Board
 from pipeline.control.figures import quantile
+from pipeline.endpoints import Endpoints
 from pipeline.stats import BUCKETS, Reporter
 
 SECRET = "s3cret-PASSWORD"
@@ -237,14 +238,12 @@ def test_board_keeps_dead_and_reused_pids_and_measures_over_its_window(monkeypat
 
 
 def test_board_receives_reporter_snapshots_over_zmq_and_ignores_garbage(tmp_path):
-    address = f"ipc://{tmp_path}/stats.sock"
-    b = Board(address).start()
+    eps = Endpoints("ipc", tmp_path)
+    b = Board(eps).start()
     try:
         pub = zmq.Context.instance().socket(zmq.PUB)
-        pub.connect(address)
-        sock = zmq.Context.instance().socket(zmq.PUB)
-        sock.connect(address)
-        rep = Reporter(sock, "rule", "r")
+        pub.connect(eps.address("stats"))
+        rep = Reporter.connect(eps, "rule", "r")
         rep.count("processed", 3)
         deadline = time.monotonic() + 10
         while not b.processes() and time.monotonic() < deadline:

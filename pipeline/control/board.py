@@ -32,8 +32,8 @@ Snapshot = dict[str, Any]
 
 
 class Board:
-    def __init__(self, address: str = "", endpoints: Endpoints | None = None) -> None:
-        self.address, self.endpoints = address, endpoints  # the stack's stats endpoint, or a bare address
+    def __init__(self, endpoints: Endpoints | None = None) -> None:
+        self.endpoints = endpoints  # where the stats socket binds (None: a board fed by put() only)
         self._lock = threading.Lock()
         self._procs: dict[tuple[int, float], deque[tuple[float, Snapshot]]] = {}  # (seen, snapshot), oldest first
         self._retired: dict[tuple[str, str | None], Snapshot] = {}
@@ -91,19 +91,15 @@ class Board:
     def _listen(self) -> None:
         ctx, sock, guard = zmq.Context.instance(), None, None
         try:
-            if self.endpoints is not None:
-                guard = self.endpoints.guard(ctx)  # remote workers report here too
-                sock = self.endpoints.bind(ctx, zmq.SUB, "stats")
-            else:
-                sock = ctx.socket(zmq.SUB)
-                sock.bind(self.address)
+            guard = self.endpoints.guard(ctx)  # remote workers report here too
+            sock = self.endpoints.bind(ctx, zmq.SUB, "stats")
             sock.setsockopt(zmq.SUBSCRIBE, b"")
             sock.setsockopt(zmq.LINGER, 0)
             while not self._stop.is_set():
                 if sock.poll(200):
                     self._receive(sock.recv())
         except (zmq.ZMQError, PipelineError) as e:
-            log.error("stats board on %s stopped: %s", self.address or "the stats endpoint", e)
+            log.error("stats board stopped: %s", e)
         finally:
             if sock is not None:
                 sock.close()

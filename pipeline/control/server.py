@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config fro
 
 def get_app(cfg: Config, run_dir: Path) -> falcon.App:
     """The real application: a board listening on the stack's stats endpoint."""
-    board = Board(endpoints=Endpoints.for_config(cfg, run_dir)).start()
+    board = Board(Endpoints.for_config(cfg, run_dir)).start()
     return create_app(cfg, board, run_dir)
 
 
