@@ -23,6 +23,11 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 
 
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`pipeline ARGS...` as a subprocess, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=60)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,13 +7,13 @@ import configparser
 import fnmatch
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from conftest import cli
 
 from pipeline import config, deploy, errors
 from pipeline.up import Stack
@@ -183,10 +183,6 @@ def test_shipped_configs_validate(monkeypatch, tmp_path):
     assert cfg.instance == "pipeline" and cfg.brokers["local"].url == "mqtt://mosquitto:1883"
     named = in_container(monkeypatch, tmp_path, (ROOT / "deploy/pipeline.yaml").read_text(), {"PIPELINE_NAME": "b2"})
     assert named.instance == "b2", "PIPELINE_NAME names the instance (its MQTT client ids)"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=60)
 
 
 PROBE_CONFIG = """

@@ -17,7 +17,7 @@ import msgpack
 import orjson
 import pytest
 import zmq
-from conftest import free_port
+from conftest import cli, free_port
 
 CONFIG = """
 brokers:
@@ -36,13 +36,8 @@ control: {listen: CONTROL}
 """
 
 
-def pipeline(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=60,
-                          cwd=cwd)
-
-
 def keys(folder: Path, name: str) -> Path:
-    done = pipeline("keys", name, "--dir", str(folder))
+    done = cli("keys", name, "--dir", str(folder))
     assert done.returncode == 0, done.stderr
     return folder / name
 
@@ -60,7 +55,7 @@ def test_keys_writes_a_private_secret_and_refuses_to_overwrite(tmp_path):
     base = keys(tmp_path, "box")
     assert oct(base.with_suffix(".key_secret").stat().st_mode & 0o777) == "0o600"
     assert b"secret-key" not in base.with_suffix(".key").read_bytes()
-    again = pipeline("keys", "box", "--dir", str(tmp_path))
+    again = cli("keys", "box", "--dir", str(tmp_path))
     assert again.returncode == 2 and "exists; not overwritten" in again.stderr
 
 
@@ -69,7 +64,7 @@ def test_a_stack_with_a_missing_server_key_exits_2_naming_it(tmp_path, broker):
     conf = tmp_path / "pipeline.yaml"
     conf.write_text(CONFIG.replace("BROKER", broker.url).replace("MODELS", str(Path(__file__).parent / "models"))
                     .replace("PORT", str(free_port())).replace("CONTROL", f"127.0.0.1:{free_port()}"))
-    done = pipeline("up", "-c", str(conf), "--run-dir", str(tmp_path / "run"))
+    done = cli("up", "-c", str(conf), "--run-dir", str(tmp_path / "run"))
     assert done.returncode == 2
     assert "endpoints.remote.server_key: cannot read key file" in done.stderr and "stack.key_secret" in done.stderr
 
@@ -78,7 +73,7 @@ def test_a_remote_worker_without_its_keys_is_refused_by_the_cli(tmp_path):
     conf = tmp_path / "c.yaml"
     conf.write_text("brokers: {b: {url: 'mqtt://127.0.0.1:1'}}\nmodels: {m: {path: .}}\n"
                     "rules: [{name: r, sub: {broker: b, topic: t}, model: m, pub: {broker: b, topic: o}}]\n")
-    done = pipeline("worker", "-c", str(conf), "--rule", "r", "--connect", "127.0.0.1", "--run-dir", str(tmp_path))
+    done = cli("worker", "-c", str(conf), "--rule", "r", "--connect", "127.0.0.1", "--run-dir", str(tmp_path))
     assert done.returncode == 2 and "a remote worker needs --key and --server-key" in done.stderr
 
 
