@@ -7,7 +7,9 @@ rich and the HTTP client load only when this command runs.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -96,17 +98,17 @@ def _snapshot(base: str) -> tuple[Any, bool]:
         return Text(f"cannot read {base}/stages: {e}", style="bold red"), False
 
 
-def _watch(console: Any, base: str, interval: float) -> None:
-    """Redraw in place on a terminal; print one table per refresh into a pipe or a file."""
+def _watch(console: Any, base: str, interval: float, stop: threading.Event) -> None:
+    """Redraw in place on a terminal; print one table per refresh into a pipe or a file; until `stop` is set."""
     from rich.live import Live
 
     if not console.is_terminal:
-        while True:
+        while not stop.is_set():
             console.print(_snapshot(base)[0])
-            time.sleep(interval)
+            stop.wait(interval)
+        return
     with Live(_snapshot(base)[0], console=console, auto_refresh=False) as live:
-        while True:
-            time.sleep(interval)
+        while not stop.wait(interval):
             live.update(_snapshot(base)[0], refresh=True)
 
 
@@ -127,8 +129,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         shown, ok = _snapshot(base)
         console.print(shown)
         return 0 if ok else 1
-    try:
-        _watch(console, base, max(0.1, args.interval))
-    except KeyboardInterrupt:
-        pass
+    stop = threading.Event()  # Ctrl-C or SIGTERM only sets it: the loop ends between two refreshes, wherever
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the signal lands (a KeyboardInterrupt inside rich or urllib
+        signal.signal(sig, lambda *_: stop.set())  # could be swallowed or leave the terminal half drawn)
+    _watch(console, base, max(0.1, args.interval), stop)
     return 0
