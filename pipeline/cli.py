@@ -182,7 +182,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         return e.exit_code
 
 
-def parser() -> ArgumentParser:
+STAGES = ("ingress", "egress", "control", "worker")  # what supervisord starts; `pipeline worker` on other boxes too
+
+
+def parser(stages_only: bool = False) -> ArgumentParser:
+    """The whole command line; with `stages_only`, the subcommands that run a stage and not the tools (bench,
+    status, deploy, models, keys), whose modules and parsers would cost every stage process ~2 MiB of RSS."""
     p = argparse.ArgumentParser(prog="pipeline", description="Edge model runtime: MQTT -> Python models -> MQTT.")
     p.add_argument("--version", action="version", version=f"pipeline {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -212,6 +217,8 @@ def parser() -> ArgumentParser:
     w.add_argument("--server-key", help="with --connect: the stack's public key file (NAME.key)")
     add("broker", cmd_broker, "run the embedded MQTT broker (amqtt)", stage=False).add_argument(
         "--listen", default="127.0.0.1:1883", help="HOST:PORT")
+    if stages_only:
+        return p
     __import__("pipeline.bench").bench.add_commands(sub)  # loadgen, bench: their modules load when run
     __import__("pipeline.status").status.add_commands(sub)  # status: rich loads only when it runs
     __import__("pipeline.deploy").deploy.add_commands(sub)  # supervisord-conf
@@ -221,5 +228,6 @@ def parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser(stages_only=bool(argv) and argv[0] in STAGES).parse_args(argv)
     return args.func(args)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-import zmq.auth
 
 from pipeline.errors import CONFIG_ERROR, OK, ConfigError
 
@@ -37,6 +36,8 @@ class Curve:
 def read_keys(path: Path, source: object, key: str = "", secret: bool = True) -> tuple[bytes, bytes]:
     """(public, secret) from a key file written by `pipeline keys` (secret b"" when `secret` is False);
     a ConfigError naming `source`, `key` and the file otherwise."""
+    import zmq.auth  # here and below, not at the top: a stack without remote workers never loads it (~0.3 MiB)
+
     at = f"{key}: " if key else ""
     try:
         public, private = zmq.auth.load_certificate(path)
@@ -70,6 +71,8 @@ class Authorized:
         return allowed
 
     def keys(self) -> set[bytes]:
+        import zmq.auth
+
         out = set()
         for path in sorted(self.folder.glob("*.key")):
             try:
@@ -91,6 +94,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if path.exists():
             print(f"pipeline keys: {path} exists; not overwritten (remove it first)", file=sys.stderr)
             return CONFIG_ERROR
+    import zmq.auth
+
     old = os.umask(0o077)  # the secret file is never readable by others, not even for a moment
     try:
         zmq.auth.create_certificates(folder, args.name)

@@ -14,13 +14,13 @@ stage validates the file itself. The file is written mode 0600 all the same.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+from pipeline import digest
 from pipeline.schema.behaviour import BrokerMixin, ConfigMixin, ModelMixin, PackagesMixin, RuleMixin
 
 FILE = "config.json"
@@ -113,7 +113,7 @@ _CLASSES = {c.__name__: c for c in (Sub, Pub, Errors, Control, Outbox, Endpoints
 def fingerprint(source: Path) -> str:
     """sha256 of what validation read: the file's bytes and the values of the variables it names."""
     data = source.read_bytes()
-    h = hashlib.sha256(data)
+    h = digest.sha256(data)
     for name in sorted(set(_REFS.findall(data.decode("utf-8", "replace")))):
         value = os.environ.get(name)
         h.update(b"\0" + name.encode() + (b"" if value is None else b"\1" + value.encode("utf-8", "surrogateescape")))

@@ -8,23 +8,23 @@ works, and pickles that name helper modules load) and is also imported as a pack
 
 from __future__ import annotations
 
-import hashlib
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import logging
 import os
 import re
-import shutil
 import sys
 import types
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pipeline import digest
 from pipeline.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import zipfile
 
 
 @dataclass
@@ -53,7 +53,7 @@ class LoadedModel:
 
 def sha256_of(path: Path) -> str:
     """Digest of a zip file, or of a folder's files (names and contents, in sorted order)."""
-    h = hashlib.sha256()
+    h = digest.sha256()
     if path.is_file():
         with path.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -67,6 +67,9 @@ def sha256_of(path: Path) -> str:
 
 def unpack(archive: Path, into: Path) -> Path:
     """Unpack a zip once into `into/<sha256>/` (atomically); return the folder holding index.py."""
+    import shutil  # here, not at the top: most workers load a folder (~0.5 MiB less each)
+    import zipfile
+
     digest = sha256_of(archive)
     dest = into / digest
     if not dest.exists():
@@ -102,9 +105,11 @@ def _index_folder(folder: Path, source: Path) -> Path:
     raise ModelLoadError(f"{source}: no index.py at the top of the model (nor inside a single top folder)")
 
 
-class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+class _Alias:
     """Makes `<package>.helper` the very module `helper`, so relative and absolute imports of a model's
-    helper give one module (one class object: isinstance and unpickled objects agree)."""
+    helper give one module (one class object: isinstance and unpickled objects agree). A meta path finder and
+    loader by protocol (find_spec, create_module, exec_module): subclassing importlib.abc's would load
+    importlib.resources, tempfile and shutil into every worker (~0.6 MiB)."""
 
     def __init__(self, package: str) -> None:
         self.prefix = package + "."

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import falcon
 
-from pipeline import reload
 from pipeline.control import catalog
 from pipeline.control.figures import Proc
 from pipeline.control.http import send_json as _json
@@ -54,6 +53,8 @@ def _workers(procs: list[Proc], name: str) -> list[dict[str, Any]]:
 def models(cfg: Config, procs: list[Proc], run_dir: Path | None) -> dict[str, Any]:
     """GET /models: catalog.models, plus the configured source (path or url, no credentials), the live
     workers with the version each loaded, and the last reload's result (null when there was none)."""
+    from pipeline import reload  # here and in Reload: loaded on first use, like prometheus_client (~0.4 MiB)
+
     doc = catalog.models(cfg, procs)
     for entry in doc["models"]:
         spec = cfg.models[entry["name"]]
@@ -80,17 +81,18 @@ class Reload:
     """POST /models/{name}/reload: answers when the reload is done (200) or failed (422, old version kept)."""
 
     def __init__(self, cfg: Config, source: Any, run_dir: Path | None) -> None:
-        self.cfg = cfg
-        self.reloader = reload.Reloader(cfg, run_dir, source.processes) if run_dir else None
+        self.cfg, self.source, self.run_dir = cfg, source, run_dir
 
     def on_post(self, _req: falcon.Request, resp: falcon.Response, name: str) -> None:
         if name not in self.cfg.models:
             raise falcon.HTTPNotFound(title="no such model",
                                       description=f"no model named '{name}' (models: {', '.join(self.cfg.models)})")
-        if self.reloader is None:
+        if self.run_dir is None:
             raise falcon.HTTPServiceUnavailable(title="unavailable", description="this control API runs no stack")
-        try:
-            result = self.reloader.reload(name, "api")
+        from pipeline import reload
+
+        try:  # a Reloader keeps no state: the lock and the last results are files in the run dir
+            result = reload.Reloader(self.cfg, self.run_dir, self.source.processes).reload(name, "api")
         except reload.Busy as e:
             raise falcon.HTTPConflict(title="busy", description=str(e)) from None
         _json(resp, result, falcon.HTTP_200 if result["ok"] else falcon.HTTP_422)

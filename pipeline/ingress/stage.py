@@ -9,7 +9,7 @@ in arrival order, once egress confirms every rule's result is safe (`AckWindow`)
 from __future__ import annotations
 
 import logging
-import secrets
+import os
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -78,7 +78,7 @@ class Ingress:
         self.hub = Hub(list(self.links.values()))
         for s in (*self.routers, self.beats, self.confirms):
             self.hub.register(s)
-        self.route, self.boot, self.seq = Router(cfg), secrets.token_hex(3), 0
+        self.route, self.boot, self.seq = Router(cfg), os.urandom(3).hex(), 0
         self._gauges()
 
     def _gauges(self) -> None:

@@ -12,7 +12,6 @@ folder to find their files."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -105,6 +104,8 @@ def _from_url(name: str, source: ModelSource, data_dir: Path, limits: Limits, pr
 
 
 def _digests(path: Path) -> tuple[str, str]:
+    import hashlib  # here, not at the top: a worker that only reads the cache never loads OpenSSL (pipeline.digest)
+
     md5 = hashlib.md5(usedforsecurity=False)
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -40,8 +40,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigError
+from pipeline.filters import OPS, filter_problems, matches, parse_expression
 from pipeline.packages.sources import parse_md5
-from pipeline.pyboot.filters import OPS, filter_problems, matches, parse_expression
 
 __all__ = ["OPS", "convert", "filter_problems", "is_pyboot", "matches", "parse_expression"]
 

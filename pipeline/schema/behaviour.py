@@ -4,11 +4,12 @@ No annotations here: pydantic would take them for fields."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+from pipeline import digest
 
 if TYPE_CHECKING:
     from pipeline.packages.sources import Limits, ModelSource
@@ -80,8 +81,8 @@ class ConfigMixin:
     @property
     def instance(self) -> str:
         """Stable name of this stack: used in MQTT client ids and the default run directory."""
-        digest = hashlib.sha1(str(self.source).encode()).hexdigest()[:6]
-        return self.name or f"{self.source.stem}-{digest}"
+        tag = digest.sha1(str(self.source).encode()).hexdigest()[:6]
+        return self.name or f"{self.source.stem}-{tag}"
 
     def default_run_dir(self) -> Path:
         import tempfile

@@ -65,7 +65,7 @@ class Rule(RuleMixin, _Strict):  # error_topic
     overflow: Literal["drop_new", "drop_old"] = "drop_new"  # QoS 0 only: what goes when the backlog is full
     max_payload_bytes: ByteSize = ByteSize(1 << 20)
     max_rss: ByteSize | None = None  # a worker above this RSS finishes its frame and is replaced
-    filter: dict[str, Any] | None = None  # see pipeline.pyboot.filters; a message it refuses gives no output
+    filter: dict[str, Any] | None = None  # see pipeline.filters; a message it refuses gives no output
 
     _model = field_validator("model")(lambda cls, v, info: _known("models", v, info))
 

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 from pipeline import codec, envelope, topics
 from pipeline.envelope import Message, Result, result_for
+from pipeline.filters import matches
 from pipeline.model import Context, LoadedModel
-from pipeline.pyboot import matches
 
 if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
     from pipeline.config import Rule

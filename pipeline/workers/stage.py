@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import socket
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -58,7 +57,7 @@ def load(cfg: Config, rule_name: str, cache_dir: os.PathLike[str]) -> Processor:
 def run(cfg: Config, rule_name: str, eps: Endpoints, stop: threading.Event, proc: Processor) -> int:
     """Serve the rule until `stop` is set; return the exit code (OK, or WORKER_RSS)."""
     index = cfg.rule_index(rule_name)
-    ident = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"  # unique across boxes too
+    ident = f"{os.uname().nodename}-{os.getpid()}-{os.urandom(2).hex()}"  # unique across boxes too
     ctx = zmq.Context.instance()
     dealer = eps.connect(ctx, zmq.DEALER, "rule", index, {zmq.IDENTITY: ident.encode(), zmq.LINGER: 0})
     push = eps.connect(ctx, zmq.PUSH, "results", options={zmq.LINGER: 5000})
