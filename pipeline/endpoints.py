@@ -86,9 +86,6 @@ class Endpoints:
         s = ctx.socket(kind)
         if kind == zmq.ROUTER:
             s.setsockopt(zmq.ROUTER_MANDATORY, 1)  # refuse to drop frames for unknown peers
-            # a worker that reconnects (a remote one after a network blip) keeps its identity: the new
-            # connection takes it over; by default libzmq would refuse it while the old one is still known
-            s.setsockopt(zmq.ROUTER_HANDOVER, 1)
         try:
             s.bind(self.address(name, index))
             if self.remote_host is not None and self.curve is not None and name in REMOTE:
