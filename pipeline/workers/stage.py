@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 PREFETCH = 64  # messages a worker may hold: one frame in the model, the next one waiting
 BEAT = 0.5
-COALESCE_AFTER = 0.001  # seconds of model time per pass above which the worker batches what waits (see _take)
 
 
 def load(cfg: Config, rule_name: str, cache_dir: os.PathLike[str]) -> Processor:
@@ -79,16 +78,14 @@ def run(cfg: Config, rule_name: str, eps: Endpoints, stop: threading.Event, proc
 
 def _serve(proc: Processor, dealer: zmq.Socket, push: zmq.Socket, stats: Reporter, watchdog: Watchdog,
            stop: threading.Event) -> int:
-    max_rss, slow = proc.rule.max_rss, False
+    max_rss = proc.rule.max_rss
     while not stop.is_set():
         stats.tick()
         if not dealer.poll(200):
             continue
-        batch = _take(dealer, slow)
+        batch = _take(dealer)
         watchdog.holding += len(batch)
-        started = time.monotonic()
         results = proc.run_batch(batch)
-        slow = time.monotonic() - started >= COALESCE_AFTER
         push.send(envelope.encode(results))
         dealer.send(envelope.pack([envelope.CREDIT, len(batch)]))
         watchdog.holding -= len(batch)
@@ -104,14 +101,9 @@ def _serve(proc: Processor, dealer: zmq.Socket, push: zmq.Socket, stats: Reporte
     return 0
 
 
-def _take(dealer: zmq.Socket, everything: bool) -> list[envelope.Message]:
-    """The next frame; with `everything`, every frame waiting now, as one batch (one result frame and one
-    credit then answer them all: fewer wake-ups in ingress, egress and ZeroMQ's I/O threads). The stage
-    asks for everything after a pass of the model that took COALESCE_AFTER or more: a slow model falling
-    behind. A fast one answers each frame at once: looking for more frames on an empty socket cost ~1 ms
-    of p50 latency at 1,000 msg/s."""
-    if not everything:
-        return envelope.decode(dealer.recv(), envelope.Message)
+def _take(dealer: zmq.Socket) -> list[envelope.Message]:
+    """Every frame waiting now, as one batch: under a backlog one result frame and one credit then answer
+    them all (fewer wake-ups in ingress, egress and ZeroMQ's I/O threads); with none it is the one frame."""
     batch: list[envelope.Message] = []
     for frame in drain(dealer, limit=PREFETCH):
         batch += envelope.decode(frame, envelope.Message)
