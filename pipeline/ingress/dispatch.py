@@ -13,7 +13,6 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import zmq
@@ -68,8 +67,7 @@ class RuleQueue:
     def dispatch(self, now: float) -> None:
         if not (self.pending or self.retry):
             return
-        # least loaded first: a light load spreads over the workers instead of queueing at the first one
-        for w in sorted(self.workers.values(), key=attrgetter("out")):
+        for w in list(self.workers.values()):
             while w.credit > 0 and (self.retry or self.pending):
                 batch = [self.retry.popleft()] if self.retry else self._take(min(w.credit, BATCH))
                 if not self._send(w, batch, now):

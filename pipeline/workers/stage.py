@@ -25,7 +25,6 @@ import zmq
 from pipeline import envelope, model, packages
 from pipeline.endpoints import Endpoints
 from pipeline.errors import WORKER_RSS, WORKER_TIMEOUT
-from pipeline.sockets import drain
 from pipeline.stats import Reporter, process_usage
 from pipeline.workers.process import Processor
 
@@ -83,7 +82,7 @@ def _serve(proc: Processor, dealer: zmq.Socket, push: zmq.Socket, stats: Reporte
         stats.tick()
         if not dealer.poll(200):
             continue
-        batch = _take(dealer)
+        batch = envelope.decode(dealer.recv(), envelope.Message)
         watchdog.holding += len(batch)
         results = proc.run_batch(batch)
         push.send(envelope.encode(results))
@@ -99,15 +98,6 @@ def _serve(proc: Processor, dealer: zmq.Socket, push: zmq.Socket, stats: Reporte
             log.warning("RSS above max_rss (%d bytes): worker exits to be replaced", max_rss)
             return WORKER_RSS
     return 0
-
-
-def _take(dealer: zmq.Socket) -> list[envelope.Message]:
-    """Every frame waiting now, as one batch: under a backlog one result frame and one credit then answer
-    them all (fewer wake-ups in ingress, egress and ZeroMQ's I/O threads); with none it is the one frame."""
-    batch: list[envelope.Message] = []
-    for frame in drain(dealer, limit=PREFETCH):
-        batch += envelope.decode(frame, envelope.Message)
-    return batch
 
 
 class Watchdog:
