@@ -93,7 +93,7 @@ def test_only_a_worker_with_authorized_keys_gets_messages(tmp_path, broker, prob
     (tmp_path / "authorized").mkdir()
     shutil.copy(good.with_suffix(".key"), tmp_path / "authorized")
     up = stack_factory(CONFIG.replace("BROKER", broker.url).replace("PORT", str(port)), ready=False)
-    _wait(lambda: _get(up, "/stages") is not None, 30, up)
+    _wait(lambda: _subscribed(up), 30, up)  # published before ingress subscribes, a message reaches no one
     refused = remote_worker(tmp_path, port, stranger.with_suffix(".key_secret"), stack_keys.with_suffix(".key"), "r1")
     bare = unkeyed_dealer(port)
     probe = probe_factory("out/far")
@@ -125,6 +125,11 @@ def _get(up, path: str) -> dict | None:
         return up.get(path)[1]
     except OSError:
         return None
+
+
+def _subscribed(up) -> bool:
+    doc = _get(up, "/stages")
+    return doc is not None and doc["stages"][0].get("brokers", {}).get("local") == "connected"
 
 
 def _alive(up) -> int:
