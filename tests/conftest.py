@@ -73,7 +73,8 @@ class Mosquitto:
                  f"user {getpass.getuser()}",
                  f"persistence {'true' if persistence else 'false'}", f"persistence_location {workdir}/",
                  "autosave_interval 1",
-                 "log_type error", "log_type warning"]
+                 *[f"log_type {t}" for t in os.environ.get("PIPELINE_TEST_BROKER_LOG", "error,warning").split(",")],
+                 "log_timestamp_format %H:%M:%S"]
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -128,8 +128,16 @@ def run_fault(name: str, broker: Mosquitto, stack_factory, inject, *, workers: i
     col.close()
     report(name, col, fault_at, t0)
     missing = col.missing()
-    assert not missing, f"{name}: {len(missing)} of {N} never came out, e.g. {sorted(missing)[:10]}"
+    assert not missing, (f"{name}: {len(missing)} of {N} never came out, e.g. {sorted(missing)[:10]}\n"
+                         f"GET /stages: {_stages(up)}\n{up.output()[-4000:]}")
     return col
+
+
+def _stages(up) -> str:
+    try:
+        return json.dumps(up.get("/stages")[1]["stages"])
+    except OSError as e:
+        return f"unavailable ({e})"
 
 
 def report(name: str, col: Collector, fault_at: float, t0: float) -> None:
