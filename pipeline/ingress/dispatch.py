@@ -38,6 +38,7 @@ class Worker:
     held: dict[str, Message] = field(default_factory=dict)  # QoS 1 messages it holds
     qos0: int = 0  # QoS 0 messages it holds (count only)
     out: int = 0  # messages sent to it whose credit has not come back
+    reachable: bool = True  # False after a send found no connection to it (logged once)
 
 
 class RuleQueue:
@@ -69,8 +70,10 @@ class RuleQueue:
             return
         for w in list(self.workers.values()):
             while w.credit > 0 and (self.retry or self.pending):
-                batch = [self.retry.popleft()] if self.retry else self._take(min(w.credit, BATCH))
+                src = self.retry or self.pending  # suspects first, one per frame
+                batch = [src.popleft()] if src is self.retry else self._take(min(w.credit, BATCH))
                 if not self._send(w, batch, now):
+                    src.extendleft(reversed(batch))  # never sent: no attempt used, QoS 0 ones included
                     break
 
     def _take(self, n: int) -> list[Message]:
@@ -80,13 +83,12 @@ class RuleQueue:
     def _send(self, w: Worker, batch: list[Message], now: float) -> bool:
         try:
             self.sock.send_multipart([w.ident, envelope.encode(batch)], zmq.NOBLOCK)
-        except zmq.ZMQError:  # ROUTER_MANDATORY: that worker is gone (not yet sent: no attempt used)
-            self.pending.extendleft(reversed([m for m in batch if m.qos]))
-            self.stats.count(self._k["dropped"], sum(1 for m in batch if not m.qos))
-            self._bury(w, now, suspects=False)
+        except zmq.ZMQError:  # ROUTER_MANDATORY: no connection to that worker
+            self._unreachable(w)
             return False
         w.credit -= len(batch)
         w.out += len(batch)
+        w.reachable = True
         deadline = now + self.grace
         for m in batch:
             if m.qos:
@@ -96,6 +98,15 @@ class RuleQueue:
                 w.qos0 += 1
         self.stats.count(self._k["dispatched"], len(batch))
         return True
+
+    def _unreachable(self, w: Worker) -> None:
+        """The ROUTER has no connection to `w`. It is not dead for that: a worker known from its heartbeats (after
+        an ingress restart) may not have reconnected its DEALER yet. Its credit is void until its next heartbeat;
+        a worker that is really gone stops beating, and `expire` buries it."""
+        if w.reachable:
+            log.info("worker %s of rule %s is not reachable yet: no credit until its next heartbeat",
+                     w.ident.decode(), self.rule.name)
+        w.credit, w.reachable = 0, False
 
     def on_credit(self, ident: bytes, n: int, now: float) -> None:
         w = self.workers.get(ident)
