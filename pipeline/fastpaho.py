@@ -61,6 +61,23 @@ class FastClient(mqtt.Client):
         self._rbuf, self._rpos = data, 0
         return True
 
+    def read(self, deliver: Deliver | None, max_packets: int = 256) -> bool:
+        """Handle what the socket has: one recv(), then every complete packet already buffered: PUBLISH packets
+        through `deliver` when given (manual acks), PUBACKs of `publish1`'s packets through `on_puback` when
+        set, the others through paho. False when the connection failed (paho has closed the socket)."""
+        fast = deliver is not None or self.on_puback is not None
+        for _ in range(max_packets):
+            if fast:
+                if not self.fill():
+                    return True  # nothing to read
+                if self.take_publishes(deliver, on_puback=self.on_puback) and not self.buffered():
+                    return True
+            if self.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+                return False
+            if not self.buffered():
+                return True
+        return True
+
     def _sock_send(self, buf: bytes | bytearray) -> int:
         self._wbuf += buf
         return len(buf)

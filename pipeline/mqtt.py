@@ -103,21 +103,9 @@ class Link:
             self._lost(now, "keepalive")
 
     def read(self, max_packets: int = 256) -> None:
-        """Handle what the socket has: one recv(), then every complete packet already buffered (PUBLISH
-        packets through `on_publish` when set, the others through paho)."""
-        c, fast, acked = self.client, self.on_publish, self.client.on_puback
-        for _ in range(max_packets):
-            if fast is not None or acked is not None:
-                if not c.fill():
-                    return  # nothing to read
-                if c.take_publishes(fast, on_puback=acked) and not c.buffered():
-                    return
-            if c.loop_read() != mqtt.MQTT_ERR_SUCCESS:
-                if self.state not in ("disconnected", "stopped"):
-                    self._lost(time.monotonic(), "read failed")
-                return
-            if not c.buffered():
-                return
+        """Handle what the socket has (see `FastClient.read`): PUBLISH packets go to `on_publish` when set."""
+        if not self.client.read(self.on_publish, max_packets) and self.state not in ("disconnected", "stopped"):
+            self._lost(time.monotonic(), "read failed")
 
     def write(self) -> None:
         """Hand paho's queued packets to the socket in as few send() calls as possible."""

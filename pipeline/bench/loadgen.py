@@ -2,8 +2,10 @@
 
 Message i is due at t0 + i/rate (an absolute schedule, so sleeping errors do not accumulate). The sender
 waits only when it is ahead; when it falls behind by more than SLACK it does not burst to catch up: the
-schedule slips and the slip is reported. One thread drives paho by hand (no loop thread, so `publish()`
-writes straight to the socket, no wake-up byte per message) and reads PUBACKs while it waits.
+schedule slips and the slip is reported. One thread drives paho by hand (no loop thread, no wake-up byte
+per message): each message is written straight into FastClient's send buffer (QoS 1 with `publish1`, so
+paho keeps no per-message state; at most MAX_INFLIGHT await their PUBACK), and PUBACKs are read while it
+waits.
 
 Every message carries `seq` (0..n-1) and `ts` (send time, unix seconds) so a receiver can count loss,
 duplicates and latency.
@@ -26,8 +28,7 @@ from pipeline.bench import net
 
 SLACK = 0.005  # seconds behind schedule the sender may catch up on; beyond it the schedule slips
 POLL_EVERY = 32  # messages between two non-blocking reads of the socket (PUBACKs) when not waiting
-MAX_INFLIGHT = 1000
-MAX_QUEUED = 10_000  # paho keys its queue by 16-bit mid: stay well below 65,535
+MAX_INFLIGHT = 1000  # QoS 1 messages awaiting their PUBACK; the sender waits beyond it
 UNBOUNDED = 10**12
 
 Builder = Callable[[int, str, float], bytes]
@@ -59,7 +60,7 @@ class Summary:
     duration: float = 0.0  # seconds from the first send to the last
     max_behind: float = 0.0  # worst lateness of a send against its schedule, seconds
     slipped: float = 0.0  # seconds the schedule was pushed back because the sender fell behind
-    queue_full: int = 0  # times paho's queue was full and the sender waited
+    queue_full: int = 0  # times MAX_INFLIGHT messages awaited their PUBACK and the sender waited
     payload_bytes: int = 0  # size of the first message
 
     @property
@@ -127,18 +128,18 @@ class LoadGen:
         self.devices = [f"d{k}" for k in range(opts.devices)]
         self.topics = [opts.topic.replace("{device}", d) for d in self.devices]
         self.connected, self.refused = False, ""
-        self._misc_at = 0.0
+        self._misc_at, self.in_flight = 0.0, 0
         c, self.host, self.port = net.client(opts.url, opts.client_id, MAX_INFLIGHT)
         self.client = c
-        c.max_queued_messages_set(MAX_QUEUED)
         c.on_connect = self._on_connect
-        c.on_publish = self._on_publish
+        c.on_puback = self._on_puback
 
     def _on_connect(self, _c: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
         self.connected, self.refused = not rc.is_failure, "" if not rc.is_failure else str(rc)
 
-    def _on_publish(self, _c: mqtt.Client, _u: object, _mid: int, _rc: mqtt.ReasonCode, _p: object) -> None:
+    def _on_puback(self, _mid: int) -> None:
         self.summary.acked += 1  # QoS 1: its PUBACK (QoS 0 messages are counted when written, in send())
+        self.in_flight -= 1
 
     def connect(self, timeout: float = 10.0) -> None:
         self.client.connect(self.host, self.port, keepalive=30)
@@ -155,7 +156,7 @@ class LoadGen:
         if sock is None:
             raise ConnectionError(f"{self.opts.url}: connection lost")
         readable, writable, _ = select.select([sock], [sock] if c.want_write() or c.unflushed() else [], [], timeout)
-        if readable and c.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+        if readable and not c.read(None):
             raise ConnectionError(f"{self.opts.url}: connection lost")
         if writable and c.loop_write() != mqtt.MQTT_ERR_SUCCESS:
             raise ConnectionError(f"{self.opts.url}: connection lost")
@@ -186,14 +187,12 @@ class LoadGen:
             raise ConnectionError(f"{self.opts.url}: connection lost ({e})") from None
 
     def _publish1(self, topic: str, payload: bytes) -> None:
-        while True:
-            info = self.client.publish(topic, payload, 1)
-            if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                return
-            if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
-                raise ConnectionError(f"{self.opts.url}: {mqtt.error_string(info.rc)}")
+        while self.in_flight >= MAX_INFLIGHT:
             self.summary.queue_full += 1
             self.service(0.001)
+        if not self.client.publish1(topic, payload):
+            raise ConnectionError(f"{self.opts.url}: connection lost")
+        self.in_flight += 1
 
     def run(self) -> Summary:
         """Send, then wait for every PUBACK (QoS 1) or socket write (QoS 0)."""
@@ -246,7 +245,7 @@ def describe(s: Summary) -> list[str]:
         f"sent {s.sent} messages (QoS {s.qos}, {s.shape}, {s.payload_bytes} B) to {s.url} in {s.duration:.3f} s: "
         f"{s.achieved_rate:,.0f} msg/s ({target})",
         f"{what}: {s.acked}/{s.sent}; behind schedule: worst {s.max_behind * 1000:.1f} ms, schedule slipped "
-        f"{s.slipped:.3f} s in total (slack {SLACK * 1000:g} ms); paho queue full {s.queue_full} time(s)",
+        f"{s.slipped:.3f} s in total (slack {SLACK * 1000:g} ms); {MAX_INFLIGHT} in flight {s.queue_full} time(s)",
     ]
 
 
