@@ -13,6 +13,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import zmq
@@ -68,7 +69,8 @@ class RuleQueue:
     def dispatch(self, now: float) -> None:
         if not (self.pending or self.retry):
             return
-        for w in list(self.workers.values()):
+        # least loaded first: a light load spreads over the workers instead of queueing at the first one
+        for w in sorted(self.workers.values(), key=attrgetter("out")):
             while w.credit > 0 and (self.retry or self.pending):
                 src = self.retry or self.pending  # suspects first, one per frame
                 batch = [src.popleft()] if src is self.retry else self._take(min(w.credit, BATCH))

@@ -25,6 +25,7 @@ import zmq
 from pipeline import envelope, model, packages
 from pipeline.endpoints import Endpoints
 from pipeline.errors import WORKER_RSS, WORKER_TIMEOUT
+from pipeline.sockets import drain
 from pipeline.stats import Reporter, process_usage
 from pipeline.workers.process import Processor
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PREFETCH = 64  # messages a worker may hold: one frame in the model, the next one waiting
 BEAT = 0.5
+COALESCE_AFTER = 0.001  # seconds of model time per pass above which the worker batches what waits (see _take)
 
 
 def load(cfg: Config, rule_name: str, cache_dir: os.PathLike[str]) -> Processor:
@@ -77,14 +79,16 @@ def run(cfg: Config, rule_name: str, eps: Endpoints, stop: threading.Event, proc
 
 def _serve(proc: Processor, dealer: zmq.Socket, push: zmq.Socket, stats: Reporter, watchdog: Watchdog,
            stop: threading.Event) -> int:
-    max_rss = proc.rule.max_rss
+    max_rss, slow = proc.rule.max_rss, False
     while not stop.is_set():
         stats.tick()
         if not dealer.poll(200):
             continue
-        batch = envelope.decode(dealer.recv(), envelope.Message)
+        batch = _take(dealer, slow)
         watchdog.holding += len(batch)
+        started = time.monotonic()
         results = proc.run_batch(batch)
+        slow = time.monotonic() - started >= COALESCE_AFTER
         push.send(envelope.encode(results))
         dealer.send(envelope.pack([envelope.CREDIT, len(batch)]))
         watchdog.holding -= len(batch)
@@ -98,6 +102,20 @@ def _serve(proc: Processor, dealer: zmq.Socket, push: zmq.Socket, stats: Reporte
             log.warning("RSS above max_rss (%d bytes): worker exits to be replaced", max_rss)
             return WORKER_RSS
     return 0
+
+
+def _take(dealer: zmq.Socket, everything: bool) -> list[envelope.Message]:
+    """The next frame; with `everything`, every frame waiting now, as one batch (one result frame and one
+    credit then answer them all: fewer wake-ups in ingress, egress and ZeroMQ's I/O threads). The stage
+    asks for everything after a pass of the model that took COALESCE_AFTER or more: a slow model falling
+    behind. A fast one answers each frame at once: looking for more frames on an empty socket cost ~1 ms
+    of p50 latency at 1,000 msg/s."""
+    if not everything:
+        return envelope.decode(dealer.recv(), envelope.Message)
+    batch: list[envelope.Message] = []
+    for frame in drain(dealer, limit=PREFETCH):
+        batch += envelope.decode(frame, envelope.Message)
+    return batch
 
 
 class Watchdog:
