@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config fro
 log = logging.getLogger(__name__)
 
 TICK = 0.2
+BUSY_READ_EVERY = 0.002  # seconds between MQTT reads while a backlog waits for worker credit (see serve)
 
 
 class Router:
@@ -90,14 +91,23 @@ class Ingress:
         g["unacked"] = lambda: {n: len(a) for n, a in self.acks.items()}
 
     def serve(self, stop: threading.Event) -> None:
+        """The loop. While a backlog waits for worker credit (workers are the bottleneck), MQTT input is read
+        at most every BUSY_READ_EVERY: one read then takes several messages, and ingress wakes up for credit
+        rather than for each message, which leaves the busy workers more CPU. Without a backlog every message
+        is read as it comes."""
         log.info("ingress up: %d rule(s) on %d broker(s)", len(self.queues), len(self.links))
-        next_tick = 0.0
+        next_tick = resume_at = 0.0
+        hub = self.hub
         while not stop.is_set():
-            self._handle(self.hub.poll(50))
+            self._handle(hub.poll(50 if hub.reading else int(max(0.0, resume_at - time.monotonic()) * 1000) + 1))
             now = time.monotonic()
             for q in self.queues:
                 q.dispatch(now)
-            self.hub.flush()
+            hub.flush()
+            if hub.reading and any(q.pending for q in self.queues):
+                hub.reading, resume_at = False, now + BUSY_READ_EVERY
+            elif not hub.reading and now >= resume_at:
+                hub.reading = True
             if now >= next_tick:
                 next_tick = now + TICK
                 self._tick(now)
