@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ModelLoadError
-from pipeline.model import sha256_of
 from pipeline.packages.archive import model_root, unpack
 from pipeline.packages.sources import Limits, ModelSource, choose_url, expected, md5_text, redact
 
@@ -106,11 +105,12 @@ def _from_url(name: str, source: ModelSource, data_dir: Path, limits: Limits, pr
 def _digests(path: Path) -> tuple[str, str]:
     import hashlib  # here, not at the top: a worker that only reads the cache never loads OpenSSL (pipeline.digest)
 
-    md5 = hashlib.md5(usedforsecurity=False)
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)  # one pass over the archive for both
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
             md5.update(chunk)
-    return sha256_of(path), md5.hexdigest()
+    return sha.hexdigest(), md5.hexdigest()
 
 
 def _verify(source: ModelSource, sha: str, md5: str, where: str) -> None:
