@@ -271,8 +271,12 @@ def _tls(client: mqtt.Client, name: str, broker: Broker) -> None:
 
 def _session(clean: bool) -> dict[str, object]:
     """MQTT 5 connect arguments equivalent to 3.1.1's clean_session: a persistent session (clean=False) resumes
-    on reconnect and outlives the connection (session expiry); a clean one starts afresh and ends with it."""
+    on reconnect and outlives the connection (session expiry); a clean one starts afresh and ends with it.
+    Receive Maximum: without it Mosquitto sends a client at most `max_inflight_messages` (20) unacknowledged
+    QoS 1 messages and queues `max_queued_messages` (1,000) more, then drops what comes next for that client.
+    Ingress acks only once the result is safe, so 20 would cap QoS 1 input at 20 per ack latency."""
     props = Properties(PacketTypes.CONNECT)
+    props.ReceiveMaximum = MAX_INFLIGHT
     if not clean:
         props.SessionExpiryInterval = SESSION_EXPIRY
     return {"clean_start": clean, "properties": props}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -165,3 +166,35 @@ def test_a_puback_split_across_two_reads_still_reaches_on_puback():
     assert c.loop_read() == mqtt.MQTT_ERR_SUCCESS and acks == [0x1234]
     peer.close()
     c._sock.close()
+
+
+@pytest.mark.parametrize(("protocol", "in_flight"), [("3.1.1", 20), ("5", 200)])
+def test_an_mqtt5_link_asks_mosquitto_for_more_than_20_unacked_messages(broker, protocol, in_flight):
+    """Mosquitto's default max_inflight_messages (20) holds back the rest of a slow acker's QoS 1 input, and
+    past max_queued_messages drops it; over MQTT 5 a Link asks for a Receive Maximum of 1,000 instead."""
+    from pipeline.config import Broker
+    from pipeline.mqtt import Hub, Link
+
+    got: list[int] = []
+    link = Link("t", Broker(url=broker.url, protocol=protocol), f"rmax-{protocol}", manual_ack=True)
+    link.subscribe(f"rmax/{protocol}", 1)
+    link.on_publish = lambda _t, _p, _q, mid, _d: got.append(mid)  # never acked
+    hub = Hub([link])
+    deadline = time.monotonic() + 5
+    while not link.connected and time.monotonic() < deadline:
+        hub.poll(20)
+        hub.flush()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    try:
+        for _ in range(200):
+            pub.publish(f"rmax/{protocol}", b"x", 1)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            hub.poll(20)
+            hub.flush()
+        assert len(got) == in_flight
+    finally:
+        pub.loop_stop()
+        link.stop()
