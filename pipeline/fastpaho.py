@@ -15,6 +15,7 @@ import paho.mqtt.client as mqtt
 
 READ_SIZE = 256 * 1024
 Deliver = Callable[[str, bytes, int, int, bool], None]  # (topic, payload, qos, mid, dup)
+Acked = Callable[[int, int], None]  # (mid, reason): reason 0 = success; MQTT 5 codes >= 0x80 = refused
 
 
 class FastClient(mqtt.Client):
@@ -26,8 +27,9 @@ class FastClient(mqtt.Client):
         self._topics: dict[str, bytes] = {}  # topic -> its encoded length, name (and empty properties)
         self._props = b"\x00" if kwargs.get("protocol") == mqtt.MQTTv5 else b""
         # PUBACKs of packets sent with publish1() (paho never knew them): from take_publishes, or from paho's
-        # own reader when a PUBACK was split across two reads
-        self.on_puback: Callable[[int], None] | None = None
+        # own reader when a PUBACK was split across two reads. MQTT 5 PUBACKs carry a reason code: 0x87 (not
+        # authorized), 0x97 (quota exceeded)... mean the broker did not take the message
+        self.on_puback: Acked | None = None
 
     def buffered(self) -> bool:
         """True when bytes already read from the socket wait to be parsed (no syscall needed)."""
@@ -135,9 +137,9 @@ class FastClient(mqtt.Client):
         self._wbuf += bytes((0x40, 2, mid >> 8, mid & 0xFF))  # MQTT 5 allows the short form for success
 
     def take_publishes(self, deliver: Deliver | None, limit: int = 256,
-                       on_puback: Callable[[int], None] | None = None) -> int:
+                       on_puback: Acked | None = None) -> int:
         """Hand the complete QoS 0/1 PUBLISH packets at the head of the read buffer to
-        `deliver(topic, payload, qos, mid, dup)`, and PUBACKs to `on_puback(mid)`, without paho's per-packet
+        `deliver(topic, payload, qos, mid, dup)`, and PUBACKs to `on_puback(mid, reason)`, without paho's per-packet
         machinery (MQTTMessage, ReasonCode, logging, callback lookup: ~4x the cost of this). Stops at anything
         else (another packet type, QoS 2, a topic alias, bad UTF-8, an incomplete packet, or a packet paho has
         started reading): paho reads that one. PUBLISH only for manually acknowledged QoS 1 (the caller
@@ -155,7 +157,7 @@ class FastClient(mqtt.Client):
             if cmd == 0x40 and on_puback is not None and length >= 2:  # PUBACK (MQTT 5: reason, properties)
                 pos = self._rpos = start + length
                 n += 1
-                on_puback(buf[start] << 8 | buf[start + 1])
+                on_puback(buf[start] << 8 | buf[start + 1], buf[start + 2] if length > 2 else 0)
                 continue
             if cmd >> 4 != 3 or qos > 1 or deliver is None:
                 break
@@ -193,7 +195,7 @@ class FastClient(mqtt.Client):
         if cmd == "PUBACK" and self.on_puback is not None and len(packet) >= 2:
             mid = packet[0] << 8 | packet[1]
             if mid not in self._out_messages:  # one of publish1's
-                self.on_puback(mid)
+                self.on_puback(mid, packet[2] if len(packet) > 2 else 0)
                 return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
         return super()._handle_pubackcomp(cmd)
 

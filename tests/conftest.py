@@ -62,7 +62,7 @@ def processes() -> dict[int, str]:
 class Mosquitto:
     """A mosquitto process of the test's own, which the test can stop and start again."""
 
-    def __init__(self, workdir: Path, persistence: bool = False) -> None:
+    def __init__(self, workdir: Path, persistence: bool = False, extra: tuple[str, ...] = ()) -> None:
         if not shutil.which("mosquitto"):
             pytest.fail("mosquitto is not installed (bash .ci/run installs it with apt-get)")
         self.port = free_port()
@@ -74,7 +74,7 @@ class Mosquitto:
                  f"persistence {'true' if persistence else 'false'}", f"persistence_location {workdir}/",
                  "autosave_interval 1",
                  *[f"log_type {t}" for t in os.environ.get("PIPELINE_TEST_BROKER_LOG", "error,warning").split(",")],
-                 "log_timestamp_format %H:%M:%S"]
+                 "log_timestamp_format %H:%M:%S", *extra]
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
 

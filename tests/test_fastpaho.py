@@ -144,11 +144,13 @@ def test_publish1_matches_paho_and_its_puback_comes_back_through_take_publishes(
     assert mid == 1 and bytes(c._wbuf) == expected
     c._sock, peer = socket.socketpair()
     peer.close()
-    acks: list[int] = []
+    acks: list[tuple[int, int]] = []
     puback5 = b"\x40\x04\x00\x01\x10\x00"  # MQTT 5 long form: reason 0x10 (no matching subscribers), no props
-    c._rbuf, c._rpos = b"\x40\x02\x00\x01" + puback5 + b"\xd0\x00", 0
-    assert c.take_publishes(None, on_puback=acks.append) == 2 and acks == [1, 1]
-    assert c._rpos == 10  # the PINGRESP is paho's
+    refused = b"\x40\x03\x00\x02\x87"  # reason 0x87: not authorized
+    c._rbuf, c._rpos = b"\x40\x02\x00\x01" + puback5 + refused + b"\xd0\x00", 0
+    assert c.take_publishes(None, on_puback=lambda *a: acks.append(a)) == 3
+    assert acks == [(1, 0), (1, 0x10), (2, 0x87)]
+    assert c._rpos == 15  # the PINGRESP is paho's
     c.is_connected = lambda: False
     assert c.publish1("t", b"x") == 0
 
@@ -158,12 +160,12 @@ def test_a_puback_split_across_two_reads_still_reaches_on_puback():
     c._sock, peer = socket.socketpair()
     c._sock.setblocking(False)
     c._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
-    acks: list[int] = []
-    c.on_puback = acks.append
+    acks: list[tuple[int, int]] = []
+    c.on_puback = lambda *a: acks.append(a)
     c._rbuf, c._rpos = b"\x40\x02\x12", 0  # the first three bytes of a PUBACK for mid 0x1234
     assert c.take_publishes(None, on_puback=c.on_puback) == 0  # incomplete: paho's reader takes it
     peer.sendall(b"\x34")
-    assert c.loop_read() == mqtt.MQTT_ERR_SUCCESS and acks == [0x1234]
+    assert c.loop_read() == mqtt.MQTT_ERR_SUCCESS and acks == [(0x1234, 0)]
     peer.close()
     c._sock.close()
 

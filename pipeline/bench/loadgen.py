@@ -61,6 +61,7 @@ class Summary:
     max_behind: float = 0.0  # worst lateness of a send against its schedule, seconds
     slipped: float = 0.0  # seconds the schedule was pushed back because the sender fell behind
     queue_full: int = 0  # times MAX_INFLIGHT messages awaited their PUBACK and the sender waited
+    refused: int = 0  # QoS 1 over MQTT 5: PUBACKs with a failure reason code
     payload_bytes: int = 0  # size of the first message
 
     @property
@@ -137,8 +138,10 @@ class LoadGen:
     def _on_connect(self, _c: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
         self.connected, self.refused = not rc.is_failure, "" if not rc.is_failure else str(rc)
 
-    def _on_puback(self, _mid: int) -> None:
+    def _on_puback(self, _mid: int, reason: int) -> None:
         self.summary.acked += 1  # QoS 1: its PUBACK (QoS 0 messages are counted when written, in send())
+        if reason >= 0x80:
+            self.summary.refused += 1  # MQTT 5: the broker did not take it (not authorized, quota exceeded)
         self.in_flight -= 1
 
     def connect(self, timeout: float = 10.0) -> None:
@@ -241,12 +244,15 @@ def describe(s: Summary) -> list[str]:
     """The lines of the summary printed at the end."""
     target = f"target {s.target_rate:g} msg/s" if s.target_rate else "unpaced"
     what = "PUBACKs" if s.qos else "written"
-    return [
+    lines = [
         f"sent {s.sent} messages (QoS {s.qos}, {s.shape}, {s.payload_bytes} B) to {s.url} in {s.duration:.3f} s: "
         f"{s.achieved_rate:,.0f} msg/s ({target})",
         f"{what}: {s.acked}/{s.sent}; behind schedule: worst {s.max_behind * 1000:.1f} ms, schedule slipped "
         f"{s.slipped:.3f} s in total (slack {SLACK * 1000:g} ms); {MAX_INFLIGHT} in flight {s.queue_full} time(s)",
     ]
+    if s.refused:
+        lines.append(f"REFUSED by the broker (PUBACK reason >= 0x80): {s.refused} message(s)")
+    return lines
 
 
 @contextmanager

@@ -15,6 +15,8 @@ import time
 from typing import TYPE_CHECKING
 
 import zmq
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from pipeline import envelope
 from pipeline.egress.outbox import Outbox, Row
@@ -141,6 +143,7 @@ class Publisher:
         self.acked: list[tuple[int, int]] = []  # PUBACKed rows, deleted in one transaction per pump
         self.catch_up_until = 0  # while cursor < this, hand rows at no more than drain_rate per second
         self.tokens, self.t = 0.0, time.monotonic()
+        self.refusals: set[int] = set()  # PUBACK failure reasons logged so far
         link.client.on_puback = self._on_puback  # QoS 1 rows go out with publish1: paho never tracks them
         link.on_connected = self._connected
 
@@ -203,10 +206,25 @@ class Publisher:
         self.cursor = row.id
         return True
 
-    def _on_puback(self, mid: int) -> None:
+    def _on_puback(self, mid: int, reason: int) -> None:
         entry = self.sent.pop(mid, None)
+        if reason >= 0x80:
+            self._refused(reason, entry)
         if entry is not None:
-            self.acked.append(entry)
+            self.acked.append(entry)  # refused or not, the row is done: sending it again meets the same answer
+
+    def _refused(self, reason: int, entry: tuple[int, int] | None) -> None:
+        """An MQTT 5 PUBACK with a failure reason (0x87 not authorized, 0x90 topic name invalid, 0x97 quota
+        exceeded...): the broker did not take the message. Counted as `refused`, and logged once per reason."""
+        self.stats.count("refused")
+        if reason not in self.refusals:
+            self.refusals.add(reason)
+            try:
+                name = str(ReasonCode(PacketTypes.PUBACK, identifier=reason))
+            except ValueError:  # a code MQTT 5 does not define for PUBACK
+                name = "unknown reason"
+            log.error("broker %s refused a result (PUBACK 0x%02x %s%s); counted in refused, logged once per reason",
+                      self.link.name, reason, name, f", outbox row {entry[0]}" if entry else "")
 
     def direct(self, topic: str, payload: bytes, qos: int, retain: int) -> None:
         """A result of a QoS 0 message: published now if connected, else dropped (counted)."""
