@@ -72,6 +72,7 @@ def error_result(msg: Message, topic: str, reason: str, err: BaseException | str
 #                                              [worker id, rule index, TIMEOUT, [message id, [answered ids]]]
 #   egress -> ingress, on confirms (PUSH):     [[message id, rule], ...]   these results are safe
 CREDIT, BEAT, TIMEOUT = 0, 1, 2
+PREFETCH = 64  # messages a worker may hold (its first CREDIT); a BEAT's free credit is PREFETCH - what it holds
 
 
 def pack(obj: object) -> bytes:

@@ -100,3 +100,56 @@ def test_an_unreachable_worker_that_stops_beating_is_buried_and_others_take_its_
         assert [m.id for m in envelope.decode(dealer.recv(), Message)] == ["b-0", "b-1", "b-2", "b-3"]
     finally:
         dealer.close()
+
+
+def _serve_one(q: RuleQueue, ctx: zmq.Context, address: str, ident: bytes, n: int) -> zmq.Socket:
+    """A worker whose DEALER took its credit, and `n` QoS 1 messages dispatched to it."""
+    dealer = _dealer(ctx, address, ident)
+    dealer.send(envelope.pack([envelope.CREDIT, envelope.PREFETCH]))
+    who, frame = q.sock.recv_multipart()
+    q.on_credit(who, envelope.unpack(frame)[1], time.monotonic())
+    for m in _messages(n):
+        q.offer(m)
+    q.dispatch(time.monotonic())
+    return dealer
+
+
+def test_a_message_waiting_at_a_busy_worker_never_expires_and_its_deadline_starts_when_answered(queue):
+    """A slow model (seconds per call) holds a queue of messages for longer than the grace period; they must
+    not go again while the worker works through them (that made duplicates and false dead letters)."""
+    q, ctx, address = queue
+    dealer = _serve_one(q, ctx, address, b"slow", 40)
+    try:
+        t0 = time.monotonic()
+        later = t0 + 10 * q.grace
+        q.on_beat(b"slow", envelope.PREFETCH - 40, later)  # alive and busy
+        q.expire(later)
+        assert not q.retry and len(q.in_flight) == 40
+        q.on_credit(b"slow", 32, later)  # it answered the first frame
+        for dt in (-0.1, 0.1):
+            q.on_beat(b"slow", envelope.PREFETCH - 8, later + q.grace + dt)
+            q.expire(later + q.grace + dt)
+            if dt < 0:
+                assert not q.retry
+        # no confirm for those 32 within the grace period: lost after the worker (egress killed, say)
+        assert sorted(m.id for m in q.retry) == sorted(f"b-{i}" for i in range(32))
+        assert all(m.attempt == 2 for m in q.retry)
+        assert sorted(q.in_flight) == sorted(f"b-{i}" for i in range(32, 40))  # still at the worker: no deadline
+    finally:
+        dealer.close()
+
+
+def test_messages_a_worker_never_got_go_again_once_it_says_twice_that_it_holds_nothing(queue):
+    q, ctx, address = queue
+    dealer = _serve_one(q, ctx, address, b"w", 5)
+    try:
+        t = q.workers[b"w"].sent_at
+        q.on_beat(b"w", envelope.PREFETCH, t + 0.5)  # too soon after the send to believe it
+        assert not q.retry
+        q.on_beat(b"w", envelope.PREFETCH, t + 1.2)
+        assert not q.retry  # once is not enough: its credit may be on the way
+        q.on_beat(b"w", envelope.PREFETCH, t + 1.7)
+        assert sorted(m.id for m in q.retry) == [f"b-{i}" for i in range(5)] and not q.in_flight
+        assert q.workers[b"w"].credit >= 5  # what it never got is free room again
+    finally:
+        dealer.close()

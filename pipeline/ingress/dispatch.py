@@ -1,10 +1,16 @@
 """Per-rule dispatch: the backlog, credit-based sending to workers, and in-flight tracking.
 
-QoS 1 messages stay "in flight" (with the worker holding them and a deadline) until egress confirms their
-result is safe. A worker that stops sending heartbeats is dead: its QoS 1 messages go again, one per frame
-(so a message that kills workers is singled out), with attempt + 1; past `max_attempts` a message becomes a
-dead letter. QoS 0 messages are never sent twice (at most once): a dead worker's QoS 0 messages are counted
-as dropped.
+QoS 1 messages stay "in flight" (with the worker holding them) until egress confirms their result is safe.
+A worker answers frames in the order it got them, so a CREDIT of n answers the n oldest messages sent to it:
+only then does a message's deadline start (its result is on the way to egress; no confirm within the grace
+period means it was lost, e.g. with a killed egress). A message still waiting at a live worker has no
+deadline, however slow the model: the watchdog's timeout and the heartbeat cover a stuck or dead worker. A
+worker that reports itself idle on two heartbeats while messages sent to it are unanswered never got them
+(lost with a dropped connection): they go again.
+
+A worker that stops sending heartbeats is dead: its QoS 1 messages go again, one per frame (so a message
+that kills workers is singled out), with attempt + 1; past `max_attempts` a message becomes a dead letter.
+QoS 0 messages are never sent twice (at most once): a dead worker's QoS 0 messages are counted as dropped.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ log = logging.getLogger(__name__)
 
 BATCH = 32  # messages per frame at most
 WORKER_SILENT = 2.5  # seconds without a heartbeat before a worker counts as dead
+IDLE_AFTER = 1.0  # seconds after the last frame sent to a worker before its "I hold nothing" is believed
+UNANSWERED = float("inf")  # the deadline of a message its worker has not answered yet
 
 
 @dataclass
@@ -40,6 +48,9 @@ class Worker:
     qos0: int = 0  # QoS 0 messages it holds (count only)
     out: int = 0  # messages sent to it whose credit has not come back
     reachable: bool = True  # False after a send found no connection to it (logged once)
+    order: deque[str] = field(default_factory=deque)  # ids of messages sent and not answered, oldest first
+    sent_at: float = 0.0  # when the last frame went to it
+    idle_beats: int = 0  # consecutive heartbeats saying it holds nothing while `order` is not empty
 
 
 class RuleQueue:
@@ -90,12 +101,12 @@ class RuleQueue:
             return False
         w.credit -= len(batch)
         w.out += len(batch)
-        w.reachable = True
-        deadline = now + self.grace
+        w.reachable, w.sent_at = True, now
         for m in batch:
+            w.order.append(m.id)
             if m.qos:
                 w.held[m.id] = m
-                self.in_flight[m.id] = (m, w.ident, deadline)
+                self.in_flight[m.id] = (m, w.ident, UNANSWERED)
             else:
                 w.qos0 += 1
         self.stats.count(self._k["dispatched"], len(batch))
@@ -121,6 +132,15 @@ class RuleQueue:
         w.out = max(0, w.out - n)
         w.seen = now
         w.qos0 = max(0, w.qos0 - n)  # QoS 0 messages it answered (credit returns count both kinds)
+        self._answered(w, n, now)
+
+    def _answered(self, w: Worker, n: int, now: float) -> None:
+        """The n oldest messages sent to `w` are answered: their results are on the way to egress, and the
+        grace period for their confirms starts now."""
+        for _ in range(min(n, len(w.order))):
+            entry = self.in_flight.get(w.order.popleft())
+            if entry is not None and entry[1] == w.ident and entry[2] == UNANSWERED:
+                self.in_flight[entry[0].id] = (entry[0], w.ident, now + self.grace)
 
     def on_beat(self, ident: bytes, free: int, now: float) -> None:
         """A heartbeat; `free` is the worker's own count of messages it could take now."""
@@ -132,8 +152,26 @@ class RuleQueue:
             log.info("worker %s of rule %s reported in (room for %d)", ident.decode(), self.rule.name, free)
             return
         w.seen = now
+        self._check_idle(w, free, now)
         # credit lost with an earlier ingress comes back: what the worker has room for, minus what we sent it
         w.credit = max(w.credit, free - len(w.held) - w.qos0)
+
+    def _check_idle(self, w: Worker, free: int, now: float) -> None:
+        """Two heartbeats saying `w` holds nothing, over a second after the last frame went to it, while
+        messages sent to it are unanswered: they never reached it (a dropped connection loses what was in
+        the pipe). They go again; QoS 0 ones are counted as dropped."""
+        idle = free >= envelope.PREFETCH and w.order and now - w.sent_at > IDLE_AFTER
+        w.idle_beats = w.idle_beats + 1 if idle else 0
+        if w.idle_beats < 2:
+            return
+        lost = [self.in_flight[i][0] for i in w.order if i in self.in_flight and self.in_flight[i][1] == w.ident]
+        log.warning("worker %s of rule %s is idle but never answered %d message(s) sent to it: sending them again",
+                    w.ident.decode(), self.rule.name, len(w.order))
+        self.stats.count(self._k["dropped"], w.qos0)
+        w.order.clear()
+        w.out = w.qos0 = w.idle_beats = 0
+        for m in lost:
+            self._again(m, now, "lost on the way to a worker", "lost")
 
     def confirm(self, msg_id: str) -> None:
         entry = self.in_flight.pop(msg_id, None)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config fro
 
 log = logging.getLogger(__name__)
 
-PREFETCH = 64  # messages a worker may hold: one frame in the model, the next one waiting
+PREFETCH = envelope.PREFETCH  # messages a worker may hold: one frame in the model, the next one waiting
 BEAT = 0.5
 COALESCE_AFTER = 0.001  # seconds of model time per pass above which the worker batches what waits (see _take)
 
