@@ -153,3 +153,18 @@ def test_messages_a_worker_never_got_go_again_once_it_says_twice_that_it_holds_n
         assert q.workers[b"w"].credit >= 5  # what it never got is free room again
     finally:
         dealer.close()
+
+
+def test_a_restarted_egress_hastens_only_answered_messages(queue):
+    q, ctx, address = queue
+    dealer = _serve_one(q, ctx, address, b"w", 3)
+    try:
+        now = time.monotonic()
+        q.on_credit(b"w", 2, now)  # b-0 and b-1 answered: their results went to the egress that died
+        q.hasten(now + 1.0)
+        q.on_beat(b"w", envelope.PREFETCH - 1, now + 1.1)
+        q.expire(now + 1.1)
+        assert sorted(m.id for m in q.retry) == ["b-0", "b-1"]
+        assert list(q.in_flight) == ["b-2"]  # still at the worker: its result will go to the new egress
+    finally:
+        dealer.close()

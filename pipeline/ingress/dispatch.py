@@ -180,6 +180,13 @@ class RuleQueue:
             if w is not None:
                 w.held.pop(msg_id, None)
 
+    def hasten(self, deadline: float) -> None:
+        """Egress (re)started: the results of answered messages went to the old one, and their confirms will
+        not come. They go again from `deadline` on; messages still at workers keep waiting for theirs."""
+        for msg_id, (m, ident, d) in list(self.in_flight.items()):
+            if deadline < d < UNANSWERED:
+                self.in_flight[msg_id] = (m, ident, deadline)
+
     def on_timeout(self, ident: bytes, msg_id: str, answered: list[str], now: float) -> None:
         """A worker's call of `msg_id` passed the timeout; `answered`: results it sent before dying."""
         entry = self.in_flight.get(msg_id)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config fro
 log = logging.getLogger(__name__)
 
 TICK = 0.2
+EGRESS_GRACE = 1.0  # seconds a (re)started egress has to confirm what workers answered before it came
 BUSY_READ_EVERY = 0.002  # seconds between MQTT reads while a backlog waits for worker credit (see serve)
 
 
@@ -157,7 +158,11 @@ class Ingress:
             self._beats(now)
         if self.confirms in ready:
             for frame in drain(self.confirms):
-                for msg_id, rule, broker in envelope.unpack(frame):
+                confirms = envelope.unpack(frame)
+                if not confirms:  # a (re)started egress: results answered before it came are lost
+                    for q in self.queues:
+                        q.hasten(now + EGRESS_GRACE)
+                for msg_id, rule, broker in confirms:
                     self.by_name[rule].confirm(msg_id)
                     self.acks[broker].done(msg_id, rule)
 
