@@ -19,7 +19,6 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import zmq
@@ -46,7 +45,6 @@ class Worker:
     seen: float
     held: dict[str, Message] = field(default_factory=dict)  # QoS 1 messages it holds
     qos0: int = 0  # QoS 0 messages it holds (count only)
-    out: int = 0  # messages sent to it whose credit has not come back
     reachable: bool = True  # False after a send found no connection to it (logged once)
     order: deque[str] = field(default_factory=deque)  # ids of messages sent and not answered, oldest first
     sent_at: float = 0.0  # when the last frame went to it
@@ -81,7 +79,7 @@ class RuleQueue:
         if not (self.pending or self.retry):
             return
         # least loaded first: a light load spreads over the workers instead of queueing at the first one
-        for w in sorted(self.workers.values(), key=attrgetter("out")):
+        for w in sorted(self.workers.values(), key=lambda w: len(w.order)):
             while w.credit > 0 and (self.retry or self.pending):
                 src = self.retry or self.pending  # suspects first, one per frame
                 batch = [src.popleft()] if src is self.retry else self._take(min(w.credit, BATCH))
@@ -100,7 +98,6 @@ class RuleQueue:
             self._unreachable(w)
             return False
         w.credit -= len(batch)
-        w.out += len(batch)
         w.reachable, w.sent_at = True, now
         for m in batch:
             w.order.append(m.id)
@@ -129,7 +126,6 @@ class RuleQueue:
             w = self.workers[ident] = Worker(ident, 0, now)
             log.info("worker %s of rule %s is up", ident.decode(), self.rule.name)
         w.credit += n
-        w.out = max(0, w.out - n)
         w.seen = now
         w.qos0 = max(0, w.qos0 - n)  # QoS 0 messages it answered (credit returns count both kinds)
         self._answered(w, n, now)
@@ -169,7 +165,7 @@ class RuleQueue:
                     w.ident.decode(), self.rule.name, len(w.order))
         self.stats.count(self._k["dropped"], w.qos0)
         w.order.clear()
-        w.out = w.qos0 = w.idle_beats = 0
+        w.qos0 = w.idle_beats = 0
         for m in lost:
             self._again(m, now, "lost on the way to a worker", "lost")
 
@@ -242,7 +238,7 @@ class RuleQueue:
 
     @property
     def at_workers(self) -> int:
-        return sum(w.out for w in self.workers.values())
+        return sum(len(w.order) for w in self.workers.values())
 
     @property
     def holding(self) -> int:
