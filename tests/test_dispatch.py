@@ -33,9 +33,7 @@ rules: [{{name: r, sub: {{broker: local, topic: "in/#", qos: 1}}, model: p, pub:
     router.bind(address)
     stats = Reporter(ctx.socket(zmq.PUB), "ingress")
     yield RuleQueue(rule, router, stats, lambda _r: None, lambda t: f"err/{t}"), ctx, address
-    stats.sock.close(0)
-    router.close(0)
-    ctx.term()
+    ctx.destroy(linger=0)  # closes every socket of the test, the workers' DEALERs included
 
 
 def _messages(n: int, qos: int = 1) -> list[Message]:
@@ -64,18 +62,15 @@ def test_a_worker_known_from_beats_whose_dealer_is_not_connected_yet_is_kept_and
     assert [m.id for m in q.pending] == ["b-0", "b-1", "b-2", "b-0", "b-1"]  # all back, in order, none dropped
     assert not q.in_flight
     dealer = _dealer(ctx, address, b"w1")
-    try:
-        deadline = time.monotonic() + 5
-        while q.pending and time.monotonic() < deadline:
-            q.on_beat(b"w1", 64, time.monotonic())  # the next heartbeat gives its credit back
-            q.dispatch(time.monotonic())
-            time.sleep(0.01)
-        assert dealer.poll(1000)
-        got = envelope.decode(dealer.recv(), Message)
-        assert [(m.id, m.qos) for m in got] == [("b-0", 1), ("b-1", 1), ("b-2", 1), ("b-0", 0), ("b-1", 0)]
-        assert set(q.in_flight) == {"b-0", "b-1", "b-2"}
-    finally:
-        dealer.close()
+    deadline = time.monotonic() + 5
+    while q.pending and time.monotonic() < deadline:
+        q.on_beat(b"w1", 64, time.monotonic())  # the next heartbeat gives its credit back
+        q.dispatch(time.monotonic())
+        time.sleep(0.01)
+    assert dealer.poll(1000)
+    got = envelope.decode(dealer.recv(), Message)
+    assert [(m.id, m.qos) for m in got] == [("b-0", 1), ("b-1", 1), ("b-2", 1), ("b-0", 0), ("b-1", 0)]
+    assert set(q.in_flight) == {"b-0", "b-1", "b-2"}
 
 
 def test_an_unreachable_worker_that_stops_beating_is_buried_and_others_take_its_messages(queue):
@@ -91,19 +86,17 @@ def test_an_unreachable_worker_that_stops_beating_is_buried_and_others_take_its_
     q.on_beat(b"gone", 64, now + WORKER_SILENT + 0.2)  # a late beat does not bring it back
     assert b"gone" not in q.workers
     dealer = _dealer(ctx, address, b"w2")
-    try:
-        dealer.send(envelope.pack([envelope.CREDIT, 8]))
-        ident, frame = q.sock.recv_multipart()
-        q.on_credit(ident, envelope.unpack(frame)[1], time.monotonic())
-        q.dispatch(time.monotonic())
-        assert dealer.poll(1000)
-        assert [m.id for m in envelope.decode(dealer.recv(), Message)] == ["b-0", "b-1", "b-2", "b-3"]
-    finally:
-        dealer.close()
+    dealer.send(envelope.pack([envelope.CREDIT, 8]))
+    ident, frame = q.sock.recv_multipart()
+    q.on_credit(ident, envelope.unpack(frame)[1], time.monotonic())
+    q.dispatch(time.monotonic())
+    assert dealer.poll(1000)
+    assert [m.id for m in envelope.decode(dealer.recv(), Message)] == ["b-0", "b-1", "b-2", "b-3"]
 
 
 def _serve_one(q: RuleQueue, ctx: zmq.Context, address: str, ident: bytes, n: int) -> zmq.Socket:
-    """A worker whose DEALER took its credit, and `n` QoS 1 messages dispatched to it."""
+    """A worker whose DEALER took its credit, and `n` QoS 1 messages dispatched to it. Keep the DEALER it
+    returns referenced: a collected socket is closed (the fixture closes it at the end)."""
     dealer = _dealer(ctx, address, ident)
     dealer.send(envelope.pack([envelope.CREDIT, envelope.PREFETCH]))
     who, frame = q.sock.recv_multipart()
@@ -118,53 +111,44 @@ def test_a_message_waiting_at_a_busy_worker_never_expires_and_its_deadline_start
     """A slow model (seconds per call) holds a queue of messages for longer than the grace period; they must
     not go again while the worker works through them (that made duplicates and false dead letters)."""
     q, ctx, address = queue
-    dealer = _serve_one(q, ctx, address, b"slow", 40)
-    try:
-        t0 = time.monotonic()
-        later = t0 + 10 * q.grace
-        q.on_beat(b"slow", envelope.PREFETCH - 40, later)  # alive and busy
-        q.expire(later)
-        assert not q.retry and len(q.in_flight) == 40
-        q.on_credit(b"slow", 32, later)  # it answered the first frame
-        for dt in (-0.1, 0.1):
-            q.on_beat(b"slow", envelope.PREFETCH - 8, later + q.grace + dt)
-            q.expire(later + q.grace + dt)
-            if dt < 0:
-                assert not q.retry
-        # no confirm for those 32 within the grace period: lost after the worker (egress killed, say)
-        assert sorted(m.id for m in q.retry) == sorted(f"b-{i}" for i in range(32))
-        assert all(m.attempt == 2 for m in q.retry)
-        assert sorted(q.in_flight) == sorted(f"b-{i}" for i in range(32, 40))  # still at the worker: no deadline
-    finally:
-        dealer.close()
+    _worker = _serve_one(q, ctx, address, b"slow", 40)
+    t0 = time.monotonic()
+    later = t0 + 10 * q.grace
+    q.on_beat(b"slow", envelope.PREFETCH - 40, later)  # alive and busy
+    q.expire(later)
+    assert not q.retry and len(q.in_flight) == 40
+    q.on_credit(b"slow", 32, later)  # it answered the first frame
+    for dt in (-0.1, 0.1):
+        q.on_beat(b"slow", envelope.PREFETCH - 8, later + q.grace + dt)
+        q.expire(later + q.grace + dt)
+        if dt < 0:
+            assert not q.retry
+    # no confirm for those 32 within the grace period: lost after the worker (egress killed, say)
+    assert sorted(m.id for m in q.retry) == sorted(f"b-{i}" for i in range(32))
+    assert all(m.attempt == 2 for m in q.retry)
+    assert sorted(q.in_flight) == sorted(f"b-{i}" for i in range(32, 40))  # still at the worker: no deadline
 
 
 def test_messages_a_worker_never_got_go_again_once_it_says_twice_that_it_holds_nothing(queue):
     q, ctx, address = queue
-    dealer = _serve_one(q, ctx, address, b"w", 5)
-    try:
-        t = q.workers[b"w"].sent_at
-        q.on_beat(b"w", envelope.PREFETCH, t + 0.5)  # too soon after the send to believe it
-        assert not q.retry
-        q.on_beat(b"w", envelope.PREFETCH, t + 1.2)
-        assert not q.retry  # once is not enough: its credit may be on the way
-        q.on_beat(b"w", envelope.PREFETCH, t + 1.7)
-        assert sorted(m.id for m in q.retry) == [f"b-{i}" for i in range(5)] and not q.in_flight
-        assert q.workers[b"w"].credit >= 5  # what it never got is free room again
-    finally:
-        dealer.close()
+    _worker = _serve_one(q, ctx, address, b"w", 5)
+    t = q.workers[b"w"].sent_at
+    q.on_beat(b"w", envelope.PREFETCH, t + 0.5)  # too soon after the send to believe it
+    assert not q.retry
+    q.on_beat(b"w", envelope.PREFETCH, t + 1.2)
+    assert not q.retry  # once is not enough: its credit may be on the way
+    q.on_beat(b"w", envelope.PREFETCH, t + 1.7)
+    assert sorted(m.id for m in q.retry) == [f"b-{i}" for i in range(5)] and not q.in_flight
+    assert q.workers[b"w"].credit >= 5  # what it never got is free room again
 
 
 def test_a_restarted_egress_hastens_only_answered_messages(queue):
     q, ctx, address = queue
-    dealer = _serve_one(q, ctx, address, b"w", 3)
-    try:
-        now = time.monotonic()
-        q.on_credit(b"w", 2, now)  # b-0 and b-1 answered: their results went to the egress that died
-        q.hasten(now + 1.0)
-        q.on_beat(b"w", envelope.PREFETCH - 1, now + 1.1)
-        q.expire(now + 1.1)
-        assert sorted(m.id for m in q.retry) == ["b-0", "b-1"]
-        assert list(q.in_flight) == ["b-2"]  # still at the worker: its result will go to the new egress
-    finally:
-        dealer.close()
+    _worker = _serve_one(q, ctx, address, b"w", 3)
+    now = time.monotonic()
+    q.on_credit(b"w", 2, now)  # b-0 and b-1 answered: their results went to the egress that died
+    q.hasten(now + 1.0)
+    q.on_beat(b"w", envelope.PREFETCH - 1, now + 1.1)
+    q.expire(now + 1.1)
+    assert sorted(m.id for m in q.retry) == ["b-0", "b-1"]
+    assert list(q.in_flight) == ["b-2"]  # still at the worker: its result will go to the new egress
