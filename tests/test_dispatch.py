@@ -1,4 +1,5 @@
-"""Ingress's per-rule dispatch (`RuleQueue`) against a real ZMQ ROUTER, with workers as real DEALER sockets."""
+"""Ingress's per-rule dispatch (`RuleQueue`) against a real ZMQ ROUTER, with workers as real DEALER sockets;
+and when ingress reads MQTT (`ReadPace`, on a clock of the test's own)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import zmq
 from pipeline import config, envelope
 from pipeline.envelope import Message
 from pipeline.ingress.dispatch import WORKER_SILENT, RuleQueue
+from pipeline.ingress.pace import BUSY_READ_EVERY, FAST_READ_EVERY, RATE_WINDOW, ReadPace
 from pipeline.stats import Reporter
 
 MODELS = Path(__file__).parent / "models"
@@ -152,3 +154,59 @@ def test_a_restarted_egress_hastens_only_answered_messages(queue):
     q.expire(now + 1.1)
     assert sorted(m.id for m in q.retry) == ["b-0", "b-1"]
     assert list(q.in_flight) == ["b-2"]  # still at the worker: its result will go to the new egress
+
+
+# ---------------------------------------------------------------------------------------------- read pace
+
+
+def _pace_run(pace: ReadPace, rate: float, seconds: float, backlog: bool = False) -> list[tuple[float, bool]]:
+    """Drive `pace` as ingress's loop would, every 0.1 ms, with `rate` msg/s arriving (a clock of our own)."""
+    steps, t = [], 0.0
+    while t < seconds:
+        steps.append((t, pace.step(t, int(t * rate), backlog)))
+        t += 0.0001
+    return steps
+
+
+def _read_gaps(steps: list[tuple[float, bool]]) -> list[float]:
+    """Time from the end of each reading spell to the next read."""
+    gaps, stopped = [], None
+    for t, reading in steps:
+        if not reading and stopped is None:
+            stopped = t
+        elif reading and stopped is not None:
+            gaps.append(t - stopped)
+            stopped = None
+    return gaps
+
+
+def test_light_input_is_read_as_it_comes():
+    pace = ReadPace()
+    steps = _pace_run(pace, rate=1000, seconds=0.2)
+    assert all(reading for _, reading in steps) and not pace.fast
+    assert pace.timeout_ms(0.2) == 50
+
+
+def test_fast_input_is_read_in_spaced_reads():
+    pace = ReadPace()
+    gaps = _read_gaps(_pace_run(pace, rate=18_000, seconds=0.2))
+    assert pace.fast and len(gaps) > 50
+    assert all(abs(g - FAST_READ_EVERY) < 0.00015 for g in gaps), gaps
+
+
+def test_a_backlog_spaces_reads_even_when_input_is_light():
+    pace = ReadPace()
+    gaps = _read_gaps(_pace_run(pace, rate=500, seconds=0.1, backlog=True))
+    assert gaps and all(abs(g - BUSY_READ_EVERY) < 0.00015 for g in gaps), gaps
+
+
+def test_spaced_reads_end_one_window_after_input_slows():
+    pace = ReadPace()
+    _pace_run(pace, rate=18_000, seconds=0.1)
+    assert pace.fast
+    t, received = 0.1, int(0.1 * 18_000)
+    while t < 0.1 + 2 * RATE_WINDOW + 0.001:  # input stops
+        pace.step(t, received, False)
+        t += 0.0001
+    assert not pace.fast and pace.step(t, received, False)
+    assert pace.timeout_ms(t) == 50

@@ -21,6 +21,7 @@ from pipeline.endpoints import Endpoints
 from pipeline.envelope import Message, Result
 from pipeline.ingress.acks import AckWindow
 from pipeline.ingress.dispatch import RuleQueue
+from pipeline.ingress.pace import ReadPace
 from pipeline.mqtt import Hub, Link
 from pipeline.sockets import drain
 from pipeline.stats import Reporter
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 
 TICK = 0.2
 EGRESS_GRACE = 1.0  # seconds a (re)started egress has to confirm what workers answered before it came
-BUSY_READ_EVERY = 0.002  # seconds between MQTT reads while a backlog waits for worker credit (see serve)
 
 
 class Router:
@@ -92,23 +92,18 @@ class Ingress:
         g["unacked"] = lambda: {n: len(a) for n, a in self.acks.items()}
 
     def serve(self, stop: threading.Event) -> None:
-        """The loop. While a backlog waits for worker credit (workers are the bottleneck), MQTT input is read
-        at most every BUSY_READ_EVERY: one read then takes several messages, and ingress wakes up for credit
-        rather than for each message, which leaves the busy workers more CPU. Without a backlog every message
-        is read as it comes."""
+        """The loop: MQTT input is read as it comes, or in spaced reads when it is fast or workers lag
+        (see `pipeline.ingress.pace`)."""
         log.info("ingress up: %d rule(s) on %d broker(s)", len(self.queues), len(self.links))
-        next_tick = resume_at = 0.0
-        hub = self.hub
+        next_tick = 0.0
+        hub, pace = self.hub, ReadPace()
         while not stop.is_set():
-            self._handle(hub.poll(50 if hub.reading else int(max(0.0, resume_at - time.monotonic()) * 1000) + 1))
+            self._handle(hub.poll(pace.timeout_ms(time.monotonic())))
             now = time.monotonic()
             for q in self.queues:
                 q.dispatch(now)
             hub.flush()
-            if hub.reading and any(q.pending for q in self.queues):
-                hub.reading, resume_at = False, now + BUSY_READ_EVERY
-            elif not hub.reading and now >= resume_at:
-                hub.reading = True
+            hub.reading = pace.step(now, self.seq, any(q.pending for q in self.queues))
             if now >= next_tick:
                 next_tick = now + TICK
                 self._tick(now)
