@@ -92,7 +92,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             raise errors.ConfigError(cfg.source, [str(e.args[0])]) from None
         eps = _worker_endpoints(cfg, rd, args)
         stop = _stop_event()
-        proc = load(cfg, args.rule, rd / "models")
+        proc = load(cfg, args.rule)
         return workers.run(cfg, args.rule, eps, stop, proc)
 
     return _stage("worker", args, body)

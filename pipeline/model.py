@@ -1,8 +1,8 @@
 """Loading a model package and the `context` handed to it.
 
-A model is a folder, or a .zip unpacked under the run directory, holding `index.py` with
-`handler(event, context)` and optionally `init(context)`. The folder goes on sys.path (so `import helper`
-works, and pickles that name helper modules load) and is also imported as a package (so
+A model is a folder holding `index.py` with `handler(event, context)` and optionally `init(context)`
+(archives are verified and unpacked by `pipeline.packages` first). The folder goes on sys.path (so
+`import helper` works, and pickles that name helper modules load) and is also imported as a package (so
 `from . import helper` works and `__file__` points into the folder).
 """
 
@@ -11,20 +11,16 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import logging
-import os
 import re
 import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline import digest
 from pipeline.errors import ModelLoadError
-
-if TYPE_CHECKING:
-    import zipfile
 
 
 @dataclass
@@ -51,58 +47,13 @@ class LoadedModel:
     init: Callable[[Context], Any] | None
 
 
-def sha256_of(path: Path) -> str:
-    """Digest of a zip file, or of a folder's files (names and contents, in sorted order)."""
+def sha256_of(folder: Path) -> str:
+    """Digest of a folder's files (names and contents, in sorted order): the version of a model used in place."""
     h = digest.sha256()
-    if path.is_file():
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-    for p in sorted(path.rglob("*")):
+    for p in sorted(folder.rglob("*")):
         if p.is_file() and "__pycache__" not in p.parts:
-            h.update(str(p.relative_to(path)).encode() + b"\0" + p.read_bytes())
+            h.update(str(p.relative_to(folder)).encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
-
-
-def unpack(archive: Path, into: Path) -> Path:
-    """Unpack a zip once into `into/<sha256>/` (atomically); return the folder holding index.py."""
-    import shutil  # here, not at the top: most workers load a folder (~0.5 MiB less each)
-    import zipfile
-
-    digest = sha256_of(archive)
-    dest = into / digest
-    if not dest.exists():
-        tmp = into / f".{digest}.{os.getpid()}.tmp"  # workers of one rule may unpack at the same time
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            with zipfile.ZipFile(archive) as z:
-                _check_members(z, archive)
-                z.extractall(tmp)
-        except zipfile.BadZipFile as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ModelLoadError(f"{archive}: not a valid zip file: {e}") from e
-        try:
-            tmp.rename(dest)
-        except OSError:  # another worker won the race: its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    return _index_folder(dest, archive)
-
-
-def _check_members(z: zipfile.ZipFile, archive: Path) -> None:
-    for name in z.namelist():
-        if name.startswith("/") or ".." in Path(name).parts:
-            raise ModelLoadError(f"{archive}: refusing unsafe path in archive: {name!r}")
-
-
-def _index_folder(folder: Path, source: Path) -> Path:
-    if (folder / "index.py").is_file():
-        return folder
-    entries = [p for p in folder.iterdir() if p.name not in ("__MACOSX",)]
-    if len(entries) == 1 and entries[0].is_dir() and (entries[0] / "index.py").is_file():
-        return entries[0]  # one top-level folder, as the old runtime's zips have
-    raise ModelLoadError(f"{source}: no index.py at the top of the model (nor inside a single top folder)")
 
 
 class _Alias:
@@ -126,11 +77,11 @@ class _Alias:
         pass  # imported already, under its top-level name
 
 
-def load(name: str, path: Path, cache_dir: Path) -> LoadedModel:
-    """Import a model package; raise ModelLoadError naming the model and path on any failure."""
-    if not path.exists():
-        raise ModelLoadError(f"model '{name}': {path} does not exist")
-    folder = unpack(path, cache_dir / name) if path.is_file() else _index_folder(path, path)
+def load(name: str, folder: Path) -> LoadedModel:
+    """Import the model in `folder` (holding index.py: a folder `packages.resolve` returned, where archives are
+    verified and unpacked); raise ModelLoadError naming the model and path on any failure."""
+    if not (folder / "index.py").is_file():
+        raise ModelLoadError(f"model '{name}': no index.py in {folder}")
     package = "pipeline_model_" + re.sub(r"\W", "_", name)
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
@@ -151,7 +102,7 @@ def load(name: str, path: Path, cache_dir: Path) -> LoadedModel:
     if not callable(handler):
         raise ModelLoadError(f"model '{name}': {folder / 'index.py'} defines no handler(event, context)")
     init = getattr(module, "init", None)
-    return LoadedModel(name, folder, sha256_of(path), handler, init if callable(init) else None)
+    return LoadedModel(name, folder, sha256_of(folder), handler, init if callable(init) else None)
 
 
 def run_init(model: LoadedModel, context: Context) -> None:

@@ -245,15 +245,15 @@ def message(payload: bytes, seq: int = 1) -> envelope.Message:
 def test_a_worker_loads_the_resolved_version_and_reuses_it_offline(tmp_path, server, clean_imports):
     sha = digests(ARCHIVE)[0]
     cfg = parse({"m": {"url": server.serve("/m.zip", ARCHIVE), "sha256": sha}}, tmp_path, data_dir=str(tmp_path / "d"))
-    proc = load(cfg, "r", tmp_path / "run" / "models")
+    proc = load(cfg, "r")
     assert proc.model.sha256 == sha and proc.model.folder == tmp_path / "d" / "models" / "m" / sha / "model" / "trend"
     result = proc(message(b'{"x": 1}'))
     assert result.kind == envelope.PUBLISH and b'"files":["index.py","weights.bin"]' in result.payload
     server.stop()
-    assert load(cfg, "r", tmp_path / "run" / "models").model.sha256 == sha
+    assert load(cfg, "r").model.sha256 == sha
     moved = parse({"m": {"url": server.url("/other.zip"), "sha256": "2" * 64}}, tmp_path, data_dir=str(tmp_path / "d"))
     with pytest.raises(ModelLoadError, match=r"model 'm': download of http://127\.0\.0\.1:\d+/other\.zip failed"):
-        load(moved, "r", tmp_path / "run" / "models")
+        load(moved, "r")
 
 
 def test_the_filter_answers_refused_messages_with_nothing(tmp_path, clean_imports):
@@ -262,7 +262,7 @@ def test_the_filter_answers_refused_messages_with_nothing(tmp_path, clean_import
     models = {"m": {"path": str(HERE / "models" / "probe")}}
     cfg = config.parse({**BASE, "rules": [{**BASE["rules"][0], "filter": flt}], "models": models}, tmp_path / "p.yaml")
     rule = cfg.rule("r")
-    loaded = model.load("m", HERE / "models" / "probe", tmp_path)
+    loaded = model.load("m", HERE / "models" / "probe")
     proc = Processor(rule, loaded, model.Context("r", "m", {}, logging.getLogger("m")))
     payloads = [b'{"deviceInfo": {"deviceName": "d1"}, "seq": 1}', b'{"deviceInfo": {"deviceName": "d2"}, "seq": 2}',
                 b'{"telemetry": {"temp": 3}, "seq": 3}', b'[1, 2]', b'not json']

@@ -304,7 +304,7 @@ def test_an_old_style_zip_runs_through_an_old_format_config(tmp_path, isolated_i
     finally:
         files.stop()
     assert folder.name == "trend" and files.hits == ["/group1/M00/trend.zip"]
-    loaded = model.load("trend", folder, tmp_path / "run")
+    loaded = model.load("trend", folder)
     event = {"deviceInfo": {"deviceName": "boiler-1"}, "telemetry": {"ts": 1700000000000, "temp": 21.5}}
     assert matches(convert(raw)["rules"][0]["filter"], event)
     context = model.Context("boiler-trend", "trend", {}, logging.getLogger("trend"))

@@ -39,14 +39,14 @@ BEAT = 0.5
 COALESCE_AFTER = 0.001  # seconds of model time per pass above which the worker batches what waits (see _take)
 
 
-def load(cfg: Config, rule_name: str, cache_dir: os.PathLike[str]) -> Processor:
+def load(cfg: Config, rule_name: str) -> Processor:
     """Resolve the rule's model (a cached, verified version is used without network; a missing one is downloaded),
     import it and run its init(); raise ModelLoadError on failure. The version reported is the sha256 of the
     archive it came from (of the folder's files for a folder used in place)."""
     rule = cfg.rule(rule_name)
     spec = cfg.models[rule.model]
     folder = packages.resolve(rule.model, spec.source, cfg.default_data_dir(), cfg.packages.limits())
-    loaded = model.load(rule.model, folder, cache_dir)
+    loaded = model.load(rule.model, folder)
     info = packages.source_info(folder)
     if info and info.get("sha256"):
         loaded = dataclasses.replace(loaded, sha256=info["sha256"])
