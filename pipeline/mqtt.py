@@ -97,7 +97,7 @@ class Link:
                 self._connect(now)
             return
         if self.state == "connecting" and now - self._since > CONNECT_TIMEOUT + 2:
-            self._lost(now, "no CONNACK")
+            self._lost(now, self._before_connack(f"no CONNACK within {CONNECT_TIMEOUT + 2:g} s"))
             return
         if self.client.loop_misc() != mqtt.MQTT_ERR_SUCCESS and self.state != "disconnected":
             self._lost(now, "keepalive")
@@ -149,6 +149,13 @@ class Link:
         self.state = "disconnected"
         self._retry_at, self._backoff = now + self._backoff, min(self._backoff * 2, MAX_BACKOFF)
 
+    def _before_connack(self, why: str) -> str:
+        """`why` with the likely causes of a connection that never got its CONNACK."""
+        hints = ["a TLS port? then use mqtts://"] if self.broker.scheme == "mqtt" else []
+        if self.broker.protocol == "5":  # amqtt, Mosquitto < 1.6: no answer, or a close, to an MQTT 5 CONNECT
+            hints.append('a broker that speaks only MQTT 3.1.1? then set protocol: "3.1.1"')
+        return f"{why} ({'; '.join(hints)})" if hints else why
+
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
         if rc.is_failure:
             log.error("broker %s refused the connection: %s", self.name, rc)
@@ -184,8 +191,8 @@ class Link:
 
     def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
         why = str(rc)
-        if self.state == "connecting" and self.broker.scheme == "mqtt":
-            why += ": the broker closed the connection before CONNACK (a TLS port? then use mqtts://)"
+        if self.state == "connecting":
+            why = self._before_connack(f"{why}: the broker closed the connection before CONNACK")
         if self.state not in ("stopped", "disconnected"):
             self._lost(time.monotonic(), why)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import paho.mqtt.client as mqtt
 import pytest
+from conftest import free_port
 
 from pipeline.fastpaho import FastClient
 
@@ -200,3 +202,34 @@ def test_an_mqtt5_link_asks_mosquitto_for_more_than_20_unacked_messages(broker, 
     finally:
         pub.loop_stop()
         link.stop()
+
+
+def test_an_mqtt5_link_to_a_broker_that_speaks_only_311_says_what_to_set(caplog):
+    """amqtt (the embedded broker) speaks MQTT 3.1.1 only and never answers an MQTT 5 CONNECT: the log says
+    what to set instead of only "cannot reach"."""
+    from pipeline import broker as embedded
+    from pipeline.config import Broker
+    from pipeline.mqtt import Hub, Link
+
+    port, stop = free_port(), threading.Event()
+    server = threading.Thread(target=embedded.run, args=("127.0.0.1", port, stop), daemon=True)
+    server.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # listening?
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    link = Link("old", Broker(url=f"mqtt://127.0.0.1:{port}", protocol="5"), "v5-to-311")
+    hub = Hub([link])
+    try:
+        deadline = time.monotonic() + 15
+        while "cannot reach broker old" not in caplog.text and time.monotonic() < deadline:
+            hub.poll(50)
+        assert 'a broker that speaks only MQTT 3.1.1? then set protocol: "3.1.1"' in caplog.text
+        assert not link.connected
+    finally:
+        link.stop()
+        stop.set()
+        server.join(5)
