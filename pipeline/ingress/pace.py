@@ -12,7 +12,7 @@ a core to 37-40 %).
 - A backlog waiting for worker credit (the workers are the bottleneck): reads at most every BUSY_READ_EVERY,
   so ingress wakes up for credit rather than for each message, which leaves the busy workers more CPU.
 
-Spaced reads rely on the broker sending what it holds as soon as it may: see `fastpaho.FastClient.fill` for
+Spaced reads rely on the broker sending what it holds as soon as it may: see `fastpaho.FastClient._quickack` for
 the delayed-ACK stall they would otherwise meet (TCP_QUICKACK).
 """
 
