@@ -70,6 +70,7 @@ def error_result(msg: Message, topic: str, reason: str, err: BaseException | str
 #   worker -> ingress, on the rule's DEALER:   [CREDIT, n]          n more messages may be sent to me
 #   worker -> ingress, on beats (PUSH):        [worker id, rule index, BEAT, free credit]
 #                                              [worker id, rule index, TIMEOUT, [message id, [answered ids]]]
+#                                              (message id nil: a handler_batch call of several timed out)
 #   egress -> ingress, on confirms (PUSH):     [[message id, rule, broker], ...]   these results are safe;
 #                                              [] once at egress start: results sent to an earlier egress are lost
 CREDIT, BEAT, TIMEOUT = 0, 1, 2

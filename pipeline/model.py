@@ -23,9 +23,20 @@ from pipeline import digest
 from pipeline.errors import ModelLoadError
 
 
+@dataclass(frozen=True)
+class Meta:
+    """One message of a `handler_batch` call: `context.batch[i]` describes `events[i]`."""
+
+    topic: str
+    received_at: float
+    message_id: str
+    attempt: int
+
+
 @dataclass
 class Context:
-    """What a model sees besides the event. One object per worker, updated for each message."""
+    """What a model sees besides the event. One object per worker, updated for each message (for each call of
+    `handler_batch`: then `batch` describes its events, and topic, received_at and message_id are None)."""
 
     rule: str
     model: str
@@ -36,6 +47,11 @@ class Context:
     message_id: str | None = None
     attempt: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # free for the model's own use
+    batch: list[Meta] = field(default_factory=list)
+
+
+Handler = Callable[[Any, Context], Any]
+BatchHandler = Callable[[list[Any], Context], Any]
 
 
 @dataclass(frozen=True)
@@ -43,8 +59,9 @@ class LoadedModel:
     name: str
     folder: Path
     sha256: str
-    handler: Callable[[Any, Context], Any]
+    handler: Handler  # made from handler_batch (a batch of one) when the model defines only that
     init: Callable[[Context], Any] | None
+    handler_batch: BatchHandler | None = None
 
 
 def sha256_of(folder: Path) -> str:
@@ -98,11 +115,34 @@ def load(name: str, folder: Path) -> LoadedModel:
         spec.loader.exec_module(module)
     except BaseException as e:  # a model may raise anything at import, SystemExit included
         raise ModelLoadError(f"model '{name}': importing {folder / 'index.py'} failed: {type(e).__name__}: {e}") from e
-    handler = getattr(module, "handler", None)
-    if not callable(handler):
-        raise ModelLoadError(f"model '{name}': {folder / 'index.py'} defines no handler(event, context)")
-    init = getattr(module, "init", None)
-    return LoadedModel(name, folder, sha256_of(folder), handler, init if callable(init) else None)
+    handler, batch, init = (getattr(module, f, None) for f in ("handler", "handler_batch", "init"))
+    handler, batch, init = (f if callable(f) else None for f in (handler, batch, init))
+    if handler is None and batch is None:
+        raise ModelLoadError(f"model '{name}': {folder / 'index.py'} defines no handler(event, context) "
+                             "(nor handler_batch(events, context))")
+    return LoadedModel(name, folder, sha256_of(folder), handler or _one_by_one(batch), init, batch)
+
+
+def _one_by_one(handler_batch: BatchHandler) -> Handler:
+    """handler(event, context) for a model that defines only handler_batch: a batch of one."""
+
+    def handler(event: Any, context: Context) -> Any:
+        context.batch = [Meta(context.topic or "", context.received_at or 0.0, context.message_id or "",
+                              context.attempt)]
+        values = handler_batch([event], context)
+        return check_batch(values, 1)[0]
+
+    return handler
+
+
+def check_batch(values: Any, n: int) -> list[Any]:
+    """What handler_batch returned for n events (a list, tuple or numpy array, one item per event) as a list;
+    ValueError when it is not n items."""
+    sized = hasattr(values, "__len__") and not isinstance(values, (str, bytes, bytearray, dict))
+    if not sized or len(values) != n:
+        got = f"{len(values)} results" if sized else f"a {type(values).__name__}"
+        raise ValueError(f"handler_batch returned {got} for {n} event(s): expected a list of {n}")
+    return list(values)
 
 
 def run_init(model: LoadedModel, context: Context) -> None:

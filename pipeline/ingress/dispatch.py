@@ -183,16 +183,17 @@ class RuleQueue:
             if deadline < d < UNANSWERED:
                 self.in_flight[msg_id] = (m, ident, deadline)
 
-    def on_timeout(self, ident: bytes, msg_id: str, answered: list[str], now: float) -> None:
-        """A worker's call of `msg_id` passed the timeout; `answered`: results it sent before dying."""
-        entry = self.in_flight.get(msg_id)
+    def on_timeout(self, ident: bytes, msg_id: str | None, answered: list[str], now: float) -> None:
+        """A worker's call of `msg_id` passed the timeout; `answered`: results it sent before dying. No `msg_id`:
+        a handler_batch call of several passed it, so each message it held goes again alone, as a suspect."""
+        entry = self.in_flight.get(msg_id) if msg_id is not None else None
         if entry is not None:
             self._again(entry[0], now, f"timeout after {self.rule.timeout:g}s", "timeout")
         w = self.workers.get(ident)
         if w is not None:
             for done in answered:  # their confirms are on the way (the deadline covers a lost one)
                 w.held.pop(done, None)
-            self._bury(w, now, suspects=False)  # we know the culprit: the others lose no attempt
+            self._bury(w, now, suspects=msg_id is None)  # a known culprit: the others lose no attempt
 
     def expire(self, now: float) -> None:
         """Bury silent workers; send again what passed its deadline (lost in a pipe, e.g. egress restarted)."""

@@ -1,15 +1,16 @@
-"""One message through the model: the single place where per-message failures become error records."""
+"""Messages through the model, one call each or a frame per `handler_batch` call: the single place where
+per-message failures become error records."""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline import codec, envelope, topics
 from pipeline.envelope import Message, Result, result_for
 from pipeline.filters import matches
-from pipeline.model import Context, LoadedModel
+from pipeline.model import Context, LoadedModel, Meta, check_batch
 
 if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
     from pipeline.config import Rule
@@ -21,7 +22,7 @@ class Processor:
         self.render = topics.compile_template(rule.pub.topic)
         self.error_topic = topics.compile_template(rule.error_topic)
         self.call_started = 0.0  # monotonic start of the running model call, 0 when idle (read by the watchdog)
-        self.current: Message | None = None
+        self.calling: tuple[Message, ...] = ()  # the messages of the running (or last) model call
         self.batch: tuple[Message, ...] = ()  # the frame being processed and its results so far
         self.done: list[Result] = []
         self.log = logging.getLogger("pipeline.worker")
@@ -29,10 +30,37 @@ class Processor:
         self.filtered = 0  # messages the rule's filter refused: answered with NOTHING, the model not called
 
     def run_batch(self, batch: list[Message]) -> list[Result]:
+        """The results of one frame, in its order. A model with handler_batch gets the frame's events in one
+        call; a message on its second attempt or later is called alone (it may be the one that stopped a
+        worker: alone, it costs only itself)."""
         self.batch, self.done = tuple(batch), []
-        for msg in batch:
-            self.done.append(self(msg))
+        if self.model.handler_batch is None or len(batch) == 1:
+            for msg in batch:
+                self.done.append(self(msg))
+            return self.done
+        results: dict[int, Result] = {}
+        events: list[Any] = []
+        todo: list[int] = []
+        for i, msg in enumerate(batch):
+            if msg.attempt == 1:
+                event, refused = self._event(msg)
+                if refused is not None:
+                    results[i] = refused
+                else:
+                    events.append(event)
+                    todo.append(i)
+        if events:
+            results.update(zip(todo, self._call_batch([batch[i] for i in todo], events), strict=True))
+        for i, msg in enumerate(batch):
+            if i not in results:
+                results[i] = self(msg)
+        self.done = [results[i] for i in range(len(batch))]
         return self.done
+
+    @property
+    def culprit(self) -> Message | None:
+        """The message the running call is about; None in a handler_batch call of several (no one to blame)."""
+        return self.calling[0] if len(self.calling) == 1 else None
 
     def abandon(self, reason: str) -> list[Result]:
         """What to send when the worker must die in the middle of a frame (see the watchdog).
@@ -41,24 +69,24 @@ class Processor:
         (nobody retries those: at most once). QoS 1 ones are left to ingress, which dispatches them again.
         """
         out = list(self.done)
+        running = self.calling
+        where = running[0].id if len(running) == 1 else f"a handler_batch call of {len(running)} messages"
         for msg in self.batch[len(out):]:
             if msg.qos == 0:
-                is_current = msg is self.current
-                why = reason if is_current else f"worker restarted after {reason} on message {self.current.id}"
-                out.append(self.error(msg, "timeout" if is_current else "not_processed", why, 0.0))
+                if any(msg is m for m in running):
+                    out.append(self.error(msg, "timeout", reason if len(running) == 1 else f"{reason} ({where})", 0.0))
+                else:
+                    out.append(self.error(msg, "not_processed", f"worker restarted after {reason} on {where}", 0.0))
         return out
 
     def __call__(self, msg: Message) -> Result:
-        try:
-            event = codec.decode_event(msg.payload)
-        except codec.BadPayload as e:
-            return self.error(msg, "bad_payload", e, 0.0)
-        if self.rule.filter is not None and not matches(self.rule.filter, event):
-            self.filtered += 1
-            return result_for(msg, envelope.NOTHING, "", b"", 0.0)
+        event, refused = self._event(msg)
+        if refused is not None:
+            return refused
         ctx = self.context
         ctx.topic, ctx.received_at, ctx.message_id, ctx.attempt = msg.topic, msg.received_at, msg.id, msg.attempt
-        self.current, t0 = msg, time.monotonic()
+        ctx.batch = []
+        self.calling, t0 = (msg,), time.monotonic()
         self.call_started = t0
         try:
             value = self.model.handler(event, ctx)
@@ -66,7 +94,38 @@ class Processor:
             return self.error(msg, "model_error", e, time.monotonic() - t0)
         finally:
             self.call_started = 0.0
-        took = time.monotonic() - t0
+        return self._result(msg, value, time.monotonic() - t0)
+
+    def _call_batch(self, msgs: list[Message], events: list[Any]) -> list[Result]:
+        """One handler_batch call; when it fails, every message of it gets the error record."""
+        ctx = self.context
+        ctx.topic = ctx.received_at = ctx.message_id = None
+        ctx.attempt = 1
+        ctx.batch = [Meta(m.topic, m.received_at, m.id, m.attempt) for m in msgs]
+        self.calling, t0 = tuple(msgs), time.monotonic()
+        self.call_started = t0
+        try:
+            values = check_batch(self.model.handler_batch(events, ctx), len(events))  # type: ignore[misc]
+        except (Exception, SystemExit) as e:
+            took = (time.monotonic() - t0) / len(msgs)
+            return [self.error(m, "model_error", e, took) for m in msgs]
+        finally:
+            self.call_started = 0.0
+        took = (time.monotonic() - t0) / len(msgs)  # each message's share of the call
+        return [self._result(m, v, took) for m, v in zip(msgs, values, strict=True)]
+
+    def _event(self, msg: Message) -> tuple[Any, Result | None]:
+        """The decoded event, or the result that answers the message without a call (bad payload, filtered)."""
+        try:
+            event = codec.decode_event(msg.payload)
+        except codec.BadPayload as e:
+            return None, self.error(msg, "bad_payload", e, 0.0)
+        if self.rule.filter is not None and not matches(self.rule.filter, event):
+            self.filtered += 1
+            return None, result_for(msg, envelope.NOTHING, "", b"", 0.0)
+        return event, None
+
+    def _result(self, msg: Message, value: Any, took: float) -> Result:
         if value is None:
             return result_for(msg, envelope.NOTHING, "", b"", took)
         try:

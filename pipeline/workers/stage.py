@@ -134,9 +134,9 @@ class Watchdog:
                 if now >= next_beat:
                     next_beat = now + BEAT
                     self._send(beats, [self.ident, self.index, envelope.BEAT, max(0, PREFETCH - self.holding)])
-                started, msg = self.proc.call_started, self.proc.current
-                if started and msg is not None and now - started >= limit:
-                    self._expire(beats, msg, limit)
+                started = self.proc.call_started  # read once: the main thread zeroes it when the call ends
+                if started and now - started >= limit:
+                    self._expire(beats, limit)
         finally:
             beats.close()
 
@@ -146,7 +146,10 @@ class Watchdog:
         except zmq.Again:
             pass
 
-    def _expire(self, beats: zmq.Socket, msg: envelope.Message, limit: float) -> None:
+    def _expire(self, beats: zmq.Socket, limit: float) -> None:
+        """Tell egress what is answered, and ingress which message timed out (none in a handler_batch call of
+        several: ingress then sends each again alone, one attempt more); then exit."""
+        culprit, n = self.proc.culprit, len(self.proc.calling)
         results = self.proc.abandon(f"timeout after {limit:g}s")
         answered = [r.message_id for r in results]  # ingress need not send these again
         sock = self.eps.connect(zmq.Context.instance(), zmq.PUSH, "results")
@@ -154,7 +157,8 @@ class Watchdog:
         # copy_threshold 0, or pyzmq copies small frames and hands back a tracker that is already done
         sock.copy_threshold = beats.copy_threshold = 0
         sent = [sock.send(envelope.encode(results), copy=False, track=True),
-                beats.send(envelope.pack([self.ident, self.index, envelope.TIMEOUT, [msg.id, answered]]),
+                beats.send(envelope.pack([self.ident, self.index, envelope.TIMEOUT,
+                                          [culprit.id if culprit else None, answered]]),
                            copy=False, track=True)]
         for tracker in sent:
             try:
@@ -162,5 +166,6 @@ class Watchdog:
             except zmq.NotDone:
                 pass
         time.sleep(0.1)  # "done" means libzmq let go of the buffer, not that its I/O thread wrote it out
-        log.error("model call passed %gs on message %s: worker exits to be replaced", limit, msg.id)
+        log.error("model call passed %gs on %s: worker exits to be replaced", limit,
+                  f"message {culprit.id}" if culprit else f"a handler_batch call of {n} messages")
         os._exit(WORKER_TIMEOUT)
