@@ -85,11 +85,9 @@ def test_a_model_with_only_handler_batch_serves_a_single_message(proc):
     assert got["alone_topic"] == "in/d7"
 
 
-def test_a_timeout_in_a_call_of_several_blames_none_of_them(proc):
-    """What the watchdog sends when a call passes the timeout: no culprit, QoS 0 messages of the call
-    answered with `timeout`, those after it with `not_processed`."""
-    frame = [msg(0, {}, qos=0), msg(1, {"sleep": 0.3}, qos=0), msg(2, {}, qos=1), msg(3, {}, attempt=2, qos=0)]
-    seen: dict[str, object] = {}
+def abandon_during_the_call(proc: Processor, frame: list[Message]) -> tuple[Message | None, list[dict]]:
+    """Run the frame while a thread plays the watchdog: at the first model call, what would it send?"""
+    seen: dict = {}
 
     def watchdog() -> None:
         while not proc.call_started:
@@ -100,12 +98,28 @@ def test_a_timeout_in_a_call_of_several_blames_none_of_them(proc):
     t.start()
     proc.run_batch(frame)
     t.join(5)
-    assert seen["culprit"] is None
-    records = [orjson.loads(r.payload) for r in seen["abandon"]]
+    return seen["culprit"], [orjson.loads(r.payload) for r in seen["abandon"]]
+
+
+def test_a_timeout_in_a_call_of_several_blames_none_of_them(proc):
+    """No culprit; QoS 0 messages of the call answered with `timeout`, those after it with `not_processed`."""
+    frame = [msg(0, {}, qos=0), msg(1, {"sleep": 0.3}, qos=0), msg(2, {}, qos=1), msg(3, {}, attempt=2, qos=0)]
+    culprit, records = abandon_during_the_call(proc, frame)
+    assert culprit is None
     assert [(r["message_id"], r["reason"]) for r in records] == [("m-0", "timeout"), ("m-1", "timeout"),
                                                                  ("m-3", "not_processed")]
     assert records[0]["error"] == "timeout after 0.1s (a handler_batch call of 3 messages)"
     assert records[2]["error"] == "worker restarted after timeout after 0.1s on a handler_batch call of 3 messages"
+
+
+def test_a_timeout_in_a_call_of_one_names_its_message(proc):
+    plain = Processor(proc.rule, model.load("probe_" + str(id(proc)), MODELS / "probe"), proc.context)
+    frame = [msg(0, {"sleep": 0.3}, qos=0), msg(1, {}, qos=0), msg(2, {}, qos=1)]
+    culprit, records = abandon_during_the_call(plain, frame)
+    assert culprit is frame[0]
+    assert [(r["message_id"], r["reason"], r["error"]) for r in records] == [
+        ("m-0", "timeout", "timeout after 0.1s"),
+        ("m-1", "not_processed", "worker restarted after timeout after 0.1s on message m-0")]
 
 
 CONFIG = """

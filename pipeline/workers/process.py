@@ -70,7 +70,7 @@ class Processor:
         """
         out = list(self.done)
         running = self.calling
-        where = running[0].id if len(running) == 1 else f"a handler_batch call of {len(running)} messages"
+        where = f"message {running[0].id}" if len(running) == 1 else f"a handler_batch call of {len(running)} messages"
         for msg in self.batch[len(out):]:
             if msg.qos == 0:
                 if any(msg is m for m in running):
