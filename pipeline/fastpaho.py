@@ -41,12 +41,9 @@ class FastClient(mqtt.Client):
         return bool(self._wbuf)
 
     def _sock_recv(self, bufsize: int) -> bytes:
-        if self._rpos >= len(self._rbuf):
-            data = super()._sock_recv(READ_SIZE)  # BlockingIOError when nothing is there: paho expects it
-            if not data:
-                return data  # the peer closed the connection
-            self._rbuf, self._rpos = data, 0
-            self._quickack()
+        # _recv raises BlockingIOError when nothing is there, as paho expects
+        if self._rpos >= len(self._rbuf) and not self._recv():
+            return b""  # the peer closed the connection
         chunk = self._rbuf[self._rpos:self._rpos + bufsize]
         self._rpos += len(chunk)
         return chunk
@@ -58,14 +55,21 @@ class FastClient(mqtt.Client):
         if self._rpos < len(self._rbuf):
             return True
         try:
-            data = super()._sock_recv(READ_SIZE)
+            self._recv()
         except BlockingIOError:
             return False
         except OSError:
             return True
-        self._rbuf, self._rpos = data, 0
-        self._quickack()
         return True
+
+    def _recv(self) -> bytes:
+        """One recv() into the consumed read buffer, then TCP_QUICKACK; b"" when the peer closed. Raises what
+        the socket raises (BlockingIOError when nothing is there)."""
+        data = super()._sock_recv(READ_SIZE)
+        if data:
+            self._rbuf, self._rpos = data, 0
+            self._quickack()
+        return data
 
     def _quickack(self) -> None:
         """Acknowledge what arrives at once (TCP_QUICKACK; Linux clears it again, so it is set after each read).
