@@ -62,6 +62,12 @@ class Processor:
         """The message the running call is about; None in a handler_batch call of several (no one to blame)."""
         return self.calling[0] if len(self.calling) == 1 else None
 
+    @property
+    def call_name(self) -> str:
+        """The running (or last) call, as logs and error records name it."""
+        n = len(self.calling)
+        return f"message {self.calling[0].id}" if n == 1 else f"a handler_batch call of {n} messages"
+
     def abandon(self, reason: str) -> list[Result]:
         """What to send when the worker must die in the middle of a frame (see the watchdog).
 
@@ -69,8 +75,7 @@ class Processor:
         (nobody retries those: at most once). QoS 1 ones are left to ingress, which dispatches them again.
         """
         out = list(self.done)
-        running = self.calling
-        where = f"message {running[0].id}" if len(running) == 1 else f"a handler_batch call of {len(running)} messages"
+        running, where = self.calling, self.call_name
         for msg in self.batch[len(out):]:
             if msg.qos == 0:
                 if any(msg is m for m in running):

@@ -149,7 +149,7 @@ class Watchdog:
     def _expire(self, beats: zmq.Socket, limit: float) -> None:
         """Tell egress what is answered, and ingress which message timed out (none in a handler_batch call of
         several: ingress then sends each again alone, one attempt more); then exit."""
-        culprit, n = self.proc.culprit, len(self.proc.calling)
+        culprit, where = self.proc.culprit, self.proc.call_name
         results = self.proc.abandon(f"timeout after {limit:g}s")
         answered = [r.message_id for r in results]  # ingress need not send these again
         sock = self.eps.connect(zmq.Context.instance(), zmq.PUSH, "results")
@@ -166,6 +166,5 @@ class Watchdog:
             except zmq.NotDone:
                 pass
         time.sleep(0.1)  # "done" means libzmq let go of the buffer, not that its I/O thread wrote it out
-        log.error("model call passed %gs on %s: worker exits to be replaced", limit,
-                  f"message {culprit.id}" if culprit else f"a handler_batch call of {n} messages")
+        log.error("model call passed %gs on %s: worker exits to be replaced", limit, where)
         os._exit(WORKER_TIMEOUT)
