@@ -35,8 +35,8 @@ class Meta:
 
 @dataclass
 class Context:
-    """What a model sees besides the event. One object per worker, updated for each message (for each call of
-    `handler_batch`: then `batch` describes its events, and topic, received_at and message_id are None)."""
+    """What a model sees besides the event. One object per worker, updated for each call. In a `handler_batch`
+    call `batch` describes its events; topic, received_at and message_id are None when they are several."""
 
     rule: str
     model: str
@@ -59,7 +59,7 @@ class LoadedModel:
     name: str
     folder: Path
     sha256: str
-    handler: Handler  # made from handler_batch (a batch of one) when the model defines only that
+    handler: Handler | None  # None: the model defines only handler_batch (then called with a batch of one)
     init: Callable[[Context], Any] | None
     handler_batch: BatchHandler | None = None
 
@@ -120,19 +120,7 @@ def load(name: str, folder: Path) -> LoadedModel:
     if handler is None and batch is None:
         raise ModelLoadError(f"model '{name}': {folder / 'index.py'} defines no handler(event, context) "
                              "(nor handler_batch(events, context))")
-    return LoadedModel(name, folder, sha256_of(folder), handler or _one_by_one(batch), init, batch)
-
-
-def _one_by_one(handler_batch: BatchHandler) -> Handler:
-    """handler(event, context) for a model that defines only handler_batch: a batch of one."""
-
-    def handler(event: Any, context: Context) -> Any:
-        context.batch = [Meta(context.topic or "", context.received_at or 0.0, context.message_id or "",
-                              context.attempt)]
-        values = handler_batch([event], context)
-        return check_batch(values, 1)[0]
-
-    return handler
+    return LoadedModel(name, folder, sha256_of(folder), handler, init, batch)
 
 
 def check_batch(values: Any, n: int) -> list[Any]:

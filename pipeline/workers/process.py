@@ -88,11 +88,11 @@ class Processor:
         event, refused = self._event(msg)
         if refused is not None:
             return refused
-        ctx = self.context
-        ctx.topic, ctx.received_at, ctx.message_id, ctx.attempt = msg.topic, msg.received_at, msg.id, msg.attempt
+        if self.model.handler is None:  # a model with only handler_batch: a batch of one
+            return self._call_batch([msg], [event])[0]
+        ctx = self._context((msg,))
         ctx.batch = []
-        self.calling, t0 = (msg,), time.monotonic()
-        self.call_started = t0
+        t0 = self.call_started = time.monotonic()
         try:
             value = self.model.handler(event, ctx)
         except (Exception, SystemExit) as e:  # SystemExit: a model calling sys.exit() costs one message only
@@ -103,12 +103,9 @@ class Processor:
 
     def _call_batch(self, msgs: list[Message], events: list[Any]) -> list[Result]:
         """One handler_batch call; when it fails, every message of it gets the error record."""
-        ctx = self.context
-        ctx.topic = ctx.received_at = ctx.message_id = None
-        ctx.attempt = 1
+        ctx = self._context(tuple(msgs))
         ctx.batch = [Meta(m.topic, m.received_at, m.id, m.attempt) for m in msgs]
-        self.calling, t0 = tuple(msgs), time.monotonic()
-        self.call_started = t0
+        t0 = self.call_started = time.monotonic()
         try:
             values = check_batch(self.model.handler_batch(events, ctx), len(events))  # type: ignore[misc]
         except (Exception, SystemExit) as e:
@@ -118,6 +115,15 @@ class Processor:
             self.call_started = 0.0
         took = (time.monotonic() - t0) / len(msgs)  # each message's share of the call
         return [self._result(m, v, took) for m, v in zip(msgs, values, strict=True)]
+
+    def _context(self, msgs: tuple[Message, ...]) -> Context:
+        """The context of a call about `msgs` (now `calling`): the message's topic and ids for a call about one,
+        none for a handler_batch call of several (its `batch` says which is which)."""
+        ctx, self.calling = self.context, msgs
+        one = msgs[0] if len(msgs) == 1 else None
+        ctx.topic, ctx.received_at, ctx.message_id, ctx.attempt = (
+            (one.topic, one.received_at, one.id, one.attempt) if one else (None, None, None, 1))
+        return ctx
 
     def _event(self, msg: Message) -> tuple[Any, Result | None]:
         """The decoded event, or the result that answers the message without a call (bad payload, filtered)."""
