@@ -94,9 +94,10 @@ class _Alias:
         pass  # imported already, under its top-level name
 
 
-def load(name: str, folder: Path) -> LoadedModel:
+def load(name: str, folder: Path, version: str | None = None) -> LoadedModel:
     """Import the model in `folder` (holding index.py: a folder `packages.resolve` returned, where archives are
-    verified and unpacked); raise ModelLoadError naming the model and path on any failure."""
+    verified and unpacked); raise ModelLoadError naming the model and path on any failure. `version`: its
+    sha256 when known (`packages.version_of`), else the digest of the folder's files."""
     if not (folder / "index.py").is_file():
         raise ModelLoadError(f"model '{name}': no index.py in {folder}")
     package = "pipeline_model_" + re.sub(r"\W", "_", name)
@@ -120,7 +121,7 @@ def load(name: str, folder: Path) -> LoadedModel:
     if handler is None and batch is None:
         raise ModelLoadError(f"model '{name}': {folder / 'index.py'} defines no handler(event, context) "
                              "(nor handler_batch(events, context))")
-    return LoadedModel(name, folder, sha256_of(folder), handler, init, batch)
+    return LoadedModel(name, folder, version or sha256_of(folder), handler, init, batch)
 
 
 def check_batch(values: Any, n: int) -> list[Any]:

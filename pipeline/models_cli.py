@@ -67,8 +67,6 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def fetch(cfg: Config, progress: bool = True) -> int:
     """Download (or find in the cache) and verify every model; one line each; OK, or MODEL_LOAD_ERROR naming
     each failure (model, url, expected and actual digest) on stderr."""
-    from pipeline import reload  # supervisor.xmlrpc, http.client: not in every stage that builds the parser
-
     data_dir = cfg.default_data_dir()
     print(f"models ({data_dir / 'models'}):")
     sources = {name: spec.source for name, spec in cfg.models.items()}
@@ -79,7 +77,7 @@ def fetch(cfg: Config, progress: bool = True) -> int:
             failed.append(got)
             print(f"  {name:<16} FAILED  {cfg.models[name].where}")
         else:
-            print(f"  {name:<16} OK      sha256 {reload.version_of(got)[:12]}  {got}")
+            print(f"  {name:<16} OK      sha256 {packages.version_of(got)[:12]}  {got}")
     for e in failed:
         print(f"pipeline: {e}", file=sys.stderr)
     return errors.MODEL_LOAD_ERROR if failed else errors.OK

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import model, packages, stack
+from pipeline import packages, stack
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
@@ -43,12 +43,6 @@ class ReloadError(Exception):
 
 class Busy(Exception):
     """Another reload is running on this stack."""
-
-
-def version_of(folder: Path) -> str:
-    """A model version as workers report it: the sha256 of the archive it came from, or of a folder's files."""
-    info = packages.source_info(folder)
-    return str(info["sha256"]) if info and info.get("sha256") else model.sha256_of(folder)
 
 
 class Supervisor:
@@ -140,7 +134,7 @@ class Reloader:
         rules = self._rules(cfg, name)
         spec = cfg.models[name]
         folder = packages.resolve(name, spec.source, cfg.default_data_dir(), cfg.packages.limits())
-        version, before = version_of(folder), self._versions(name)
+        version, before = packages.version_of(folder), self._versions(name)
         out = {"version": version, "previous": sorted(before), "source": spec.where, "rules": rules,
                "changed": before != {version}, "workers_replaced": 0}
         if only_if_changed and not out["changed"]:

@@ -2,6 +2,7 @@
 
     resolve(name, ModelSource(url=..., md5=...), data_dir, Limits(), progress) -> folder holding index.py
     fetch_all({name: ModelSource}, data_dir, ...) -> {name: folder or ModelLoadError}
+    version_of(folder) -> the sha256 workers report: of the archive it came from, else of the folder's files
 
 `sources` defines ModelSource and Limits, `download` fetches one archive over HTTP(S), `archive` unpacks one
 without trusting it, `cache` ties them together in `<data dir>/models/<name>/<sha256>/`.
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipeline.packages.archive import model_root, unpack
-    from pipeline.packages.cache import RECORD, fetch_all, resolve, source_info
+    from pipeline.packages.cache import RECORD, fetch_all, resolve, source_info, version_of
     from pipeline.packages.download import download
     from pipeline.packages.sources import (
         Limits,
@@ -29,9 +30,9 @@ if TYPE_CHECKING:
 # Loaded on first use: the configuration needs only `sources`, and download/cache/archive pull in
 # urllib.request, http.client, ssl, tarfile, zipfile... (~8 MiB in every stage that never downloads).
 _WHERE = {"model_root": "archive", "unpack": "archive", "RECORD": "cache", "fetch_all": "cache", "resolve": "cache",
-          "source_info": "cache", "download": "download", "Limits": "sources", "ModelSource": "sources",
-          "choose_url": "sources", "machine_arch": "sources", "parse_md5": "sources", "parse_sha256": "sources",
-          "redact": "sources"}
+          "source_info": "cache", "version_of": "cache", "download": "download", "Limits": "sources",
+          "ModelSource": "sources", "choose_url": "sources", "machine_arch": "sources", "parse_md5": "sources",
+          "parse_sha256": "sources", "redact": "sources"}
 
 
 def __getattr__(name: str) -> Any:
@@ -57,4 +58,5 @@ __all__ = [
     "resolve",
     "source_info",
     "unpack",
+    "version_of",
 ]

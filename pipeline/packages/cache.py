@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ModelLoadError
+from pipeline.model import sha256_of
 from pipeline.packages.archive import model_root, unpack
 from pipeline.packages.sources import Limits, ModelSource, choose_url, expected, md5_text, redact
 
@@ -65,6 +66,13 @@ def source_info(folder: Path) -> dict[str, Any] | None:
         if record.is_file():
             return _read(record)
     return None
+
+
+def version_of(folder: Path) -> str:
+    """A model version as workers report it: the sha256 of the archive it came from (recorded when it was
+    unpacked), else the digest of a folder's files (which reads them all)."""
+    info = source_info(folder)
+    return str(info["sha256"]) if info and info.get("sha256") else sha256_of(folder)
 
 
 def _from_path(name: str, source: ModelSource, data_dir: Path, limits: Limits) -> Path:

@@ -13,7 +13,6 @@ way with WORKER_RSS.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -46,10 +45,7 @@ def load(cfg: Config, rule_name: str) -> Processor:
     rule = cfg.rule(rule_name)
     spec = cfg.models[rule.model]
     folder = packages.resolve(rule.model, spec.source, cfg.default_data_dir(), cfg.packages.limits())
-    loaded = model.load(rule.model, folder)
-    info = packages.source_info(folder)
-    if info and info.get("sha256"):
-        loaded = dataclasses.replace(loaded, sha256=info["sha256"])
+    loaded = model.load(rule.model, folder, packages.version_of(folder))
     ctx = model.Context(rule.name, rule.model, dict(spec.params), logging.getLogger(f"model.{rule.model}"))
     model.run_init(loaded, ctx)
     log.info("model %s loaded from %s (sha256 %s)", rule.model, loaded.folder, loaded.sha256[:12])
