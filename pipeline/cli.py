@@ -127,11 +127,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     from pipeline import config
 
     try:
-        cfg = config.load(args.config)
+        loaded = config.load_file(args.config)
     except errors.ConfigError as e:
         print(e, file=sys.stderr)
         return e.exit_code
+    cfg = loaded.config
     print(summary(cfg))
+    if loaded.conversion is not None:
+        print("\n".join(__import__("pipeline.models_cli").models_cli.pyboot_notes(loaded.conversion)))
     if args.fetch:  # download and verify every model too (offline without it)
         return __import__("pipeline.models_cli").models_cli.fetch(cfg)
     return errors.OK
@@ -173,7 +176,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     logs.setup("up", None, args.log_level)
     try:
-        cfg = config.load(args.config)
+        loaded = config.load_file(args.config)
+        if loaded.conversion is not None:
+            log = logging.getLogger("pipeline.up")
+            for line in __import__("pipeline.models_cli").models_cli.pyboot_notes(loaded.conversion):
+                log.warning("%s: %s", args.config, line)
+        cfg = loaded.config
         cfg = cfg.with_workers(_workers(args.workers, cfg))
         log_dir = Path(args.log_dir).resolve() if args.log_dir else None
         return Stack(cfg, _run_dir(cfg, args), args.log_level or "info", log_dir).run()

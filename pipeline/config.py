@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ from pipeline.schema.common import Name, _Strict
 from pipeline.schema.rules import Control, Endpoints, Errors, Outbox, Pub, Rule, Sub
 from pipeline.schema.sources import Broker, Model, Packages
 
-__all__ = ["Broker", "Config", "Control", "Endpoints", "Errors", "Model", "Outbox", "Packages", "Pub", "Rule",
-           "Sub", "load", "parse"]
+__all__ = ["Broker", "Config", "Control", "Endpoints", "Errors", "Loaded", "Model", "Outbox", "Packages", "Pub",
+           "Rule", "Sub", "load", "load_file", "parse"]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -68,20 +69,32 @@ def read_yaml(source: Path) -> Any:
         raise ConfigError(source, [f"not valid YAML: {e}"]) from e
 
 
+@dataclass(frozen=True, kw_only=True)
+class Loaded:
+    """A configuration file as loaded: the validated config, and for a file in the old runtime's format what
+    its conversion ignored and where it behaves differently than before."""
+
+    config: Config
+    conversion: pyboot.Conversion | None
+
+
 def load(path: str | os.PathLike[str]) -> Config:
     """Read, expand and validate a configuration file; raise ConfigError naming every problem."""
+    return load_file(path).config
+
+
+def load_file(path: str | os.PathLike[str]) -> Loaded:
+    """`load`, keeping the conversion of an old-format file (pipeline.pyboot) for those who report it."""
     source = Path(path).resolve()
     raw = read_yaml(source)
     if not isinstance(raw, dict):
         raise ConfigError(source, ["expected a mapping with brokers:, models: and rules: at the top"])
-    if pyboot.is_pyboot(raw):  # the old runtime's format; native sections it lacks (control:, ...) are kept
-        native = ("control", "endpoints", "outbox", "packages", "run_dir", "data_dir")
-        raw = {**{k: raw[k] for k in native if k in raw}, **pyboot.convert(raw, source)}
+    conversion = pyboot.convert(raw, source) if pyboot.is_pyboot(raw) else None
     problems: list[str] = []
-    data = _expand(raw, "", problems)
+    data = _expand(conversion.native if conversion else raw, "", problems)
     if problems:
         raise ConfigError(source, problems)
-    return parse(data, source)
+    return Loaded(config=parse(data, source), conversion=conversion)
 
 
 def parse(data: dict[str, Any], source: Path) -> Config:

@@ -9,18 +9,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import errors, packages, pyboot
+from pipeline import errors, packages
 from pipeline.errors import ConfigError, ModelLoadError
 
-if TYPE_CHECKING:  # pipeline.config (pydantic) and yaml load in the commands that read a file
+if TYPE_CHECKING:  # pipeline.config and pipeline.pyboot (pydantic) and yaml load in the commands that read a file
     from pipeline.config import Config
-
-# native top-level sections an old-format file may carry too (config.load keeps the same ones)
-NATIVE = ("control", "endpoints", "outbox", "packages", "run_dir", "data_dir")
-
+    from pipeline.pyboot import Conversion
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    text = "print the native configuration equivalent to an old runtime's (pyboot v3) one"
+    text = "print the native configuration equivalent to an old runtime's (pyboot, versions 1 to 3) one"
     convert = sub.add_parser("convert", help=text, description=text)
     convert.add_argument("old_config", help="the old YAML configuration file")
     convert.set_defaults(func=cmd_convert)
@@ -36,7 +33,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     import yaml
 
-    from pipeline import config
+    from pipeline import config, pyboot
 
     source = Path(args.old_config).resolve()
     try:
@@ -44,13 +41,29 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if not pyboot.is_pyboot(raw):
             raise ConfigError(source, ["not an old-format (pyboot) configuration: it has no mqtts: list, or it has "
                                        "brokers: (a native configuration needs no conversion)"])
-        native = {**{k: raw[k] for k in NATIVE if k in raw}, **pyboot.convert(raw, source)}
+        conversion = pyboot.convert(raw, source)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return e.exit_code
+    notes = pyboot_notes(conversion)
+    for line in notes:
+        print(f"pipeline: {line}", file=sys.stderr)
     print(f"# converted by `pipeline convert` from {source}")
-    print(yaml.safe_dump(native, sort_keys=False, allow_unicode=True, width=120, default_flow_style=None), end="")
+    print("".join(f"# {line}\n" for line in notes), end="")
+    print(yaml.safe_dump(conversion.native, sort_keys=False, allow_unicode=True, width=120,
+                         default_flow_style=None), end="")
     return errors.OK
+
+
+def pyboot_notes(conversion: Conversion) -> list[str]:
+    """What `check`, `convert` and `up` say of an old-format file: its version, what was ignored, and a
+    warning wherever it behaves differently than under the old runtime."""
+    out = [f"old runtime format, version {conversion.version}: converted (README: the old runtime's "
+           "configuration files)"]
+    if conversion.ignored:
+        out.append(f"ignored: {', '.join(conversion.ignored)}")
+    out += [f"warning: {w}" for w in conversion.warnings]
+    return out
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:

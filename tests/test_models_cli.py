@@ -1,6 +1,6 @@
 """Model sources wired in: config keys (path / url / urls / checksums, filter, control token, packages limits),
-`pipeline convert`, `pipeline models fetch`, `pipeline check --fetch` against a loopback HTTP server, and workers
-loading the resolved version with the rule's filter applied."""
+`pipeline models fetch`, `pipeline check --fetch` against a loopback HTTP server, and workers
+loading the resolved version with the rule's filter applied (the old runtime's files: test_pyboot.py)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,10 @@ from test_packages import FileServer, digests, zip_bytes
 from pipeline import config, envelope, model
 from pipeline.errors import ConfigError, ModelLoadError
 from pipeline.packages import Limits
-from pipeline.pyboot import convert
 from pipeline.workers.process import Processor
 from pipeline.workers.stage import load
 
 HERE = Path(__file__).parent
-DATA = HERE / "data" / "pyboot"
 ROOT = HERE.parent
 INDEX = (b"import os\n\ndef handler(event, context):\n"
          b"    return {'got': event, 'files': sorted(os.listdir(os.path.dirname(__file__)))}\n")
@@ -131,40 +129,6 @@ def test_token_from_an_unset_variable_means_none_and_packages_limits(tmp_path, m
     assert cfg.packages.limits() == Limits(max_bytes=2 << 20, retries=0, read_timeout=0.5)
     monkeypatch.setenv("PT_TOKEN", "t" * 20)
     assert config.load(tmp_path / "p.yaml").control.token.get_secret_value() == "t" * 20
-
-
-def test_an_old_format_file_loads_and_keeps_its_native_sections(tmp_path):
-    raw = yaml.safe_load((DATA / "old-config.yaml").read_text(encoding="utf-8"))
-    raw["control"] = {"listen": "127.0.0.1:6123", "token": "x" * 16}
-    (tmp_path / "old.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True))
-    cfg = config.load(tmp_path / "old.yaml")
-    assert [r.name for r in cfg.rules] == ["boiler-trend", "boiler-anomaly", "pump-trend"]
-    assert cfg.control.listen == "127.0.0.1:6123" and cfg.rule("pump-trend").filter is not None
-    assert cfg.models["trend"].url == "http://files.example/group1/M00/00/0F/trend.zip"
-
-
-# ------------------------------------------------------------------------------------------ pipeline convert
-
-def test_convert_prints_a_native_config_that_validates():
-    out = pipeline("convert", DATA / "old-config.yaml")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("# converted by `pipeline convert` from ")
-    native = yaml.safe_load(out.stdout)
-    assert native == convert(yaml.safe_load((DATA / "old-config.yaml").read_text(encoding="utf-8")))
-    cfg = config.parse(native, DATA / "old-config.yaml")
-    assert cfg.rule("boiler-trend").filter == native["rules"][0]["filter"]
-    assert cfg.models["anomaly"].urls == native["models"]["anomaly"]["urls"]
-
-
-def test_convert_refuses_a_native_or_invalid_file(tmp_path):
-    out = pipeline("convert", ROOT / "conf" / "example.yaml")
-    assert out.returncode == 2 and "not an old-format (pyboot) configuration" in out.stderr
-    raw = yaml.safe_load((DATA / "old-config.yaml").read_text(encoding="utf-8"))
-    raw["rules"][0]["funcs"][0]["devices"][0]["deviceAttr"][0]["expression"] = "== __import__('os')"
-    (tmp_path / "old.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True))
-    out = pipeline("convert", tmp_path / "old.yaml")
-    assert out.returncode == 2 and out.stdout == ""
-    assert "rules[0].funcs[0].devices[0].deviceAttr[0]: rule 'boiler', func 'trend': unsupported" in out.stderr
 
 
 # ------------------------------------------------------------------------------ models fetch, check --fetch

@@ -17,7 +17,7 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def _duration(value: Any) -> Any:
+def duration(value: Any) -> Any:
     """'10s', '250ms', '2m', '1h' or a plain number of seconds -> float seconds."""
     if isinstance(value, str):
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
@@ -27,7 +27,7 @@ def _duration(value: Any) -> Any:
     return value
 
 
-Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
+Seconds = Annotated[float, BeforeValidator(duration), Field(gt=0)]
 Name = Annotated[str, Field(pattern=_NAME)]
 
 

@@ -15,7 +15,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from pipeline import pyboot, topics
+from pipeline import topics
+from pipeline.filters import filter_problems
 from pipeline.schema.behaviour import RuleMixin
 from pipeline.schema.common import Name, Seconds, _known, _Strict
 
@@ -66,13 +67,14 @@ class Rule(RuleMixin, _Strict):  # error_topic
     max_payload_bytes: ByteSize = ByteSize(1 << 20)
     max_rss: ByteSize | None = None  # a worker above this RSS finishes its frame and is replaced
     filter: dict[str, Any] | None = None  # see pipeline.filters; a message it refuses gives no output
+    skip_results: list[str] = []  # a result that is one of these strings is not published (as None is not)
 
     _model = field_validator("model")(lambda cls, v, info: _known("models", v, info))
 
     @field_validator("filter")
     @classmethod
     def _filter(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        problems = pyboot.filter_problems(v, "filter") if v is not None else []
+        problems = filter_problems(v, "filter") if v is not None else []
         if problems:
             at, _, msg = problems[0].partition(": ")
             ctx = {"msg": "; ".join([msg, *problems[1:]]), "value": []}  # the value: not echoed (a mapping)

@@ -137,7 +137,7 @@ class Processor:
         return event, None
 
     def _result(self, msg: Message, value: Any, took: float) -> Result:
-        if value is None:
+        if value is None or (isinstance(value, str) and value in self.rule.skip_results):
             return result_for(msg, envelope.NOTHING, "", b"", took)
         try:
             payload = codec.encode_value(value)
