@@ -293,6 +293,8 @@ def test_warnings_qos_2_and_one_checksum_for_two_archives():
     ("v3-devices", lambda r: r["funcs"][1].update(modelAmd64Address="ftp://h/m.zip"),
      "funcs[1].modelAmd64Address: expected an http:// or https:// url (got 'ftp://h/m.zip')"),
     ("v3-devices", lambda r: r["funcs"][1].pop("modelName"), "funcs[1].modelName: required"),
+    ("v3-devices", lambda r: r.update(funcs=[{"modelName": "m"}]),
+     "funcs[0]: no model address: expected model_address (versions 1 and 2) or modelAddress / modelAmd64Address"),
     ("v1-readme", lambda r: r["mqtts"][0].update(broker="http://h:1"), "mqtts[0].broker: expected tcp://HOST:PORT"),
     ("v1-readme", lambda r: r["mqtts"][0].update(qos=3), "mqtts[0].qos: expected 0, 1 or 2 (got 3)"),
     ("v1-readme", lambda r: r["mqtts"][0].update(retain="no"), "mqtts[0].retain: expected true or false (got 'no')"),

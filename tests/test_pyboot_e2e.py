@@ -130,6 +130,7 @@ def test_an_example_file_runs_as_the_old_runtime_did(name, broker, probe_factory
         up = stack_factory(served_example(name, broker.port, files, archive, digests(archive)[2]) + CONTROL)
     finally:
         files.stop()
+    assert f"old runtime format, version {version}: converted" in up.output()  # and its warnings, as check says
     raw = yaml.safe_load((DATA / f"{name}.yaml").read_text(encoding="utf-8"))
     rule = raw["rules"][0]
     probe = probe_factory(rule["pub"]["topic"], "pipeline/errors/#")

@@ -232,6 +232,9 @@ class Converter:
             spec.update(self._address(address, f"{at}.{one}"))
         if not spec:
             keys = " / ".join([one, *per_machine.values()])
+            if not telling(func):  # nothing says which version: name them all
+                v3 = " / ".join([_ADDRESSES[3][0], *_ADDRESSES[3][1].values()])
+                keys = f"model_address (versions 1 and 2) or {v3}"
             self.report.problems.append(f"{at}: no model address: expected {keys}")
             return None
         md5 = func.get(md5_key)
