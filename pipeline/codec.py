@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 MAX_RECORD_PAYLOAD = 64 * 1024
+MAX_ERROR_TEXT = 4096  # characters of an exception text kept in an error record (a traceback can be any size)
 _DUMP_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
@@ -55,16 +56,20 @@ def encode_value(value: Any) -> bytes:
 
 
 def error_record(
-    *, rule: str, topic: str, reason: str, error: BaseException | str, message_id: str, payload: bytes, attempt: int = 1
+    *, rule: str, topic: str, reason: str, error: BaseException | str, message_id: str, payload: bytes,
+    attempt: int = 1, max_payload: int = MAX_RECORD_PAYLOAD, topic_encoding: str | None = None,
 ) -> bytes:
-    """The JSON error record published on a rule's error topic."""
-    cut = payload[:MAX_RECORD_PAYLOAD]
+    """The JSON error record published on a rule's error topic: the payload cut at `max_payload` bytes, the
+    error text at MAX_ERROR_TEXT characters; `topic_encoding` ("base64") when `topic` holds a topic's bytes."""
+    cut = payload[:max_payload]
     try:
         payload.decode("utf-8")
         text, encoding = cut.decode("utf-8", errors="ignore"), "utf-8"  # ignore: a character cut in two
     except UnicodeDecodeError:
         text, encoding = base64.b64encode(cut).decode("ascii"), "base64"
     err = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    if len(err) > MAX_ERROR_TEXT:
+        err = err[:MAX_ERROR_TEXT] + f"... ({len(err) - MAX_ERROR_TEXT} more characters)"
     record = {
         "rule": rule,
         "topic": topic,
@@ -74,6 +79,8 @@ def error_record(
         "attempt": attempt,
         "payload": text,
         "payload_encoding": encoding,
-        "payload_truncated": len(payload) > MAX_RECORD_PAYLOAD,
+        "payload_truncated": len(payload) > max_payload,
     }
+    if topic_encoding is not None:
+        record["topic_encoding"] = topic_encoding
     return orjson.dumps(record)

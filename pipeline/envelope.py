@@ -54,6 +54,26 @@ class Result(NamedTuple):
 E = TypeVar("E", Message, Result)
 
 
+def result_problem(r: Result) -> str | None:
+    """What makes a decoded Result unfit to act on (a field of the wrong type or out of range), or None. Frames
+    come from workers that run model code, and over tcp from whoever reaches the port: nothing is trusted."""
+    strings = (r.message_id, r.rule, r.topic, r.source_broker)
+    if not all(type(x) is str for x in strings):
+        return "message_id, rule, topic and source_broker must be strings"
+    if not r.message_id.isascii() or len(r.message_id) > 64:
+        return f"a message id is ASCII, 64 characters at most (got {r.message_id!r:.80})"
+    if r.kind not in (PUBLISH, ERROR, NOTHING) or type(r.kind) is not int:
+        return f"kind must be {PUBLISH}, {ERROR} or {NOTHING} (got {r.kind!r:.40})"
+    if type(r.payload) is not bytes:
+        return f"the payload must be bytes (got {type(r.payload).__name__})"
+    if r.source_qos not in (0, 1) or type(r.source_qos) is not int or type(r.source_mid) is not int or \
+            not 0 <= r.source_mid <= 0xFFFF:
+        return f"source_qos must be 0 or 1 and source_mid 0 to 65535 (got {r.source_qos!r:.20}, {r.source_mid!r:.20})"
+    if not all(type(x) in (int, float) for x in (r.received_at, r.latency)):
+        return "received_at and latency must be numbers"
+    return None
+
+
 def result_for(msg: Message, kind: int, topic: str, payload: bytes, latency: float) -> Result:
     """The Result answering `msg`."""
     return Result(msg.id, msg.rule, kind, topic, payload, msg.broker, msg.mid, msg.qos, msg.received_at, latency)
@@ -62,7 +82,8 @@ def result_for(msg: Message, kind: int, topic: str, payload: bytes, latency: flo
 def error_result(msg: Message, topic: str, reason: str, err: BaseException | str, latency: float = 0.0) -> Result:
     """An ERROR Result carrying the JSON error record for `msg`."""
     record = codec.error_record(rule=msg.rule, topic=msg.topic, reason=reason, error=err, message_id=msg.id,
-                                payload=msg.payload, attempt=msg.attempt)
+                                payload=msg.payload, attempt=msg.attempt,
+                                topic_encoding="base64" if reason == "bad_topic" else None)
     return result_for(msg, ERROR, topic, record, latency)
 
 

@@ -196,14 +196,19 @@ class FastClient(mqtt.Client):
 
     def _publish(self, buf: bytes, start: int, length: int, qos: int) -> tuple[str, int, int] | None:
         """(topic, where the payload starts, packet id) of the PUBLISH whose variable header starts at
-        buf[start]; None when paho should read it (malformed, a topic alias, bad UTF-8)."""
+        buf[start]; None when paho should read it: a topic alias, a topic that is not UTF-8, or a malformed
+        packet (shorter than its topic or packet id, an empty MQTT 3.1.1 topic, properties that run past its
+        end), which paho refuses by closing the connection. Nothing here reads past the packet."""
+        end = start + length
+        if length < 2:
+            return None
         t = start + 2 + (buf[start] << 8 | buf[start + 1])
-        if t + (2 if qos else 0) > start + length:
+        if t + (2 if qos else 0) > end or (t == start + 2 and not self._props):
             return None
         mid, p = (buf[t] << 8 | buf[t + 1], t + 2) if qos else (0, t)
         if self._props:  # MQTT 5: skip the properties (we ask for no topic aliases)
-            props = _remaining(buf, p, start + length)
-            if props is None or t == start + 2:
+            props = _remaining(buf, p, end)
+            if props is None or t == start + 2 or props[0] + props[1] > end:
                 return None
             p = props[0] + props[1]
         try:

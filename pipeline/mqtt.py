@@ -34,6 +34,7 @@ CONNECT_TIMEOUT = 3.0
 MAX_BACKOFF = 5.0  # seconds between reconnect attempts at most (a local broker: retrying is cheap)
 TICK = 0.1
 SESSION_EXPIRY = 0xFFFFFFFF  # MQTT 5: a persistent session never expires, as clean_session=False does in 3.1.1
+MAX_PACKET = 268_435_460  # bytes: the largest MQTT packet (a remaining length of 268,435,455 + its header)
 REFUSED = "refusing the connection"  # state prefix after a failed CONNACK: /readyz shows the broker's reason
 
 
@@ -53,6 +54,11 @@ class Link:
         # every incoming PUBLISH (topic, payload, qos, mid, dup): read from the buffer without paho, or handed
         # over by paho when it read the packet. Only with manual_ack: the receiver acks what it is given.
         self.on_publish: Deliver | None = None
+        # an incoming PUBLISH whose topic is not UTF-8 (MQTT forbids it; some brokers pass it on): the topic's
+        # raw bytes, payload, qos, mid, dup. Without it such a message is dropped (a link that subscribes to
+        # nothing never gets one).
+        self.on_bad_topic: Callable[[bytes, bytes, int, int, bool], None] | None = None
+        self.max_packet = min(MAX_PACKET, broker.max_packet_bytes or MAX_PACKET)  # MQTT 5: the broker says it too
         self._retry_at, self._backoff, self._since = 0.0, 1.0, 0.0
         v5 = broker.protocol == "5"  # MQTT 5 has no clean_session: clean_start and a session expiry instead
         c = self.client = FastClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -156,7 +162,9 @@ class Link:
             hints.append('a broker that speaks only MQTT 3.1.1? then set protocol: "3.1.1"')
         return f"{why} ({'; '.join(hints)})" if hints else why
 
-    def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
+    def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, props: object) -> None:
+        said = getattr(props, "MaximumPacketSize", None)  # MQTT 5 CONNACK: the largest packet the broker takes
+        self.max_packet = min(MAX_PACKET, self.broker.max_packet_bytes or MAX_PACKET, said or MAX_PACKET)
         if rc.is_failure:
             log.error("broker %s refused the connection: %s", self.name, rc)
             self._lost(time.monotonic(), str(rc))
@@ -173,9 +181,17 @@ class Link:
             self._up()
 
     def _on_message(self, _c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
-        """A PUBLISH paho read itself (split across reads, or not for the fast path): the same delivery."""
+        """A PUBLISH paho read itself (split across reads, or not for the fast path): the same delivery. A topic
+        that is not UTF-8 (the fast path leaves those to paho) goes to `on_bad_topic`, with its raw bytes:
+        paho raises on `m.topic` and keeps them in `m._topic` (paho-mqtt 2.x; tests/hostile checks it)."""
+        try:
+            topic = m.topic
+        except UnicodeDecodeError:
+            if self.on_bad_topic is not None:
+                self.on_bad_topic(bytes(m._topic), m.payload, m.qos, m.mid, m.dup)
+            return
         if self.on_publish is not None:
-            self.on_publish(m.topic, m.payload, m.qos, m.mid, m.dup)
+            self.on_publish(topic, m.payload, m.qos, m.mid, m.dup)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, codes: list[mqtt.ReasonCode], _p: object) -> None:
         refused = [f for f, rc in zip(self.subscriptions, codes, strict=False) if rc.is_failure]

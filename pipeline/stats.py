@@ -8,6 +8,7 @@ PUB never blocks: with no control process listening the snapshot is simply not d
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import resource
 import time
@@ -24,6 +25,7 @@ INTERVAL = 0.5
 # upper bounds (seconds) of latency histogram buckets; one more bucket counts everything above the last
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+REJECT_LOG_EVERY = 60.0  # seconds between two log lines about the same kind of refused input
 
 
 def process_usage() -> dict[str, float]:
@@ -35,6 +37,8 @@ def process_usage() -> dict[str, float]:
 
 
 class Reporter:
+    """One stage process's counters, latency histograms and gauges, sent to the stats board as snapshots."""
+
     OPTIONS = {zmq.LINGER: 0, zmq.SNDHWM: 100}  # of the PUB socket: a stats board that is down costs nothing
 
     def __init__(self, sock: zmq.Socket, stage: str, rule: str | None = None) -> None:
@@ -45,6 +49,8 @@ class Reporter:
         self.gauges: dict[str, Callable[[], Any]] = {}
         self.head = {"stage": stage, "rule": rule, "pid": os.getpid(), "started": time.time()}
         self._next = 0.0
+        self._rejects: dict[str, tuple[float, int]] = {}  # counter -> (when it was last logged, count since)
+        self.log = logging.getLogger(f"pipeline.{stage}")
 
     @classmethod
     def connect(cls, eps: Endpoints, stage: str, rule: str | None = None) -> Reporter:
@@ -53,6 +59,19 @@ class Reporter:
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
+
+    def reject(self, counter: str, detail: str) -> None:
+        """Input refused at this stage's boundary (a malformed or forged frame or packet): counted under
+        `counter`, and logged: the first of each counter at once, then at most once a minute with the count."""
+        self.count(counter)
+        now = time.monotonic()
+        last, since = self._rejects.get(counter, (-REJECT_LOG_EVERY, 0))
+        if now - last < REJECT_LOG_EVERY:
+            self._rejects[counter] = (last, since + 1)
+            return
+        self._rejects[counter] = (now, 0)
+        more = f" ({since} more since the last report)" if since else ""
+        self.log.warning("refused input, counted in %s: %s%s", counter, detail[:300], more)
 
     def observe(self, name: str, seconds: float) -> None:
         h = self.histograms.get(name)

@@ -70,3 +70,34 @@ def compile_template(template: str) -> Callable[[str], str]:
         return "".join(out)
 
     return render
+
+
+MAX_TOPIC_BYTES = 65_535  # MQTT: a topic name is a UTF-8 string with a 16-bit length
+_checked: dict[str, str | None] = {}  # publish_problem's answers for topics seen (output topics repeat)
+
+
+def publish_problem(topic: object) -> str | None:
+    """Why a broker would refuse `topic` as a PUBLISH topic name (and drop the connection), or None."""
+    if type(topic) is not str:
+        return f"the topic is not a string ({type(topic).__name__})"
+    known = _checked.get(topic, False)
+    if known is not False:
+        return known  # type: ignore[return-value]
+    problem = None
+    if not topic:
+        problem = "the topic is empty"
+    elif "+" in topic or "#" in topic:
+        problem = f"the topic {topic[:200]!r} holds a wildcard ('+' or '#')"
+    elif "\x00" in topic:
+        problem = f"the topic {topic[:200]!r} holds a NUL character"
+    else:
+        try:
+            if len(topic.encode("utf-8")) > MAX_TOPIC_BYTES:
+                problem = f"the topic is over {MAX_TOPIC_BYTES} bytes ({topic[:80]!r}...)"
+        except UnicodeEncodeError:
+            problem = f"the topic {topic[:200]!r} is not valid UTF-8 (a lone surrogate)"
+    if len(topic) <= 1024:
+        if len(_checked) > 10_000:
+            _checked.clear()
+        _checked[topic] = problem
+    return problem

@@ -3,14 +3,21 @@
 SQLite in WAL mode with synchronous=NORMAL: a commit survives any crash of our processes (the WAL is in
 the OS page cache); a power cut can lose the last commits before a checkpoint (see README, "Delivery
 guarantees"). One transaction per ZMQ frame of results; rows are deleted when the broker PUBACKs them.
+A row the broker will never take is moved to the `set_aside` table (with why), so that it cannot block the
+rows behind it; that table keeps the newest SET_ASIDE_KEPT rows. A failed write rolls back: no transaction
+is ever left open.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+_INSERT = "INSERT INTO outbox (broker, topic, payload, qos, retain, rule, received_at) VALUES (?,?,?,?,?,?,?)"
 
 
 class Row(NamedTuple):
@@ -30,7 +37,18 @@ CREATE TABLE IF NOT EXISTS outbox (
 )"""
 
 
+_SET_ASIDE = """
+CREATE TABLE IF NOT EXISTS set_aside (
+    id INTEGER PRIMARY KEY, broker TEXT, topic, payload, qos INTEGER, retain INTEGER, rule TEXT,
+    received_at REAL, reason TEXT NOT NULL, set_aside_at REAL NOT NULL
+)"""
+SET_ASIDE_KEPT = 10_000
+
+
 class Outbox:
+    """The SQLite file of results waiting for their broker: rows added per frame, read oldest first per broker,
+    deleted on PUBACK, set aside when unpublishable; `rows` and `bytes` count what waits."""
+
     def __init__(self, path: Path, max_bytes: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.max_bytes = path, max_bytes
@@ -38,6 +56,8 @@ class Outbox:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute(_SCHEMA)
+        self.db.execute(_SET_ASIDE)
+        self.set_aside_rows = self.db.execute("SELECT count(*) FROM set_aside").fetchone()[0]
         totals = "SELECT coalesce(sum(length(payload)), 0), count(*) FROM outbox"
         self.bytes, self.rows = self.db.execute(totals).fetchone()
 
@@ -48,11 +68,8 @@ class Outbox:
     def add(self, rows: Iterable[tuple[str, str, bytes, int, int, str, float]]) -> None:
         """Insert (broker, topic, payload, qos, retain, rule, received_at) rows in one transaction."""
         rows = list(rows)
-        self.db.execute("BEGIN")
-        self.db.executemany(
-            "INSERT INTO outbox (broker, topic, payload, qos, retain, rule, received_at) VALUES (?,?,?,?,?,?,?)",
-            rows)
-        self.db.execute("COMMIT")
+        with self._transaction():
+            self.db.executemany(_INSERT, rows)
         self.rows += len(rows)
         self.bytes += sum(len(r[2]) for r in rows)
 
@@ -64,11 +81,42 @@ class Outbox:
 
     def delete(self, done: list[tuple[int, int]]) -> None:
         """Delete rows given as (id, payload length)."""
-        self.db.execute("BEGIN")
-        self.db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i, _ in done])
-        self.db.execute("COMMIT")
+        with self._transaction():
+            self.db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i, _ in done])
         self.rows -= len(done)
         self.bytes -= sum(n for _, n in done)
+
+    def by_id(self, ids: list[int], with_rule: bool = False) -> list[Any]:
+        """The rows with these ids still in the outbox, oldest first; with `with_rule`, (row, rule) pairs."""
+        marks = ",".join("?" * len(ids))
+        cur = self.db.execute(f"SELECT id, broker, topic, payload, qos, retain, rule FROM outbox WHERE id IN ({marks}) "
+                              "ORDER BY id", ids)
+        return [(Row(*r[:6]), r[6]) if with_rule else Row(*r[:6]) for r in cur]
+
+    def set_aside(self, row_id: int, size: int, reason: str, record: tuple | None = None) -> None:
+        """Move row `row_id` (`size` payload bytes) to the set_aside table with `reason`, and add `record` (a row
+        for `add`: its error record) in the same transaction."""
+        with self._transaction():
+            self.db.execute("INSERT OR REPLACE INTO set_aside SELECT id, broker, topic, payload, qos, retain, rule, "
+                            "received_at, ?, ? FROM outbox WHERE id = ?", (reason[:1000], time.time(), row_id))
+            gone = self.db.execute("DELETE FROM outbox WHERE id = ?", (row_id,)).rowcount
+            if record is not None:
+                self.db.execute(_INSERT, record)
+            self.db.execute("DELETE FROM set_aside WHERE id <= (SELECT id FROM set_aside ORDER BY id DESC "
+                            "LIMIT 1 OFFSET ?)", (SET_ASIDE_KEPT,))
+        self.rows += (record is not None) - gone
+        self.bytes += (len(record[2]) if record is not None else 0) - size * gone
+        self.set_aside_rows = min(self.set_aside_rows + gone, SET_ASIDE_KEPT)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()

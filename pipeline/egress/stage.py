@@ -18,20 +18,43 @@ import zmq
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from pipeline import envelope
+from pipeline import codec, envelope, topics
 from pipeline.egress.outbox import Outbox, Row
 from pipeline.endpoints import Endpoints
 from pipeline.envelope import Result
+from pipeline.errors import DecodeError
 from pipeline.mqtt import Hub, Link
 from pipeline.sockets import drain
 from pipeline.stats import Reporter
 
 if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
-    from pipeline.config import Config
+    from pipeline.config import Config, Rule
 
 log = logging.getLogger(__name__)
 
 WINDOW = 500  # outbox rows handed to paho and not yet PUBACKed, per broker
+PACKET_OVERHEAD = 16  # bytes of a PUBLISH besides its topic and payload, at most (header, lengths, id, properties)
+RECORD_OVERHEAD = 2048  # bytes of an error record besides its payload, at most (its fields, capped texts)
+
+
+MAX_STRIKES = 3  # connections lost in a row with one row the oldest unacknowledged, before it is set aside
+PERMANENT = frozenset({0x87, 0x90, 0x95, 0x99, 0x9A, 0x9B})  # PUBACK reasons a retry would meet again
+MAX_BACKOFF = 30.0  # seconds between sending a row the broker refused for now (0x97 quota exceeded...) at most
+
+
+def row_problem(row: Row, max_packet: int) -> str | None:
+    """Why a broker would refuse an outbox row, or None (rows written by an older version are checked too)."""
+    if type(row.payload) is not bytes:
+        return f"the payload is stored as {type(row.payload).__name__}, not bytes"
+    problem = topics.publish_problem(row.topic)
+    if problem is None and len(row.payload) + len(row.topic.encode()) + PACKET_OVERHEAD > max_packet:
+        problem = f"{len(row.payload)} bytes, over the {max_packet} bytes the broker takes"
+    return problem
+
+
+def fixed_error_topic(rule: Rule) -> str:
+    """The rule's error topic where egress must make a record itself (it has no input topic for {N})."""
+    return rule.error_topic if "{" not in rule.error_topic else f"pipeline/errors/{rule.name}"
 
 
 def run(cfg: Config, eps: Endpoints, stop: threading.Event) -> None:
@@ -55,15 +78,18 @@ class Egress:
         self.outbox = Outbox(cfg.default_data_dir() / "outbox.sqlite3", cfg.outbox.max_bytes)
         names = sorted({r.pub.broker for r in cfg.rules})
         self.links = {n: Link(n, cfg.brokers[n], f"{cfg.instance}-egress-{n}") for n in names}
-        self.publisher = {n: Publisher(link, self.outbox, cfg.outbox.drain_rate, self.stats)
-                          for n, link in self.links.items()}
         self.routes = {r.name: (r.pub.broker, r.pub.qos, r.pub.retain) for r in cfg.rules}
+        self.sources = {r.sub.broker for r in cfg.rules}
+        self.error_topics = {r.name: fixed_error_topic(r) for r in cfg.rules}
+        self.publisher = {n: Publisher(link, self.outbox, cfg.outbox.drain_rate, self.stats, self.error_topics)
+                          for n, link in self.links.items()}
         self.hub = Hub(list(self.links.values()))
         self.hub.register(self.pull)
         self.reading = True
         g = self.stats.gauges
         g["brokers"] = lambda: {n: lk.state for n, lk in self.links.items()}
-        g["outbox"] = lambda: {"rows": self.outbox.rows, "bytes": self.outbox.bytes, "full": self.outbox.full}
+        g["outbox"] = lambda: {"rows": self.outbox.rows, "bytes": self.outbox.bytes, "full": self.outbox.full,
+                               "set_aside": self.outbox.set_aside_rows}
         if self.outbox.rows:
             log.info("outbox holds %d result(s) from an earlier run: publishing them first", self.outbox.rows)
 
@@ -72,8 +98,7 @@ class Egress:
         while not stop.is_set():
             self._backpressure()
             if self.pull in self.hub.poll(50):
-                for frame in drain(self.pull, 64):
-                    self.take(envelope.decode(frame, Result))
+                self._take_frames()
             self.step()
 
     def step(self) -> None:
@@ -90,10 +115,56 @@ class Egress:
             self.hub.register(self.pull)
         self.reading = not self.outbox.full
 
+    def _take_frames(self) -> None:
+        for frame in drain(self.pull, 64):
+            try:
+                results = envelope.decode(frame, Result)
+            except DecodeError as e:
+                self.stats.reject("bad_frames", f"results: {e}")
+                continue
+            self.take(results)
+
+    def _problem(self, r: Result) -> str | None:
+        """Why a decoded result cannot be acted on at all (dropped and not confirmed), or None."""
+        problem = envelope.result_problem(r)
+        if problem is None and r.rule not in self.routes:
+            problem = f"no rule named {r.rule!r:.80}"
+        if problem is None and r.source_qos and r.source_broker not in self.sources:
+            problem = f"no input broker named {r.source_broker!r:.80}"
+        return problem
+
+    def _publishable(self, r: Result, broker: str) -> Result | None:
+        """`r`, or the error record that replaces it when its broker would refuse it (a topic that is not a
+        valid topic name, a packet over the broker's limit); None when even that record cannot be sent."""
+        limit = self.links[broker].max_packet
+        problem = topics.publish_problem(r.topic)
+        if problem is None and len(r.payload) + len(r.topic.encode()) + PACKET_OVERHEAD > limit:
+            problem = (f"the result is {len(r.payload)} bytes, over what broker {broker} takes ({limit} bytes: "
+                       f"its Maximum Packet Size, or brokers.{broker}.max_packet_bytes)")
+        if problem is None:
+            return r
+        self.stats.reject("unpublishable", f"rule {r.rule}: {problem}")
+        topic = self.error_topics[r.rule]
+        overhead = PACKET_OVERHEAD + len(topic.encode())
+        record = codec.error_record(rule=r.rule, topic=r.topic[:1000].encode("utf-8", "replace").decode(),
+                                    reason="unpublishable_result", error=problem,
+                                    message_id=r.message_id, payload=r.payload,
+                                    max_payload=max(0, limit - overhead - RECORD_OVERHEAD))
+        if r.kind == envelope.ERROR and len(r.payload) + overhead <= limit:
+            return r._replace(topic=topic)  # an error record: to the rule's fixed error topic as it is
+        if r.kind == envelope.ERROR or len(record) + overhead > limit:
+            self.stats.count("unpublishable_dropped")  # nothing this broker takes can be sent for it: counted
+            return None
+        return r._replace(kind=envelope.ERROR, topic=topic, payload=record)
+
     def take(self, results: list[Result]) -> None:
         safe, confirms = [], []
         self.stats.count("received", len(results))
         for r in results:
+            problem = self._problem(r)
+            if problem is not None:
+                self.stats.reject("bad_results", f"a result dropped, not confirmed: {problem}")
+                continue
             self.stats.count("received." + r.rule)
             self.stats.observe("end_to_end." + r.rule, time.time() - r.received_at)
             if r.source_qos:
@@ -101,8 +172,12 @@ class Egress:
             if r.kind == envelope.NOTHING:
                 self.stats.count("nothing")
                 continue
-            self.stats.count("error_records" if r.kind == envelope.ERROR else "results")
             broker, qos, retain = self.routes[r.rule]
+            sendable = self._publishable(r, broker)
+            if sendable is None:
+                continue
+            r = sendable
+            self.stats.count("error_records" if r.kind == envelope.ERROR else "results")
             retain = int(retain and r.kind == envelope.PUBLISH)
             if r.source_qos:
                 safe.append((broker, r.topic, r.payload, qos, retain, r.rule, r.received_at))
@@ -115,8 +190,7 @@ class Egress:
 
     def finish(self, deadline: float) -> None:
         while self.pull.poll(300):
-            for frame in drain(self.pull, 64):
-                self.take(envelope.decode(frame, Result))
+            self._take_frames()
         while time.monotonic() < deadline and any(p.busy for p in self.publisher.values()):
             self.hub.poll(20)
             self.step()
@@ -135,10 +209,22 @@ class Egress:
 
 
 class Publisher:
-    """Moves one broker's outbox rows to paho, oldest first, and deletes them on PUBACK."""
+    """Moves one broker's outbox rows to paho, oldest first, and deletes them on PUBACK.
 
-    def __init__(self, link: Link, outbox: Outbox, drain_rate: int, stats: Reporter) -> None:
+    A row the broker will never take (checked before it is handed, refused by a PUBACK reason that will not
+    change, or the oldest unacknowledged row each time the broker closed the connection, MAX_STRIKES times in
+    a row) is set aside with an error record on its rule's error topic, so it never blocks the rows behind it.
+    A PUBACK reason that may change (quota exceeded...) sends the row again after a backoff."""
+
+    def __init__(self, link: Link, outbox: Outbox, drain_rate: int, stats: Reporter,
+                 error_topics: dict[str, str]) -> None:
         self.link, self.outbox, self.rate, self.stats = link, outbox, drain_rate, stats
+        self.error_topics = error_topics
+        self.refused: list[tuple[int, int, str]] = []  # (row id, payload length, why): set aside at the next pump
+        self.again: list[tuple[int, int]] = []  # (row id, payload length) refused for now: handed again later
+        self.retry_at = 0.0  # monotonic time before which nothing is handed (after a transient refusal)
+        self.backoff = 0.0
+        self.strikes: dict[int, int] = {}  # row id -> connections lost while it was the oldest unacknowledged
         self.cursor = 0  # highest row id handed to paho
         self.sent: dict[int, tuple[int, int]] = {}  # paho mid -> (row id, payload length)
         self.acked: list[tuple[int, int]] = []  # PUBACKed rows, deleted in one transaction per pump
@@ -155,17 +241,36 @@ class Publisher:
 
     def _connected(self, _link: Link) -> None:
         self._delete_acked()
-        if self.sent:  # handed on the lost connection and never acknowledged: again, from the outbox
-            self.cursor = min(row for row, _ in self.sent.values()) - 1
+        if self.sent:
+            self._strike(min(self.sent.values()))
+        unacked = [row for row, _ in (*self.sent.values(), *self.again)]
+        if unacked:  # handed on the lost connection and never acknowledged: again, from the outbox
+            self.cursor = min(unacked) - 1
             self.sent.clear()
+            self.again.clear()
         if self.outbox.after(self.link.name, self.cursor, 1):
             self.catch_up_until = self.outbox.db.execute("SELECT max(id) FROM outbox").fetchone()[0]
             log.info("broker %s is back: catching up on the outbox at %d msg/s at most", self.link.name, self.rate)
 
+    def _strike(self, oldest: tuple[int, int]) -> None:
+        """The connection was lost with `oldest` (row id, length) the oldest unacknowledged row."""
+        n = self.strikes[oldest[0]] = self.strikes.get(oldest[0], 0) + 1
+        if n >= MAX_STRIKES:
+            del self.strikes[oldest[0]]
+            self.refused.append((*oldest, f"broker {self.link.name} closed the connection each of the {n} times "
+                                 "it was sent, with no PUBACK in between"))
+
     def pump(self) -> None:
         self._delete_acked()
-        if not self.link.connected or self.outbox.rows == 0:
+        self._set_aside()
+        if not self.link.connected or self.outbox.rows == 0 or time.monotonic() < self.retry_at:
             return
+        if self.again:
+            rows = self.outbox.by_id([row for row, _ in self.again])
+            self.again.clear()
+            for row in rows:
+                if not self._hand(row, [], advance=False):
+                    break
         room = WINDOW - len(self.sent)
         if self.cursor < self.catch_up_until:
             now = time.monotonic()
@@ -192,10 +297,34 @@ class Publisher:
             self._delete(self.acked)
             self.acked = []
 
-    def _hand(self, row: Row, done: list[tuple[int, int]]) -> bool:
-        """Write one row into the send buffer; QoS 0 rows are done at once (no PUBACK to wait for)."""
+    def _set_aside(self) -> None:
+        """Move the rows refused so far to the set_aside table, each with an error record (a row on its rule's
+        error topic gets none: no record of a record)."""
+        for row_id, size, why in self.refused:
+            self.stats.reject("set_aside", f"broker {self.link.name}, outbox row {row_id}: {why}")
+            found = self.outbox.by_id([row_id], with_rule=True)
+            if not found:
+                continue
+            row, rule = found[0]
+            topic = self.error_topics.get(rule)
+            record = None
+            if topic is not None and topic != row.topic:
+                payload = row.payload if type(row.payload) is bytes else str(row.payload).encode("utf-8", "replace")
+                shown = str(row.topic)[:1000].encode("utf-8", "replace").decode()
+                body = codec.error_record(rule=rule, topic=shown, reason="set_aside", error=why,
+                                          message_id=f"outbox-{row_id}", payload=payload, max_payload=1024)
+                record = (self.link.name, topic, body, 1, 0, rule, time.time())
+            self.outbox.set_aside(row_id, size, why, record)
+        self.refused.clear()
+
+    def _hand(self, row: Row, done: list[tuple[int, int]], advance: bool = True) -> bool:
+        """Write one row into the send buffer; QoS 0 rows are done at once (no PUBACK to wait for). A row the
+        broker would refuse (not a topic name, not bytes, over its packet size) is set aside instead."""
         c = self.link.client
-        if row.qos == 0:
+        why = row_problem(row, self.link.max_packet)
+        if why is not None:
+            self.refused.append((row.id, len(row.payload or b""), why))
+        elif row.qos == 0:
             if not c.publish0(row.topic, row.payload, bool(row.retain)):
                 return False
             done.append((row.id, len(row.payload)))
@@ -204,15 +333,28 @@ class Publisher:
             if not mid:
                 return False
             self.sent[mid] = (row.id, len(row.payload))
-        self.cursor = row.id
+        if advance:
+            self.cursor = row.id
         return True
 
     def _on_puback(self, mid: int, reason: int) -> None:
         entry = self.sent.pop(mid, None)
         if reason >= 0x80:
             self._refused(reason, entry)
-        if entry is not None:
-            self.acked.append(entry)  # refused or not, the row is done: sending it again meets the same answer
+        if entry is None:
+            return
+        if reason < 0x80:
+            self.acked.append(entry)
+            if self.strikes:
+                self.strikes.clear()
+            self.backoff = 0.0
+        elif reason in PERMANENT:
+            self.refused.append((*entry, f"broker {self.link.name} refused it (PUBACK 0x{reason:02x})"))
+        else:  # quota exceeded, unspecified...: the same row again, after a pause for everything
+            self.stats.count("refused_transient")
+            self.again.append(entry)
+            self.backoff = min(max(2 * self.backoff, 1.0), MAX_BACKOFF)
+            self.retry_at = time.monotonic() + self.backoff
 
     def _refused(self, reason: int, entry: tuple[int, int] | None) -> None:
         """An MQTT 5 PUBACK with a failure reason (0x87 not authorized, 0x90 topic name invalid, 0x97 quota

@@ -187,8 +187,10 @@ class RuleQueue:
         """A worker's call of `msg_id` passed the timeout; `answered`: results it sent before dying. No `msg_id`:
         a handler_batch call of several passed it, so each message it held goes again alone, as a suspect."""
         entry = self.in_flight.get(msg_id) if msg_id is not None else None
-        if entry is not None:
+        if entry is not None and entry[1] == ident:
             self._again(entry[0], now, f"timeout after {self.rule.timeout:g}s", "timeout")
+        elif entry is not None:  # another worker holds it now (or the report is forged): not this one's to resend
+            self.stats.count("stray_timeouts")
         w = self.workers.get(ident)
         if w is not None:
             for done in answered:  # their confirms are on the way (the deadline covers a lost one)

@@ -8,6 +8,7 @@ in arrival order, once egress confirms every rule's result is safe (`AckWindow`)
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import threading
@@ -19,6 +20,7 @@ import zmq
 from pipeline import envelope, topics
 from pipeline.endpoints import Endpoints
 from pipeline.envelope import Message, Result
+from pipeline.ingress import frames
 from pipeline.ingress.acks import AckWindow
 from pipeline.ingress.dispatch import RuleQueue
 from pipeline.ingress.pace import ReadPace
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 TICK = 0.2
 EGRESS_GRACE = 1.0  # seconds a (re)started egress has to confirm what workers answered before it came
+MAX_LETTERS = 100_000  # QoS 1 error records of ingress's own whose confirm is awaited (oldest forgotten past it)
+RECENT_CONFIRMS = 10_000  # confirms remembered to tell a duplicate from a forged one
 
 
 class Router:
@@ -74,6 +78,8 @@ class Ingress:
                        for r, s in zip(cfg.rules, self.routers, strict=True)]
         self.by_name = {r.name: q for r, q in zip(cfg.rules, self.queues, strict=True)}
         self.links = _links(cfg, self._arrive)
+        for name, link in self.links.items():
+            link.on_bad_topic = lambda raw, p, qos, mid, dup, b=name: self._bad_topic(b, raw, p, qos, mid, dup)
         self.acks = {name: AckWindow(link.client) for name, link in self.links.items()}
         for link in self.links.values():
             link.on_connected = lambda lk: self.acks[lk.name].reset()  # a new session: old packet ids are void
@@ -81,6 +87,8 @@ class Ingress:
         for s in (*self.routers, self.beats, self.confirms):
             self.hub.register(s)
         self.route, self.boot, self.seq = Router(cfg), os.urandom(3).hex(), 0
+        self.letters_out: dict[tuple[str, str], None] = {}  # (rule, message id) of QoS 1 error records sent
+        self.confirmed: dict[tuple[str, str], None] = {}  # the last RECENT_CONFIRMS accepted, oldest first
         self._gauges()
 
     def _gauges(self) -> None:
@@ -138,36 +146,103 @@ class Ingress:
         if not targets:
             self.stats.count("unrouted")
 
+    def _bad_topic(self, broker: str, raw: bytes, payload: bytes, qos: int, mid: int, dup: bool) -> None:
+        """A message whose topic is not UTF-8: an error record (the topic in base64, the payload kept) on the
+        error topic of each rule whose filter matches the topic read with replacement characters; acked like
+        any other once those records are safe (at once when no rule matches)."""
+        self.seq += 1
+        msg_id, now = f"{self.boot}-{self.seq}", time.time()
+        shown = raw.decode("utf-8", "replace")
+        encoded = base64.b64encode(raw).decode("ascii")
+        self.stats.reject("bad_topic", f"broker {broker}: a topic that is not UTF-8 (base64 {encoded[:80]})")
+        waiting: set[str] = set()
+        for i in self.route(broker, shown):
+            q = self.queues[i]
+            m = Message(msg_id, q.rule.name, broker, encoded, payload, qos, mid, 1, now)
+            if qos:
+                waiting.add(q.rule.name)
+            self.letters_send(envelope.error_result(m, q.error_topic(shown), "bad_topic",
+                                                    "the topic is not UTF-8; 'topic' holds its bytes in base64"))
+        if qos:
+            self.acks[broker].add(msg_id, mid, waiting)
+
+    def _letter_confirmed(self, rule: str, msg_id: str) -> bool:
+        """Whether `msg_id` is one of the error records ingress sent itself for `rule` (forgotten once true)."""
+        if (rule, msg_id) not in self.letters_out:
+            return False
+        del self.letters_out[(rule, msg_id)]
+        return True
+
     def letters_send(self, result: Result) -> None:
-        """Dead letters and rejected messages go straight to egress as error records."""
+        """Dead letters and rejected messages go straight to egress as error records; a QoS 1 one's confirm
+        is then expected."""
+        if result.source_qos:
+            self.letters_out[(result.rule, result.message_id)] = None
+            if len(self.letters_out) > MAX_LETTERS:
+                del self.letters_out[next(iter(self.letters_out))]
         self.letters.send(envelope.encode([result]))
 
     def _handle(self, ready: set[zmq.Socket]) -> None:
         now = time.monotonic()
         for i, sock in enumerate(self.routers):
             if sock in ready:
-                for ident, frame in drain(sock, multipart=True):
-                    _kind, n = envelope.unpack(frame)
+                for parts in drain(sock, multipart=True):
+                    try:
+                        ident, n = frames.credit(parts)
+                    except frames.BadFrame as e:
+                        self.stats.reject("bad_frames", f"rule {self.queues[i].rule.name}'s socket: {e}")
+                        continue
                     self.queues[i].on_credit(ident, n, now)
         if self.beats in ready:
             self._beats(now)
         if self.confirms in ready:
-            for frame in drain(self.confirms):
-                confirms = envelope.unpack(frame)
-                if not confirms:  # a (re)started egress: results answered before it came are lost
-                    for q in self.queues:
-                        q.hasten(now + EGRESS_GRACE)
-                for msg_id, rule, broker in confirms:
-                    self.by_name[rule].confirm(msg_id)
-                    self.acks[broker].done(msg_id, rule)
+            self._confirms(now)
 
     def _beats(self, now: float) -> None:
         for frame in drain(self.beats):
-            ident, index, kind, value = envelope.unpack(frame)
-            if kind == envelope.BEAT:
-                self.queues[index].on_beat(ident.encode(), value, now)
-            elif kind == envelope.TIMEOUT:
-                self.queues[index].on_timeout(ident.encode(), value[0], value[1], now)
+            try:
+                b = frames.beat(frame, len(self.queues))
+            except frames.BadFrame as e:
+                self.stats.reject("bad_frames", f"beats: {e}")
+                continue
+            if b.kind == envelope.BEAT:
+                self.queues[b.index].on_beat(b.ident, b.free, now)
+            else:
+                self.queues[b.index].on_timeout(b.ident, b.msg_id, b.answered, now)
+
+    def _confirms(self, now: float) -> None:
+        for frame in drain(self.confirms):
+            try:
+                confirms = frames.confirms(frame)
+            except frames.BadFrame as e:
+                self.stats.reject("bad_frames", f"confirms: {e}")
+                continue
+            if confirms is None:  # a (re)started egress: results answered before it came are lost
+                for q in self.queues:
+                    q.hasten(now + EGRESS_GRACE)
+                continue
+            for msg_id, rule, broker in confirms:
+                self._confirm(msg_id, rule, broker)
+
+    def _confirm(self, msg_id: str, rule: str, broker: str) -> None:
+        """Egress has the result of `msg_id` for `rule` safe: accepted only for a message this ingress has in
+        flight at that rule, or whose error record it sent itself; anything else releases no PUBACK."""
+        q, acks = self.by_name.get(rule), self.acks.get(broker)
+        if q is None or acks is None:
+            self.stats.reject("bad_frames", f"confirms: unknown rule {rule!r:.80} or broker {broker!r:.80}")
+        elif msg_id in q.in_flight or self._letter_confirmed(rule, msg_id):
+            q.confirm(msg_id)
+            acks.done(msg_id, rule)
+            self.confirmed[(rule, msg_id)] = None
+            if len(self.confirmed) > RECENT_CONFIRMS:
+                del self.confirmed[next(iter(self.confirmed))]
+        elif not msg_id.startswith(f"{self.boot}-"):
+            self.stats.count("stale_confirms")  # a message of an earlier ingress: its session is gone
+        elif (rule, msg_id) in self.confirmed:
+            self.stats.count("duplicate_confirms")  # a message dispatched twice: both results came
+        else:
+            self.stats.reject("forged_confirms", f"a confirm of {msg_id!r:.80} for rule {rule!r:.80}, which "
+                              "this ingress does not have in flight")
 
     def drain(self, deadline: float) -> None:
         """Stop reading MQTT; wait (until `deadline`) for what workers hold; the rest comes again later."""

@@ -32,6 +32,7 @@ class Broker(BrokerMixin, _Strict):  # scheme, host, port, embedded
     cert: Path | None = None  # mqtts: client certificate (PEM), for brokers that authenticate clients by certificate
     key: Path | None = None  # mqtts: the client certificate's private key (PEM, unencrypted) when not in `cert`
     insecure: bool = False  # mqtts: do not check that the certificate names the host (the chain is still checked)
+    max_packet_bytes: ByteSize | None = None  # the largest packet the broker takes; MQTT 5 brokers say it themselves
 
     @model_validator(mode="before")
     @classmethod
