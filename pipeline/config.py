@@ -65,8 +65,12 @@ def read_yaml(source: Path) -> Any:
         return yaml.safe_load(source.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(source, [f"cannot read the file: {e.strerror}"]) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, [f"not UTF-8 text: {e.reason} at byte {e.start}"]) from e
     except yaml.YAMLError as e:
         raise ConfigError(source, [f"not valid YAML: {e}"]) from e
+    except RecursionError:
+        raise ConfigError(source, ["not a configuration: nested too deeply"]) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +95,14 @@ def load_file(path: str | os.PathLike[str]) -> Loaded:
         raise ConfigError(source, ["expected a mapping with brokers:, models: and rules: at the top"])
     conversion = pyboot.convert(raw, source) if pyboot.is_pyboot(raw) else None
     problems: list[str] = []
-    data = _expand(conversion.native if conversion else raw, "", problems)
+    try:  # ${VAR}s: in a native file, and in the native sections added to an old one (the old runtime had none)
+        if conversion is None:
+            data = _expand(raw, "", problems)
+        else:
+            data = {k: _expand(v, k, problems) if k in pyboot.NATIVE else v for k, v in conversion.native.items()}
+    except RecursionError:  # a YAML alias that holds itself
+        raise ConfigError(source, ["not a configuration: nested too deeply, or a YAML alias that holds itself"]) \
+            from None
     if problems:
         raise ConfigError(source, problems)
     return Loaded(config=parse(data, source), conversion=conversion)

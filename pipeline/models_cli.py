@@ -41,17 +41,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if not pyboot.is_pyboot(raw):
             raise ConfigError(source, ["not an old-format (pyboot) configuration: it has no mqtts: list, or it has "
                                        "brokers: (a native configuration needs no conversion)"])
-        conversion = pyboot.convert(raw, source)
+        loaded = config.load_file(source)  # the whole file, as `check` validates it
     except ConfigError as e:
         print(e, file=sys.stderr)
         return e.exit_code
+    conversion = loaded.conversion
+    assert conversion is not None  # is_pyboot said so
+    # the stack keeps its name: the same MQTT client ids (ingress's persistent session), run and data directory
+    native = {"name": loaded.config.instance, **conversion.native}
     notes = pyboot_notes(conversion)
+    text = yaml.safe_dump(native, sort_keys=False, allow_unicode=True, width=120, default_flow_style=None)
+    if "${" in yaml.safe_dump({k: v for k, v in conversion.native.items() if k not in pyboot.NATIVE}):
+        notes.append("warning: a converted value holds ${...}: a native configuration expands it from the "
+                     "environment, the old runtime did not")
     for line in notes:
         print(f"pipeline: {line}", file=sys.stderr)
     print(f"# converted by `pipeline convert` from {source}")
     print("".join(f"# {line}\n" for line in notes), end="")
-    print(yaml.safe_dump(conversion.native, sort_keys=False, allow_unicode=True, width=120,
-                         default_flow_style=None), end="")
+    print(text, end="")
     return errors.OK
 
 

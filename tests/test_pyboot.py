@@ -149,7 +149,8 @@ def test_convert_output_checks_and_is_equivalent(name, tmp_path):
     native = config.load_file(converted)
     old = config.load_file(DATA / f"{name}.yaml")
     assert native.conversion is None and old.conversion is not None
-    assert native.config.model_dump(exclude={"source"}) == old.config.model_dump(exclude={"source"})
+    assert native.config.instance == old.config.instance  # the same stack: client ids, run and data directory
+    assert native.config.model_dump(exclude={"source", "name"}) == old.config.model_dump(exclude={"source", "name"})
 
 
 def test_old_and_native_formats_are_told_apart():
@@ -252,8 +253,7 @@ def test_warning_version_1_two_funcs_matching_one_message():
 def test_warnings_qos_2_and_one_checksum_for_two_archives():
     raw = example("v3-devices")
     raw["mqtts"][0]["qos"] = 2
-    raw["funcs"][0]["modelMd5"] = "pZ4DJ+YhYM9ppHD+VhLi+A=="
-    conversion = convert(raw)
+    conversion = convert(raw)  # funcs[0]: the empty file's MD5, and one checksum for two archives: both said
     assert "mqtts[0].qos: 2 becomes 1 here (at least once: a message may come twice)" in conversion.warnings
     assert any(w.startswith("funcs[0].modelMd5: one checksum for two archives") for w in conversion.warnings)
     assert conversion.native["rules"][0]["sub"]["qos"] == 1
@@ -283,8 +283,23 @@ def test_warnings_qos_2_and_one_checksum_for_two_archives():
     ("v3-devices", lambda r: r["rules"][0]["sub"].update(name="mosquitto-20336455"),
      "rules[0].sub.name: no mqtts entry is named 'mosquitto-20336455' (defined: 'mosquitto-20336454'); did you mean "
      "'mosquitto-20336454'?"),
-    ("v1-readme", lambda r: r["rules"][0]["pub"].update(timeout="soon"),
-     "rules[0].pub.timeout: expected seconds (100) or a duration such as 10s (got 'soon')"),
+    ("v1-readme", lambda r: r["rules"][0]["pub"].update(topic="out/{0}/x"),
+     "rules[0].pub.topic: braces are {N} placeholders here, and the old runtime published the topic as written"),
+    ("v1-readme", lambda r: r["funcs"][0].update(model_address="http://[::1/x.zip"),
+     "funcs[0].model_address: expected an http(s) url, or a file:// url or absolute path of an existing file"),
+    ("v1-readme", lambda r: r["funcs"][0].update(model_address="10.200.60.18:22122/group1/M00/x.zip"),
+     "funcs[0].model_address: expected an http(s) url, or a file:// url or absolute path of an existing file "
+     "(got '10.200.60.18:22122/group1/M00/x.zip')"),
+    ("v1-readme", lambda r: r["funcs"][0].update(model_address="/no\x00where.zip"),
+     "funcs[0].model_address: expected an http(s) url"),
+    ("v1-readme", lambda r: r["rules"][0]["sub"].update(topci=r["rules"][0]["sub"].pop("topic")),
+     "rules[0].sub.topci: unknown key, read as a misspelling of 'topic'"),
+    ("v1-readme", lambda r: r["mqtts"][0].update(Name=r["mqtts"][0].pop("name")),
+     "mqtts[0].Name: unknown key, read as a misspelling of 'name'"),
+    ("v3-devices", lambda r: (d := r["funcs"][0]["devices"][0]).update(deviceAtrr=d.pop("deviceAttr")),
+     "funcs[0].devices[0].deviceAtrr: unknown key, read as a misspelling of 'deviceAttr'"),
+    ("v1-readme", lambda r: r["funcs"].insert(0, 1), "funcs[0]: expected a mapping with modelName: and a model address "
+     "(got 1)"),
     ("v1-readme", lambda r: r["rules"][0]["sub"].update(topic="a/#/b"),
      "rules[0]: '#' must be a whole level and the last one"),
     ("v1-readme", lambda r: r["funcs"][0].update(model_md5="nope"),
@@ -326,6 +341,46 @@ def test_check_exits_2_naming_file_key_and_text_and_nothing_starts(tmp_path):
         assert "funcs[0].modelMD5: unknown key, read as a misspelling of 'modelMd5'" in out.stderr
         assert "funcs[1].devices[0].deviceAttr[2].attrExpression: unsupported filter expression '== 1'" in out.stderr
     assert not (tmp_path / "run" / "supervisord.conf").exists()
+
+
+def test_a_password_is_never_shown_and_long_values_are_cut():
+    raw = example("v1-readme")
+    del raw["mqtts"][0]["name"]
+    raw["mqtts"][0]["password"] = "SECRETPW"
+    raw["funcs"][0]["model_address"] = "x" * 100_000
+    with pytest.raises(ConfigError) as e:
+        convert(raw, "old.yaml")
+    text = "\n".join(e.value.problems)
+    assert "SECRETPW" not in text and "'password': '***'" in text and len(text) < 2000
+
+
+def test_what_the_old_runtime_never_read_is_not_refused_but_warned(tmp_path, monkeypatch):
+    raw = example("v3-devices")
+    raw["rules"][0]["pub"]["timeout"] = "1m30s"  # never read by the old runtime: the default, with a warning
+    raw["funcs"][0]["devices"][0]["deviceAttr"][0]["attrValue"] = "O'Brien"
+    conversion = convert(raw)
+    assert conversion.native["rules"][0]["timeout"] == "10s"
+    assert any(w.startswith("rules[0].pub.timeout: '1m30s' is not a duration this runtime can enforce")
+               for w in conversion.warnings)
+    assert any(w.startswith("funcs[0].devices[0].deviceAttr[0].attrValue: \"O'Brien\" holds a quote")
+               for w in conversion.warnings)
+
+
+def test_old_values_are_not_expanded_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEV", "other")
+    raw = example("v3-single-address")
+    raw["funcs"][0]["devices"][0]["deviceAttr"][0]["attrValue"] = "${DEV}"
+    raw["control"] = {"listen": "${LISTEN:-127.0.0.1:6124}"}  # a native section: expanded, as in a native file
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    cfg = config.load(tmp_path / "old.yaml")
+    assert cfg.rules[0].filter == device("${DEV}") and cfg.control.listen == "127.0.0.1:6124"
+
+
+@pytest.mark.parametrize("text", ["x: " + "[" * 3000 + "]" * 3000, "brokers: &c {x: *c}"])
+def test_a_file_nested_too_deeply_is_a_config_error(tmp_path, text):
+    (tmp_path / "deep.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        config.load(tmp_path / "deep.yaml")
 
 
 def test_every_problem_is_reported_at_once():

@@ -30,7 +30,7 @@ from pipeline.errors import ConfigError
 from pipeline.pyboot.converter import Converter
 from pipeline.pyboot.keys import NATIVE
 
-__all__ = ["Conversion", "convert", "is_pyboot"]
+__all__ = ["NATIVE", "Conversion", "convert", "is_pyboot"]
 
 # differences every converted file has, whatever it holds (the README's compatibility section explains each)
 ALWAYS = (

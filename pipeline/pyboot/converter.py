@@ -71,13 +71,13 @@ def safe_name(text: Any, fallback: str) -> str:
 def broker_url(text: Any) -> str:
     """An old `broker` (tcp://HOST:PORT, ssl://..., or HOST:PORT) as a native url; ValueError if it is none."""
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"expected tcp://HOST:PORT (got {text!r})")
+        raise ValueError(f"expected tcp://HOST:PORT (got {text!r:.200})")
     text = text.strip() if "://" in text else "tcp://" + text.strip()
     parts = urlsplit(text)
     if parts.scheme not in _SCHEMES or not parts.hostname:
-        raise ValueError(f"expected tcp://HOST:PORT, mqtt://, ssl:// or mqtts:// (got {text!r})")
+        raise ValueError(f"expected tcp://HOST:PORT, mqtt://, ssl:// or mqtts:// (got {text!r:.200})")
     if parts.port is None and parts.netloc.endswith(":"):
-        raise ValueError(f"expected a port after ':' (got {text!r})")
+        raise ValueError(f"expected a port after ':' (got {text!r:.200})")
     _ = parts.port  # ValueError when out of range
     return f"{_SCHEMES[parts.scheme]}://{parts.netloc.rpartition('@')[2]}"
 
@@ -112,7 +112,7 @@ class Converter:
     def _list(self, raw: dict[str, Any], key: str, what: str) -> list[Any]:
         value = raw.get(key)
         if not isinstance(value, list) or not value:
-            self.report.problems.append(f"{key}: expected a non-empty list of {what} (got {value!r})")
+            self.report.problems.append(f"{key}: expected a non-empty list of {what} (got {value!r:.200})")
             return []
         return value
 
@@ -120,19 +120,22 @@ class Converter:
 
     def _mqtt(self, entry: Any, i: int) -> None:
         at = f"mqtts[{i}]"
+        if isinstance(entry, dict):
+            scan(entry, MQTT, at, self.report)
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str | int):
-            self.report.problems.append(f"{at}: expected a mapping with name:, broker:, qos:, retain: (got {entry!r})")
+            shown = {**entry, "password": "***"} if isinstance(entry, dict) and "password" in entry else entry
+            self.report.problems.append(f"{at}: expected a mapping with name:, broker:, qos:, retain: "
+                                        f"(got {shown!r:.200})")
             return
-        scan(entry, MQTT, at, self.report)
         name = str(entry["name"])
         if name in self.links:
             self.report.problems.append(f"{at}.name: duplicate connection name {name!r}")
             return
         qos, retain = entry.get("qos", 0), entry.get("retain", False)
         if qos not in (0, 1, 2) or isinstance(qos, bool):
-            self.report.problems.append(f"{at}.qos: expected 0, 1 or 2 (got {qos!r})")
+            self.report.problems.append(f"{at}.qos: expected 0, 1 or 2 (got {qos!r:.200})")
         if not isinstance(retain, bool):
-            self.report.problems.append(f"{at}.retain: expected true or false (got {retain!r})")
+            self.report.problems.append(f"{at}.retain: expected true or false (got {retain!r:.200})")
         try:
             broker = {"url": broker_url(entry.get("broker"))}
         except ValueError as e:
@@ -153,7 +156,8 @@ class Converter:
         kinds: dict[int, frozenset[int]] = {}
         for j, func in enumerate(funcs):
             if not isinstance(func, dict):
-                self.report.problems.append(f"funcs[{j}]: expected a mapping with modelName: and a model address")
+                self.report.problems.append(f"funcs[{j}]: expected a mapping with modelName: and a model address "
+                                            f"(got {func!r:.200})")
                 continue
             try:
                 kinds[j] = versions(func)
@@ -179,7 +183,7 @@ class Converter:
         before = len(self.report.problems)
         name = func.get("modelName")
         if not isinstance(name, str | int) or name == "":
-            self.report.problems.append(f"{at}.modelName: required, the model's name (got {name!r})")
+            self.report.problems.append(f"{at}.modelName: required, the model's name (got {name!r:.200})")
         model = self._model(func, at, version, safe_name(name, f"func{j}"))
         selected = devices.selection(func, version, at, self.report)
         if len(self.report.problems) > before or model is None:
@@ -224,7 +228,8 @@ class Converter:
         urls = {arch: func[key] for arch, key in per_machine.items() if func.get(key) not in (None, "")}
         for arch, key in per_machine.items():
             if arch in urls and not _is_http(urls[arch]):
-                self.report.problems.append(f"{at}.{key}: expected an http:// or https:// url (got {urls[arch]!r})")
+                self.report.problems.append(f"{at}.{key}: expected an http:// or https:// url "
+                                            f"(got {urls[arch]!r:.200})")
         if urls:
             spec["urls"] = urls
         address = func.get(one)
@@ -243,14 +248,21 @@ class Converter:
         return spec
 
     def _address(self, address: Any, at: str) -> dict[str, Any]:
+        """A model address as a native source: an http(s) url, or a local file:// url or absolute path (the
+        old runtime downloaded only over http: an address without a scheme is taken as a missing http://)."""
         text = str(address).strip()
         if _is_http(text):
             return {"url": text}
-        if "://" in text and not text.startswith("file://"):
-            self.report.problems.append(f"{at}: expected an http(s) url or a path (got {text!r})")
-            return {}
         path = Path(text.removeprefix("file://"))
-        return {"path": str(path if path.is_absolute() else (self.source.parent / path).resolve())}
+        try:
+            found = path.is_absolute() and path.exists()
+        except (OSError, ValueError):  # a NUL byte, a name too long
+            found = False
+        if not found:
+            self.report.problems.append(f"{at}: expected an http(s) url, or a file:// url or absolute path of an "
+                                        f"existing file (got {text!r:.200})")
+            return {}
+        return {"path": str(path)}
 
     def _md5(self, md5: Any, at: str, per_machine: bool) -> str:
         text = str(md5)
@@ -262,7 +274,7 @@ class Converter:
         if digest == EMPTY_MD5:
             self.report.warnings.append(f"{at}: {text} is the MD5 of an empty file, not of any model archive: the "
                                         "model will be refused when fetched (the old runtime never checked it)")
-        elif per_machine:
+        if per_machine:
             self.report.warnings.append(f"{at}: one checksum for two archives (amd64 and arm64): it is checked "
                                         "against the one this machine downloads (the old runtime never checked it)")
         return text
@@ -272,7 +284,7 @@ class Converter:
     def _rule(self, rule: Any, i: int) -> OldRule | None:
         at = f"rules[{i}]"
         if not isinstance(rule, dict):
-            self.report.problems.append(f"{at}: expected a mapping with sub: and pub: (got {rule!r})")
+            self.report.problems.append(f"{at}: expected a mapping with sub: and pub: (got {rule!r:.200})")
             return None
         if "funcs" in rule:
             self.report.problems.append(f"{at}.funcs: funcs belong at the top level of the file (every rule runs "
@@ -283,6 +295,10 @@ class Converter:
         pub = self._end(rule.get("pub"), f"{at}.pub", PUB)
         timeout = self._timeout(rule.get("pub"), f"{at}.pub.timeout")
         if sub is None or pub is None or timeout is None:
+            return None
+        if "{" in pub["topic"] or "}" in pub["topic"]:
+            self.report.problems.append(f"{at}.pub.topic: braces are {{N}} placeholders here, and the old runtime "
+                                        f"published the topic as written: rename it (got {pub['topic']!r:.200})")
             return None
         try:
             topics.check_filter(sub["topic"])
@@ -295,11 +311,12 @@ class Converter:
 
     def _end(self, end: Any, at: str, known: tuple[str, ...]) -> dict[str, Any] | None:
         """A rule's sub: or pub: -> native broker, topic, qos, retain."""
+        if isinstance(end, dict):
+            scan(end, known, at, self.report)
         if not isinstance(end, dict) or not isinstance(end.get("topic"), str) or not end["topic"]:
             self.report.problems.append(f"{at}: expected a mapping with name: (an mqtts entry) and topic: "
-                                        f"(got {end!r})")
+                                        f"(got {end!r:.200})")
             return None
-        scan(end, known, at, self.report)
         name = str(end.get("name"))
         link = self.links.get(name)
         if link is None:
@@ -315,14 +332,17 @@ class Converter:
         return {"broker": link.broker, "topic": end["topic"], "qos": link.qos, "retain": link.retain}
 
     def _timeout(self, pub: Any, at: str) -> Any:
+        """pub.timeout as the model-call timeout; one the old runtime would have carried without reading it
+        (zero, negative, infinite, not a duration) is the default, with a warning."""
         value = pub.get("timeout", DEFAULT_TIMEOUT) if isinstance(pub, dict) else DEFAULT_TIMEOUT
         try:
             seconds = duration(value)
-            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < 1e9:
                 raise ValueError("expected a positive duration")
         except ValueError:
-            self.report.problems.append(f"{at}: expected seconds (100) or a duration such as 10s (got {value!r})")
-            return None
+            self.report.warnings.append(f"{at}: {value!r:.80} is not a duration this runtime can enforce (the old "
+                                        f"runtime never read it): the timeout is {DEFAULT_TIMEOUT}")
+            return DEFAULT_TIMEOUT
         return value
 
     def _native_rule(self, rule: OldRule, func: Func) -> dict[str, Any]:
@@ -332,5 +352,8 @@ class Converter:
 
 
 def _is_http(text: Any) -> bool:
-    parts = urlsplit(str(text).strip())
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+    try:
+        parts = urlsplit(str(text).strip())
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+    except ValueError:  # a bad IPv6 literal, a port out of range
+        return False

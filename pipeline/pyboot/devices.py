@@ -39,7 +39,7 @@ def selection(func: dict[str, Any], version: int, at: str, report: Report) -> li
     if entries in (None, []):
         return []
     if not isinstance(entries, list):
-        report.problems.append(f"{at}.{key}: expected a list of devices (got {entries!r})")
+        report.problems.append(f"{at}.{key}: expected a list of devices (got {entries!r:.200})")
         return []
     read = _v2_device if version == 2 else _v3_device
     devices = [read(entry, f"{at}.{key}[{k}]", report) for k, entry in enumerate(entries)]
@@ -50,7 +50,7 @@ def _v1(func: dict[str, Any], at: str, report: Report) -> list[dict[str, Any]]:
     name, point = func.get("deviceName"), func.get("pointName")
     for key, value in (("deviceName", name), ("pointName", point)):
         if value is not None and not isinstance(value, str | int | float):
-            report.problems.append(f"{at}.{key}: expected a name (got {value!r})")
+            report.problems.append(f"{at}.{key}: expected a name (got {value!r:.200})")
             return []
     if name in (None, ""):
         return []
@@ -62,7 +62,7 @@ def _v1(func: dict[str, Any], at: str, report: Report) -> list[dict[str, Any]]:
 
 def _v2_device(entry: Any, at: str, report: Report) -> dict[str, Any] | None:
     if not isinstance(entry, dict):
-        report.problems.append(f"{at}: expected a mapping with {', '.join(DEVICE_V2)} (got {entry!r})")
+        report.problems.append(f"{at}: expected a mapping with {', '.join(DEVICE_V2)} (got {entry!r:.200})")
         return None
     scan(entry, DEVICE_V2, at, report)
     before = len(report.problems)
@@ -71,18 +71,19 @@ def _v2_device(entry: Any, at: str, report: Report) -> dict[str, Any] | None:
 
 
 def _v3_device(entry: Any, at: str, report: Report) -> dict[str, Any] | None:
+    if isinstance(entry, dict):
+        scan(entry, DEVICE_V3, at, report)
     attrs = entry.get("deviceAttr") if isinstance(entry, dict) else None
     if not isinstance(attrs, list) or not attrs:
         report.problems.append(f"{at}.deviceAttr: expected a non-empty list of {{attrName, attrValue, "
-                               f"attrExpression}} (got {attrs!r})")
+                               f"attrExpression}} (got {attrs!r:.200})")
         return None
-    scan(entry, DEVICE_V3, at, report)
     before = len(report.problems)
     conditions = []
     for m, attr in enumerate(attrs):
         where = f"{at}.deviceAttr[{m}]"
         if not isinstance(attr, dict):
-            report.problems.append(f"{where}: expected a mapping with {', '.join(ATTR_V3)} (got {attr!r})")
+            report.problems.append(f"{where}: expected a mapping with {', '.join(ATTR_V3)} (got {attr!r:.200})")
             continue
         scan(attr, ATTR_V3, where, report)
         conditions.append(_test(attr, "attrValue", "attrExpression", where, report))
@@ -105,8 +106,12 @@ def _test(entry: dict[str, Any], value_key: str, expr_key: str, at: str, report:
         return {}
     value = entry[value_key]
     if not isinstance(value, str | int | float):
-        report.problems.append(f"{at}.{value_key}: expected a name or a number (got {value!r})")
+        report.problems.append(f"{at}.{value_key}: expected a name or a number (got {value!r:.200})")
         return {}
+    if isinstance(value, str) and any(c in value for c in "'\\\n"):
+        report.warnings.append(f"{at}.{value_key}: {value!r:.80} holds a quote, a backslash or a line break: the old "
+                               "runtime evaluated it in quotes, so it never matched (or read escapes); here it is "
+                               "compared as written")
     try:
         return parse_expression(entry[expr_key], str(value))
     except ValueError as e:

@@ -60,7 +60,7 @@ def scan(node: dict[str, Any], known: tuple[str, ...], at: str, report: Report) 
         where = f"{at}.{text}" if at else text
         like = misspelling(text, known)
         if like is not None:
-            report.problems.append(f"{where}: unknown key, read as a misspelling of {like!r} (got {text!r})")
+            report.problems.append(f"{where}: unknown key, read as a misspelling of {like!r} (got {text!r:.200})")
         else:
             report.ignored[_generic(where)] = None
 
