@@ -18,7 +18,7 @@ import msgpack
 from pipeline import codec
 from pipeline.errors import DecodeError
 
-VERSION = 1
+VERSION = 2  # 2: a frame names its sender (the worker whose results it carries)
 
 # Result kinds
 PUBLISH = 0  # publish payload on topic
@@ -92,7 +92,7 @@ def error_result(msg: Message, topic: str, reason: str, err: BaseException | str
 #   worker -> ingress, on beats (PUSH):        [worker id, rule index, BEAT, free credit]
 #                                              [worker id, rule index, TIMEOUT, [message id, [answered ids]]]
 #                                              (message id nil: a handler_batch call of several timed out)
-#   egress -> ingress, on confirms (PUSH):     [[message id, rule, broker], ...]   these results are safe;
+#   egress -> ingress, on confirms (PUSH):     [[message id, rule, broker, sender], ...]   these results are safe;
 #                                              [] once at egress start: results sent to an earlier egress are lost
 CREDIT, BEAT, TIMEOUT = 0, 1, 2
 PREFETCH = 64  # messages a worker may hold (its first CREDIT); a BEAT's free credit is PREFETCH - what it holds
@@ -109,17 +109,27 @@ def unpack(frame: bytes) -> object:
         raise DecodeError(f"bad control frame ({len(frame)} bytes): {e}") from e
 
 
-def encode(items: Iterable[Message | Result]) -> bytes:
-    """One frame for a batch of envelopes of one kind."""
-    return msgpack.packb([VERSION, list(items)], use_bin_type=True)
+def encode(items: Iterable[Message | Result], sender: str = "") -> bytes:
+    """One frame for a batch of envelopes of one kind; `sender`: the worker that made them ("" for ingress)."""
+    return msgpack.packb([VERSION, list(items), sender], use_bin_type=True)
 
 
 def decode(frame: bytes, kind: type[E]) -> list[E]:
     """Decode a frame made by `encode`; raise DecodeError on anything else."""
+    return decode_from(frame, kind)[0]
+
+
+def decode_from(frame: bytes, kind: type[E]) -> tuple[list[E], str]:
+    """The envelopes of a frame made by `encode`, and its sender; raise DecodeError on anything else."""
     try:
-        version, rows = msgpack.unpackb(frame, raw=False, use_list=False)
-        if version != VERSION:
-            raise ValueError(f"envelope version {version}, expected {VERSION}")
-        return [kind(*row) for row in rows]
+        body = msgpack.unpackb(frame, raw=False, use_list=False)
+        if not isinstance(body, tuple) or not body:
+            raise ValueError("not a frame of envelopes")
+        if body[0] != VERSION:  # a stage of another version (a remote worker not yet upgraded)
+            raise ValueError(f"envelope version {body[0]!r:.20}, expected {VERSION}")
+        _, rows, sender = body
+        if type(sender) is not str:
+            raise ValueError(f"the sender must be a string (got {type(sender).__name__})")
+        return [kind(*row) for row in rows], sender
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         raise DecodeError(f"bad {kind.__name__} frame ({len(frame)} bytes): {e}") from e

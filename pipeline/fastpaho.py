@@ -32,6 +32,7 @@ class FastClient(mqtt.Client):
         # own reader when a PUBACK was split across two reads. MQTT 5 PUBACKs carry a reason code: 0x87 (not
         # authorized), 0x97 (quota exceeded)... mean the broker did not take the message
         self.on_puback: Acked | None = None
+        self.read_error = mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS  # why the last `read` failed (PROTOCOL: malformed)
 
     def buffered(self) -> bool:
         """True when bytes already read from the socket wait to be parsed (no syscall needed)."""
@@ -95,7 +96,9 @@ class FastClient(mqtt.Client):
                     return True  # nothing to read
                 if self.take_publishes(deliver, on_puback=self.on_puback) and not self.buffered():
                     return True
-            if self.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+            rc = self.loop_read()
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                self.read_error = rc
                 return False
             if not self.buffered():
                 return True

@@ -48,6 +48,7 @@ class Link:
         self.state = "disconnected"
         self.subscriptions: dict[str, int] = {}
         self.connects = 0  # accepted connections
+        self.malformed = 0  # connections closed because the broker sent a malformed packet
         # called on every CONNACK, before any message of the new connection is handled: packet ids of an
         # earlier connection mean nothing now (and the broker may re-send before our SUBACK arrives)
         self.on_connected: Callable[[Link], None] = lambda _link: None
@@ -110,7 +111,12 @@ class Link:
 
     def read(self, max_packets: int = 256) -> None:
         """Handle what the socket has (see `FastClient.read`): PUBLISH packets go to `on_publish` when set."""
-        if not self.client.read(self.on_publish, max_packets) and self.state not in ("disconnected", "stopped"):
+        if self.client.read(self.on_publish, max_packets):
+            return
+        if self.client.read_error == mqtt.MQTT_ERR_PROTOCOL:  # paho closed the connection on it (MQTT 4.8)
+            self.malformed += 1
+            log.warning("broker %s sent a malformed packet (%d so far); reconnecting", self.name, self.malformed)
+        if self.state not in ("disconnected", "stopped"):
             self._lost(time.monotonic(), "read failed")
 
     def write(self) -> None:

@@ -233,3 +233,46 @@ def test_an_mqtt5_link_to_a_broker_that_speaks_only_311_says_what_to_set(caplog)
         link.stop()
         stop.set()
         server.join(5)
+
+
+MALFORMED = [  # PUBLISH packets a broker must never send: each closes the connection, none raises or delivers
+    ("remaining length 0", b"\x30\x00"),
+    ("remaining length 1", b"\x32\x01\x00"),
+    ("QoS 1, length 0", b"\x32\x00"),
+    ("topic longer than the packet", b"\x30\x03\x00\x05a"),
+    ("QoS 1 without its packet id", b"\x32\x03\x00\x01a"),
+    ("QoS 3", b"\x36\x03\x00\x01a"),
+    ("a remaining length of five bytes", b"\x30\xff\xff\xff\xff\x7f"),
+    ("reserved packet type 0", b"\x00\x00"),
+]
+
+
+def _connected_reader(protocol: int, data: bytes) -> FastClient:
+    c = FastClient(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
+    c._sock, peer = socket.socketpair()
+    c._sock.setblocking(False)
+    c._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+    peer.sendall(data)
+    peer.close()
+    return c
+
+
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv311, mqtt.MQTTv5])
+@pytest.mark.parametrize(("name", "packet"), MALFORMED + [
+    ("MQTT 3.1.1: an empty topic", b"\x30\x02\x00\x00"),
+])
+def test_a_malformed_publish_closes_the_connection_and_delivers_nothing(protocol, name, packet):
+    got: list[tuple] = []
+    c = _connected_reader(protocol, packet)
+    if protocol == mqtt.MQTTv5 and name.startswith("MQTT 3.1.1"):
+        packet = b"\x30\x03\x00\x00\x00"  # MQTT 5 allows an empty topic with an alias only: paho's to judge
+    assert c.read(lambda *m: got.append(m)) is False
+    assert got == [] and c.read_error == mqtt.MQTT_ERR_PROTOCOL
+
+
+def test_mqtt5_properties_that_run_past_the_packet_are_not_read_as_payload():
+    got: list[tuple] = []
+    c = _connected_reader(mqtt.MQTTv5, b"\x30\x05\x00\x01a\x7fX")  # property length 127 in a 5-byte packet
+    assert c.read(lambda *m: got.append(m)) is False and got == []
+    c = _connected_reader(mqtt.MQTTv5, b"\x32\x08\x00\x01a\x00\x01\x10XY")
+    assert c.read(lambda *m: got.append(m)) is False and got == []

@@ -158,6 +158,35 @@ def test_error_record_truncated_text_stays_utf8():
     assert rec["payload_truncated"] is True and rec["payload_encoding"] == "utf-8"
 
 
+def test_error_record_caps_the_error_text_and_marks_a_base64_topic():
+    rec = orjson.loads(codec.error_record(rule="r", topic=b64(b"h/\xff"), reason="bad_topic", error="e" * 100_000,
+                                          message_id="b-1", payload=b"{}", topic_encoding="base64"))
+    assert rec["error"] == "e" * codec.MAX_ERROR_TEXT + f"... ({100_000 - codec.MAX_ERROR_TEXT} more characters)"
+    assert rec["topic_encoding"] == "base64" and "topic_encoding" not in _record(b"{}")
+
+
+@pytest.mark.parametrize("topic, problem", [
+    ("out/a", None), ("é/ünïcode", None), ("t" * 65_535, None),
+    ("", "the topic is empty"), ("a/+/b", "holds a wildcard"), ("a/#", "holds a wildcard"), ("a\x00b", "NUL"),
+    ("t" * 65_536, "over 65535 bytes"), ("é" * 40_000, "over 65535 bytes"), ("a\udcff", "lone surrogate"),
+    (b"out", "not a string (bytes)"), (None, "not a string (NoneType)"),
+])
+def test_publish_problem(topic, problem):
+    got = topics.publish_problem(topic)
+    assert got is None if problem is None else problem in got
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("payload", "text", "payload must be bytes"), ("kind", 7, "kind must be"), ("kind", True, "kind must be"),
+    ("source_mid", 70_000, "source_mid 0 to 65535"), ("source_qos", 2, "source_qos must be 0 or 1"),
+    ("rule", 5, "must be strings"), ("message_id", "é", "ASCII"), ("received_at", "now", "must be numbers"),
+])
+def test_result_problem(field, value, problem):
+    good = envelope.Result("b-1", "r", envelope.PUBLISH, "out", b"{}", "local", 1, 1, 1.0, 0.0)
+    assert envelope.result_problem(good) is None
+    assert problem in envelope.result_problem(good._replace(**{field: value}))
+
+
 # -------------------------------------------------------------------------------------------- envelope
 
 def _env(cls: type, i: int, **given: object) -> tuple:
@@ -259,3 +288,58 @@ def test_stack_render_broker_and_log_dir(tmp_path, url, listen):
     assert listen is None or f"--listen 0.0.0.0:{listen}" in conf["program:broker-edge"]["command"]
     logfile = f"{tmp_path / 'logs'}/%(program_name)s-%(process_num)d.log"
     assert all(conf[s]["stdout_logfile"] == logfile for s in conf.sections() if s.startswith("program:"))
+
+
+# ------------------------------------------------------------------------------------------ ingress frames
+
+@pytest.mark.parametrize("parts, problem", [
+    ([b"w1", envelope.pack([envelope.CREDIT, 3])], None),
+    ([b"\x00\x8b\x45\x67\x89", envelope.pack([envelope.CREDIT, 3])], "not UTF-8"),
+    ([b"w" * 256, envelope.pack([envelope.CREDIT, 3])], "1 to 255 bytes"),
+    ([b"w1", envelope.pack([envelope.CREDIT, 0])], "a credit must be an int from 1"),
+    ([b"w1", envelope.pack([envelope.CREDIT, envelope.PREFETCH + 1])], "a credit must be an int from 1"),
+    ([b"w1", envelope.pack([envelope.CREDIT, True])], "a credit must be an int"),
+    ([b"w1", envelope.pack([envelope.BEAT, 3])], "expected [CREDIT, n]"),
+    ([b"w1", b"\xc1"], "bad control frame"),
+    ([b"w1", b"a", b"b"], "one frame behind the identity"),
+])
+def test_credit_frames(parts, problem):
+    from pipeline.ingress import frames
+
+    if problem is None:
+        assert frames.credit(parts) == (b"w1", 3)
+        return
+    with pytest.raises(frames.BadFrame, match=re.escape(problem)):
+        frames.credit(parts)
+
+
+@pytest.mark.parametrize("body, problem", [
+    (["w1", 0, envelope.BEAT, 5], None),
+    (["w1", 0, envelope.TIMEOUT, ["b-1", ["b-0"]]], None),
+    (["w1", 0, envelope.TIMEOUT, [None, []]], None),
+    (["w1", 2, envelope.BEAT, 5], "a rule index must be an int from 0 to 1"),
+    (["w1", 0, envelope.BEAT, -1], "free credit must be an int"),
+    (["w1", 0, 9, 5], "expected a BEAT or a TIMEOUT"),
+    (["w1", 0, envelope.TIMEOUT, [1, []]], "a TIMEOUT's value must be"),
+    (["w1", 0, envelope.TIMEOUT, ["b-1", [2]]], "a TIMEOUT's value must be"),
+    ([b"\xff", 0, envelope.BEAT, 5], "not UTF-8"),
+    (["w1", 0, envelope.BEAT], "expected [worker, rule index, kind, value]"),
+])
+def test_beat_frames(body, problem):
+    from pipeline.ingress import frames
+
+    if problem is None:
+        assert frames.beat(envelope.pack(body), 2).ident == b"w1"
+        return
+    with pytest.raises(frames.BadFrame, match=re.escape(problem)):
+        frames.beat(envelope.pack(body), 2)
+
+
+def test_confirm_frames():
+    from pipeline.ingress import frames
+
+    assert frames.confirms(envelope.pack([])) is None
+    assert frames.confirms(envelope.pack([["b-1", "r", "local", "w1"]])) == [frames.Confirm("b-1", "r", "local", "w1")]
+    for body in (0, None, [["b-1", "r", "local"]], [["b-1", "r", "local", 5]], "x", [[]]):
+        with pytest.raises(frames.BadFrame, match="expected a list of"):
+            frames.confirms(envelope.pack(body))

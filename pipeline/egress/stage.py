@@ -118,11 +118,11 @@ class Egress:
     def _take_frames(self) -> None:
         for frame in drain(self.pull, 64):
             try:
-                results = envelope.decode(frame, Result)
+                results, sender = envelope.decode_from(frame, Result)
             except DecodeError as e:
                 self.stats.reject("bad_frames", f"results: {e}")
                 continue
-            self.take(results)
+            self.take(results, sender)
 
     def _problem(self, r: Result) -> str | None:
         """Why a decoded result cannot be acted on at all (dropped and not confirmed), or None."""
@@ -157,18 +157,20 @@ class Egress:
             return None
         return r._replace(kind=envelope.ERROR, topic=topic, payload=record)
 
-    def take(self, results: list[Result]) -> None:
+    def take(self, results: list[Result], sender: str = "") -> None:
+        """Store (QoS 1) or publish (QoS 0) the results of one frame, then confirm the QoS 1 ones to ingress,
+        naming `sender`, the worker that sent them, which ingress checks against the one holding each."""
         safe, confirms = [], []
-        self.stats.count("received", len(results))
         for r in results:
             problem = self._problem(r)
             if problem is not None:
                 self.stats.reject("bad_results", f"a result dropped, not confirmed: {problem}")
                 continue
+            self.stats.count("received")
             self.stats.count("received." + r.rule)
             self.stats.observe("end_to_end." + r.rule, time.time() - r.received_at)
             if r.source_qos:
-                confirms.append([r.message_id, r.rule, r.source_broker])
+                confirms.append([r.message_id, r.rule, r.source_broker, sender])
             if r.kind == envelope.NOTHING:
                 self.stats.count("nothing")
                 continue
@@ -353,8 +355,10 @@ class Publisher:
         else:  # quota exceeded, unspecified...: the same row again, after a pause for everything
             self.stats.count("refused_transient")
             self.again.append(entry)
-            self.backoff = min(max(2 * self.backoff, 1.0), MAX_BACKOFF)
-            self.retry_at = time.monotonic() + self.backoff
+            now = time.monotonic()
+            if now >= self.retry_at:  # the first refusal since the last pause: a longer pause (one per burst)
+                self.backoff = min(max(2 * self.backoff, 1.0), MAX_BACKOFF)
+                self.retry_at = now + self.backoff
 
     def _refused(self, reason: int, entry: tuple[int, int] | None) -> None:
         """An MQTT 5 PUBACK with a failure reason (0x87 not authorized, 0x90 topic name invalid, 0x97 quota

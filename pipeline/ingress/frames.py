@@ -83,12 +83,22 @@ def beat(frame: bytes, rules: int) -> Beat:
     return Beat(ident, index, kind, 0, msg_id, answered)
 
 
-def confirms(frame: bytes) -> list[tuple[str, str, str]] | None:
-    """The [message id, rule, broker] triples of a confirms frame; None for [] (egress (re)started)."""
+class Confirm(NamedTuple):
+    """Egress has this result safe: the message, its rule and input broker, and the worker that answered it
+    ("" for an error record ingress sent itself)."""
+
+    msg_id: str
+    rule: str
+    broker: str
+    sender: str
+
+
+def confirms(frame: bytes) -> list[Confirm] | None:
+    """The confirms of a frame from egress; None for [] (egress (re)started)."""
     body = _unpack(frame)
     if body == []:
         return None
     if not isinstance(body, list) or not all(
-            isinstance(c, list) and len(c) == 3 and all(isinstance(x, str) for x in c) for c in body):
-        raise BadFrame(f"expected a list of [message id, rule, broker] (got {body!r:.80})")
-    return [(c[0], c[1], c[2]) for c in body]
+            isinstance(c, list) and len(c) == 4 and all(isinstance(x, str) for x in c) for c in body):
+        raise BadFrame(f"expected a list of [message id, rule, broker, sender] (got {body!r:.80})")
+    return [Confirm(*c) for c in body]

@@ -119,6 +119,9 @@ class Ingress:
     def _tick(self, now: float) -> None:
         for q in self.queues:
             q.expire(now)
+        malformed = sum(lk.malformed for lk in self.links.values())
+        if malformed:
+            self.stats.counters["malformed_packets"] = malformed  # each closed a connection (see Link.read)
         self.stats.tick()
 
     def _arrive(self, broker: str, topic: str, payload: bytes, qos: int, mid: int, dup: bool) -> None:
@@ -221,28 +224,33 @@ class Ingress:
                 for q in self.queues:
                     q.hasten(now + EGRESS_GRACE)
                 continue
-            for msg_id, rule, broker in confirms:
-                self._confirm(msg_id, rule, broker)
+            for c in confirms:
+                self._confirm(c)
 
-    def _confirm(self, msg_id: str, rule: str, broker: str) -> None:
-        """Egress has the result of `msg_id` for `rule` safe: accepted only for a message this ingress has in
-        flight at that rule, or whose error record it sent itself; anything else releases no PUBACK."""
-        q, acks = self.by_name.get(rule), self.acks.get(broker)
+    def _confirm(self, c: frames.Confirm) -> None:
+        """Egress has a result safe: accepted only for a message this ingress has in flight at that rule and
+        from the worker holding it, or for an error record ingress sent itself; anything else releases no
+        PUBACK and is counted."""
+        q, acks = self.by_name.get(c.rule), self.acks.get(c.broker)
         if q is None or acks is None:
-            self.stats.reject("bad_frames", f"confirms: unknown rule {rule!r:.80} or broker {broker!r:.80}")
-        elif msg_id in q.in_flight or self._letter_confirmed(rule, msg_id):
-            q.confirm(msg_id)
-            acks.done(msg_id, rule)
-            self.confirmed[(rule, msg_id)] = None
+            self.stats.reject("bad_frames", f"confirms: unknown rule {c.rule!r:.80} or broker {c.broker!r:.80}")
+            return
+        sender = c.sender.encode()
+        holder = q.holder(c.msg_id)
+        key = (c.rule, c.msg_id)
+        if (holder is not None and holder == sender) or (not c.sender and self._letter_confirmed(*key)):
+            q.confirm(c.msg_id)
+            acks.done(c.msg_id, c.rule)
+            self.confirmed[key] = None
             if len(self.confirmed) > RECENT_CONFIRMS:
                 del self.confirmed[next(iter(self.confirmed))]
-        elif not msg_id.startswith(f"{self.boot}-"):
+        elif not c.msg_id.startswith(f"{self.boot}-"):
             self.stats.count("stale_confirms")  # a message of an earlier ingress: its session is gone
-        elif (rule, msg_id) in self.confirmed:
-            self.stats.count("duplicate_confirms")  # a message dispatched twice: both results came
+        elif key in self.confirmed or sender in q.workers or sender in q.buried:
+            self.stats.count("late_confirms")  # a worker answered a message taken back from it: both answers count
         else:
-            self.stats.reject("forged_confirms", f"a confirm of {msg_id!r:.80} for rule {rule!r:.80}, which "
-                              "this ingress does not have in flight")
+            self.stats.reject("forged_confirms", f"a confirm of {c.msg_id!r:.80} for rule {c.rule!r:.80} from "
+                              f"{c.sender!r:.80}, which does not hold it")
 
     def drain(self, deadline: float) -> None:
         """Stop reading MQTT; wait (until `deadline`) for what workers hold; the rest comes again later."""

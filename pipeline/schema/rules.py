@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -147,6 +148,20 @@ class Endpoints(_Strict):
     host: str = "127.0.0.1"
     base_port: int = Field(5800, ge=1024, le=65000)
     remote: Remote | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _loopback(cls, v: str) -> str:
+        """The stages' own sockets take frames from anyone who reaches them, unauthenticated: loopback only.
+        Workers on other boxes join through `remote`, over CURVE."""
+        try:
+            loopback = ipaddress.ip_address(v).is_loopback
+        except ValueError:
+            loopback = v == "localhost"
+        if not loopback:
+            raise ValueError("the stages' tcp sockets have no authentication: bind them to loopback (127.0.0.1, "
+                             "::1 or localhost); workers on other boxes join through endpoints.remote (CURVE)")
+        return v
 
     @model_validator(mode="after")
     def _ports_apart(self) -> Endpoints:

@@ -112,8 +112,12 @@ class Model(ModelMixin, _Strict):  # source, where
         if v is None:
             return v
         p = v if v.is_absolute() else Path((info.context or {}).get("base", ".")) / v
-        p = p.resolve()
-        if not p.exists():
+        try:
+            p = p.resolve()
+            found = p.exists()
+        except (OSError, ValueError) as e:  # a name too long, a NUL byte
+            raise ValueError(f"not a usable path: {e}") from None
+        if not found:
             raise ValueError(f"no such file or folder: {p}")
         if p.is_file() and not p.name.endswith((".zip", ".tar.gz", ".tgz")):
             raise ValueError("a model is a folder or a .zip holding index.py (or a .tar.gz or .tgz archive)")

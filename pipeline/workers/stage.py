@@ -85,7 +85,7 @@ def _serve(proc: Processor, dealer: zmq.Socket, push: zmq.Socket, stats: Reporte
         started = time.monotonic()
         results = proc.run_batch(batch)
         slow = time.monotonic() - started >= COALESCE_AFTER
-        push.send(envelope.encode(results))
+        push.send(envelope.encode(results, watchdog.ident))
         dealer.send(envelope.pack([envelope.CREDIT, len(batch)]))
         watchdog.holding -= len(batch)
         stats.count("received", len(results))
@@ -152,7 +152,7 @@ class Watchdog:
         # os._exit skips zmq's linger: wait until libzmq has written each frame out (tracker) before leaving;
         # copy_threshold 0, or pyzmq copies small frames and hands back a tracker that is already done
         sock.copy_threshold = beats.copy_threshold = 0
-        sent = [sock.send(envelope.encode(results), copy=False, track=True),
+        sent = [sock.send(envelope.encode(results, self.ident), copy=False, track=True),
                 beats.send(envelope.pack([self.ident, self.index, envelope.TIMEOUT,
                                           [culprit.id if culprit else None, answered]]),
                            copy=False, track=True)]

@@ -1,4 +1,4 @@
-"""Test model whose behaviour is chosen by the event: echo, fail, skip, bytes, unserialisable, sleep, exit."""
+"""Test model whose behaviour is chosen by the event: echo, fail, skip, bytes, unserialisable, sleep, exit, pad."""
 
 import math
 import os
@@ -15,6 +15,8 @@ def handler(event, context):
         return b"\x00raw\xff"
     if event.get("unserialisable"):
         return {"obj": object()}
+    if "pad" in event:
+        return {"seq": event.get("seq"), "pad": "x" * event["pad"]}
     if event.get("nan"):
         return {"nan": math.nan, "inf": math.inf, "text": "température"}
     if "sleep" in event:
