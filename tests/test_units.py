@@ -7,6 +7,7 @@ import configparser
 import decimal
 import math
 import re
+import sqlite3
 import typing
 from pathlib import Path
 
@@ -343,3 +344,31 @@ def test_confirm_frames():
     for body in (0, None, [["b-1", "r", "local"]], [["b-1", "r", "local", 5]], "x", [[]]):
         with pytest.raises(frames.BadFrame, match="expected a list of"):
             frames.confirms(envelope.pack(body))
+
+
+# ------------------------------------------------------------------------------------------------ outbox
+
+@pytest.mark.parametrize("setting, pragma", [("full", 2), ("normal", 1)])
+def test_outbox_synchronous(tmp_path, setting, pragma):
+    from pipeline.egress.outbox import Outbox
+
+    outbox = Outbox(tmp_path / "o.sqlite3", 1 << 20, setting)
+    assert outbox.db.execute("PRAGMA synchronous").fetchone()[0] == pragma
+    assert config.Outbox().synchronous == "full"  # the default keeps confirmed results through a power cut
+    outbox.close()
+
+
+def test_outbox_set_aside_moves_a_row_and_adds_its_record_in_one_transaction(tmp_path):
+    from pipeline.egress.outbox import Outbox
+
+    outbox = Outbox(tmp_path / "o.sqlite3", 1 << 20)
+    outbox.add([("b", "out/1", b"abc", 1, 0, "r", 1.0), ("b", "out/2", b"de", 1, 0, "r", 1.0)])
+    first = outbox.after("b", 0, 1)[0]
+    outbox.set_aside(first.id, 3, "refused", ("b", "pipeline/errors/r", b"{}", 1, 0, "r", 2.0))
+    assert [r.topic for r in outbox.after("b", 0, 10)] == ["out/2", "pipeline/errors/r"]
+    assert (outbox.rows, outbox.bytes, outbox.set_aside_rows) == (2, 4, 1)
+    assert outbox.db.execute("SELECT topic, reason FROM set_aside").fetchall() == [("out/1", "refused")]
+    with pytest.raises(sqlite3.IntegrityError):  # a failed write leaves no transaction open
+        outbox.add([("b", None, b"x", 1, 0, "r", 1.0)])
+    assert not outbox.db.in_transaction and outbox.rows == 2
+    outbox.close()

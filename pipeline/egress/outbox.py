@@ -1,8 +1,10 @@
 """The durable outbox: results that are safe before they are published.
 
-SQLite in WAL mode with synchronous=NORMAL: a commit survives any crash of our processes (the WAL is in
-the OS page cache); a power cut can lose the last commits before a checkpoint (see README, "Delivery
-guarantees"). One transaction per ZMQ frame of results; rows are deleted when the broker PUBACKs them.
+SQLite in WAL mode. With synchronous=FULL (the default) a commit is on disk before egress confirms it, so it
+survives a power cut; with NORMAL a commit survives any crash of our processes (the WAL is in the OS page
+cache) but a power cut can lose the last commits before a checkpoint, results whose inputs were already
+acknowledged upstream (see README, "Delivery guarantees"). One transaction per ZMQ frame of results; rows
+are deleted when the broker PUBACKs them.
 A row the broker will never take is moved to the `set_aside` table (with why), so that it cannot block the
 rows behind it; that table keeps the newest SET_ASIDE_KEPT rows. A failed write rolls back: no transaction
 is ever left open.
@@ -49,12 +51,12 @@ class Outbox:
     """The SQLite file of results waiting for their broker: rows added per frame, read oldest first per broker,
     deleted on PUBACK, set aside when unpublishable; `rows` and `bytes` count what waits."""
 
-    def __init__(self, path: Path, max_bytes: int) -> None:
+    def __init__(self, path: Path, max_bytes: int, synchronous: str = "full") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.max_bytes = path, max_bytes
         self.db = sqlite3.connect(path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
         self.db.execute(_SCHEMA)
         self.db.execute(_SET_ASIDE)
         self.set_aside_rows = self.db.execute("SELECT count(*) FROM set_aside").fetchone()[0]

@@ -75,7 +75,7 @@ class Egress:
         self.pull = eps.bind(ctx, zmq.PULL, "results")
         self.confirm = eps.connect(ctx, zmq.PUSH, "confirms", options={zmq.LINGER: 2000})
         self.confirm.send(envelope.pack([]))  # "egress started": ingress need not wait out its grace period
-        self.outbox = Outbox(cfg.default_data_dir() / "outbox.sqlite3", cfg.outbox.max_bytes)
+        self.outbox = Outbox(cfg.default_data_dir() / "outbox.sqlite3", cfg.outbox.max_bytes, cfg.outbox.synchronous)
         names = sorted({r.pub.broker for r in cfg.rules})
         self.links = {n: Link(n, cfg.brokers[n], f"{cfg.instance}-egress-{n}") for n in names}
         self.routes = {r.name: (r.pub.broker, r.pub.qos, r.pub.retain) for r in cfg.rules}

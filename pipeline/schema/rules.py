@@ -123,6 +123,7 @@ class Control(_Strict):
 class Outbox(_Strict):
     max_bytes: ByteSize = ByteSize(256 << 20)  # full: egress stops taking results (backpressure), drops nothing
     drain_rate: int = Field(5000, ge=1)  # msg/s cap while catching up after the broker was unreachable
+    synchronous: Literal["full", "normal"] = "full"  # SQLite's: full keeps every confirmed result through power loss
 
 
 PORTS = 100  # a stack on tcp uses base_port + 0..3 and base_port + 10 + rule index
