@@ -156,6 +156,26 @@ def test_a_restarted_egress_hastens_only_answered_messages(queue):
     assert list(q.in_flight) == ["b-2"]  # still at the worker: its result will go to the new egress
 
 
+def test_a_timed_out_worker_s_answered_messages_get_a_finite_deadline(queue):
+    """The results a worker sent before its timeout are on the way; if egress loses them, their messages
+    must go again, not wait for ever (their PUBACKs, and every later one, would never be released)."""
+    q, ctx, address = queue
+    _worker = _serve_one(q, ctx, address, b"w", 3)
+    now = time.monotonic()
+    q.on_timeout(b"w", "b-2", ["b-0", "b-1"], now)  # b-2 hung the model; b-0 and b-1 were answered
+    assert [m.id for m in q.retry] == ["b-2"]
+    q.expire(now + q.grace + 0.1)  # no confirm came for them
+    assert sorted(m.id for m in q.retry) == ["b-0", "b-1", "b-2"]
+
+
+def test_a_timeout_report_from_a_worker_that_does_not_hold_the_message_resends_nothing(queue):
+    q, ctx, address = queue
+    _worker = _serve_one(q, ctx, address, b"w", 2)
+    q.on_timeout(b"someone-else", "b-0", [], time.monotonic())
+    assert not q.retry and set(q.in_flight) == {"b-0", "b-1"} and b"w" in q.workers
+    assert q.stats.counters["stray_timeouts"] == 1
+
+
 # ---------------------------------------------------------------------------------------------- read pace
 
 

@@ -198,8 +198,11 @@ class RuleQueue:
             self.stats.count("stray_timeouts")
         w = self.workers.get(ident)
         if w is not None:
-            for done in answered:  # their confirms are on the way (the deadline covers a lost one)
+            for done in answered:  # their confirms are on the way; a finite deadline covers a lost one
                 w.held.pop(done, None)
+                entry = self.in_flight.get(done)
+                if entry is not None and entry[1] == ident and entry[2] == UNANSWERED:
+                    self.in_flight[done] = (entry[0], ident, now + self.grace)
             self._bury(w, now, suspects=msg_id is None)  # a known culprit: the others lose no attempt
 
     def expire(self, now: float) -> None:

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 TICK = 0.2
 EGRESS_GRACE = 1.0  # seconds a (re)started egress has to confirm what workers answered before it came
+LETTER_DEADLINE = 10.0  # seconds an error record of ingress's own waits for its confirm before it goes again
 MAX_LETTERS = 100_000  # QoS 1 error records of ingress's own whose confirm is awaited (oldest forgotten past it)
 RECENT_CONFIRMS = 10_000  # confirms remembered to tell a duplicate from a forged one
 
@@ -87,7 +88,8 @@ class Ingress:
         for s in (*self.routers, self.beats, self.confirms):
             self.hub.register(s)
         self.route, self.boot, self.seq = Router(cfg), os.urandom(3).hex(), 0
-        self.letters_out: dict[tuple[str, str], None] = {}  # (rule, message id) of QoS 1 error records sent
+        self.letters_out: dict[tuple[str, str], tuple[Result, float]] = {}  # QoS 1 error records sent -> deadline
+        self.letters_due = 0.0  # when _tick next looks for error records whose confirm is late
         self.confirmed: dict[tuple[str, str], None] = {}  # the last RECENT_CONFIRMS accepted, oldest first
         self._gauges()
 
@@ -119,6 +121,9 @@ class Ingress:
     def _tick(self, now: float) -> None:
         for q in self.queues:
             q.expire(now)
+        if self.letters_out and now >= self.letters_due:  # once a second
+            self.letters_due = now + 1.0
+            self._resend_letters(0.0)
         malformed = sum(lk.malformed for lk in self.links.values())
         if malformed:
             self.stats.counters["malformed_packets"] = malformed  # each closed a connection (see Link.read)
@@ -177,13 +182,23 @@ class Ingress:
         return True
 
     def letters_send(self, result: Result) -> None:
-        """Dead letters and rejected messages go straight to egress as error records; a QoS 1 one's confirm
-        is then expected."""
+        """Dead letters and rejected messages go straight to egress as error records; a QoS 1 one is kept
+        until egress confirms it (and sent again if that takes LETTER_DEADLINE: egress may have died)."""
         if result.source_qos:
-            self.letters_out[(result.rule, result.message_id)] = None
+            self.letters_out[(result.rule, result.message_id)] = (result, time.monotonic() + LETTER_DEADLINE)
             if len(self.letters_out) > MAX_LETTERS:
                 del self.letters_out[next(iter(self.letters_out))]
         self.letters.send(envelope.encode([result]))
+
+    def _resend_letters(self, after: float) -> None:
+        """Send again the error records whose confirm is due by now + `after` (LETTER_DEADLINE: every one)."""
+        now = time.monotonic()
+        late = [r for r, deadline in self.letters_out.values() if deadline <= now + after]
+        if late:
+            log.info("sending %d error record(s) again: egress did not confirm them", len(late))
+            for r in late:
+                self.letters_out[(r.rule, r.message_id)] = (r, now + LETTER_DEADLINE)
+            self.letters.send(envelope.encode(late))
 
     def _handle(self, ready: set[zmq.Socket]) -> None:
         now = time.monotonic()
@@ -223,6 +238,7 @@ class Ingress:
             if confirms is None:  # a (re)started egress: results answered before it came are lost
                 for q in self.queues:
                     q.hasten(now + EGRESS_GRACE)
+                self._resend_letters(LETTER_DEADLINE)
                 continue
             for c in confirms:
                 self._confirm(c)
