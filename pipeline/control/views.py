@@ -146,7 +146,7 @@ def stages(cfg: Config, procs: list[Proc]) -> dict[str, Any]:
 
 
 def not_ready(doc: dict[str, Any]) -> list[str]:
-    """What keeps the stack from being ready: stages down, brokers not connected."""
+    """What keeps the stack from being ready: stages down, brokers not connected, an outbox on a full disk."""
     problems = []
     for st in doc["stages"]:
         if not st["up"]:
@@ -154,6 +154,8 @@ def not_ready(doc: dict[str, Any]) -> list[str]:
         for name, state in st.get("brokers", {}).items():
             if state != "connected":
                 problems.append(f"{st['name']}: broker {name} is {state}")
+        if (st.get("outbox") or {}).get("disk_full"):
+            problems.append(f"{st['name']}: outbox: disk full (results wait; no input is acknowledged)")
     return problems
 
 

@@ -10,6 +10,7 @@ outbox is full, egress stops taking results, which backs pressure up to the work
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -40,6 +41,14 @@ RECORD_OVERHEAD = 2048  # bytes of an error record besides its payload, at most 
 MAX_STRIKES = 3  # connections lost in a row with one row the oldest unacknowledged, before it is set aside
 PERMANENT = frozenset({0x87, 0x90, 0x95, 0x99, 0x9A, 0x9B})  # PUBACK reasons a retry would meet again
 MAX_BACKOFF = 30.0  # seconds between sending a row the broker refused for now (0x97 quota exceeded...) at most
+
+
+def disk_full(e: sqlite3.OperationalError) -> bool:
+    """Whether an SQLite error means the disk (or the file system's quota) is full: a write may work later."""
+    code = getattr(e, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)  # an extended code keeps its base
+    return "full" in str(e) or "disk I/O" in str(e)
 
 
 def row_problem(row: Row, max_packet: int) -> str | None:
@@ -86,10 +95,12 @@ class Egress:
         self.hub = Hub(list(self.links.values()))
         self.hub.register(self.pull)
         self.reading = True
+        self.unstored: list[tuple[list[tuple], list[list[str]]]] = []  # frames not written: the disk is full
+        self.store_retry_at = 0.0
         g = self.stats.gauges
         g["brokers"] = lambda: {n: lk.state for n, lk in self.links.items()}
         g["outbox"] = lambda: {"rows": self.outbox.rows, "bytes": self.outbox.bytes, "full": self.outbox.full,
-                               "set_aside": self.outbox.set_aside_rows}
+                               "set_aside": self.outbox.set_aside_rows, "disk_full": bool(self.unstored)}
         if self.outbox.rows:
             log.info("outbox holds %d result(s) from an earlier run: publishing them first", self.outbox.rows)
 
@@ -108,12 +119,46 @@ class Egress:
         self.stats.tick()
 
     def _backpressure(self) -> None:
-        if self.reading and self.outbox.full:
-            log.warning("outbox full (%d bytes): not taking results until it drains", self.outbox.bytes)
+        """Stop taking results while the outbox is full or cannot be written (disk full): workers then keep
+        their results, ingress its messages, and the broker the input it was not acknowledged."""
+        if self.unstored and time.monotonic() >= self.store_retry_at:
+            self._retry_store()
+        blocked = self.outbox.full or bool(self.unstored)
+        if self.reading and blocked:
+            if self.outbox.full:
+                log.warning("outbox full (%d bytes): not taking results until it drains", self.outbox.bytes)
             self.hub.unregister(self.pull)
-        elif not self.reading and not self.outbox.full:
+        elif not self.reading and not blocked:
             self.hub.register(self.pull)
-        self.reading = not self.outbox.full
+        self.reading = not blocked
+
+    def _store(self, safe: list[tuple], confirms: list[list[str]]) -> None:
+        """Write a frame's results to the outbox, then confirm them; when the disk is full, keep them (in
+        order) until a write succeeds again, and confirm nothing meanwhile."""
+        if self.unstored:
+            self.unstored.append((safe, confirms))
+            return
+        try:
+            if safe:
+                self.outbox.add(safe)
+        except sqlite3.OperationalError as e:
+            if not disk_full(e):
+                raise
+            self.unstored.append((safe, confirms))
+            self.store_retry_at = time.monotonic() + 1.0
+            self.stats.reject("disk_full", f"outbox {self.outbox.path}: {e}; results wait, nothing is confirmed")
+            return
+        if confirms:
+            self.confirm.send(envelope.pack(confirms))
+
+    def _retry_store(self) -> None:
+        waiting, self.unstored = self.unstored, []
+        for i, (safe, confirms) in enumerate(waiting):
+            self._store(safe, confirms)
+            if self.unstored:  # still full: the rest waits behind it, in order
+                self.unstored += waiting[i + 1:]
+                return
+        log.info("the outbox takes writes again: %d frame(s) of results stored", len(waiting))
 
     def _take_frames(self) -> None:
         for frame in drain(self.pull, 64):
@@ -185,10 +230,8 @@ class Egress:
                 safe.append((broker, r.topic, r.payload, qos, retain, r.rule, r.received_at))
             else:
                 self.publisher[broker].direct(r.topic, r.payload, qos, retain)
-        if safe:
-            self.outbox.add(safe)
-        if confirms:
-            self.confirm.send(envelope.pack(confirms))
+        if safe or confirms:
+            self._store(safe, confirms)
 
     def finish(self, deadline: float) -> None:
         while self.pull.poll(300):
@@ -287,16 +330,23 @@ class Publisher:
         for row in rows:
             if not self._hand(row, done):
                 break  # the connection went (the caller saw it up): the rest waits for the reconnect
-        if done:
-            self._delete(done)
+        if done and not self._delete(done):
+            self.acked += done
 
-    def _delete(self, rows: list[tuple[int, int]]) -> None:
-        self.outbox.delete(rows)
+    def _delete(self, rows: list[tuple[int, int]]) -> bool:
+        """Delete published rows; False when the disk is full (they stay, and are deleted later)."""
+        try:
+            self.outbox.delete(rows)
+        except sqlite3.OperationalError as e:
+            if not disk_full(e):
+                raise
+            self.stats.reject("disk_full", f"outbox {self.outbox.path}: {e}; published rows are deleted later")
+            return False
         self.stats.count("published", len(rows))
+        return True
 
     def _delete_acked(self) -> None:
-        if self.acked:
-            self._delete(self.acked)
+        if self.acked and self._delete(self.acked):
             self.acked = []
 
     def _set_aside(self) -> None:
