@@ -191,16 +191,18 @@ class Egress:
         self.stats.reject("unpublishable", f"rule {r.rule}: {problem}")
         topic = self.error_topics[r.rule]
         overhead = PACKET_OVERHEAD + len(topic.encode())
-        record = codec.error_record(rule=r.rule, topic=r.topic[:1000].encode("utf-8", "replace").decode(),
-                                    reason="unpublishable_result", error=problem,
-                                    message_id=r.message_id, payload=r.payload,
-                                    max_payload=max(0, limit - overhead - RECORD_OVERHEAD))
-        if r.kind == envelope.ERROR and len(r.payload) + overhead <= limit:
-            return r._replace(topic=topic)  # an error record: to the rule's fixed error topic as it is
-        if r.kind == envelope.ERROR or len(record) + overhead > limit:
+        if r.kind == envelope.ERROR:  # an error record already: to the rule's fixed error topic, if it fits
+            fits = len(r.payload) + overhead <= limit
+        else:
+            record = codec.error_record(rule=r.rule, topic=r.topic[:1000].encode("utf-8", "replace").decode(),
+                                        reason="unpublishable_result", error=problem, message_id=r.message_id,
+                                        payload=r.payload, max_payload=max(0, limit - overhead - RECORD_OVERHEAD))
+            r = r._replace(kind=envelope.ERROR, payload=record)
+            fits = len(record) + overhead <= limit
+        if not fits:
             self.stats.count("unpublishable_dropped")  # nothing this broker takes can be sent for it: counted
             return None
-        return r._replace(kind=envelope.ERROR, topic=topic, payload=record)
+        return r._replace(topic=topic)
 
     def take(self, results: list[Result], sender: str = "") -> None:
         """Store (QoS 1) or publish (QoS 0) the results of one frame, then confirm the QoS 1 ones to ingress,
