@@ -23,6 +23,10 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--repeat", type=int, default=3, help="runs of each combined-fault test (tests/faults)")
+
+
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     """`pipeline ARGS...` as a subprocess, its output captured as text."""
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=60)

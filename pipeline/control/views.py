@@ -118,9 +118,20 @@ def _outbox(g: Groups) -> dict[str, Any] | None:
     return live[-1] if live else None
 
 
+def _in_transit(cfg: Config, g: Groups) -> int:
+    """Results on their way to egress, or in it before its outbox commit. From ingress's own count of the
+    QoS 1 messages answered and not confirmed when it reports one (a level: exact after any process was
+    killed); else from counters (what workers and ingress made minus what egress took), which lose the last
+    half second of a process killed with SIGKILL."""
+    answered = [g.queues[r.name].get("answered") for r in cfg.rules if r.name in g.queues]
+    if answered and None not in answered and len(answered) == len(cfg.rules):
+        return sum(answered)
+    entered = _done(g.workers) + sum(fig.total(g.ingress, f"dead_letters.{r.name}") for r in cfg.rules)
+    return max(0, entered - fig.total(g.egress, "received"))
+
+
 def _egress(cfg: Config, g: Groups) -> dict[str, Any]:
     egr, outbox = g.egress, _outbox(g)
-    entered = _done(g.workers) + sum(fig.total(g.ingress, f"dead_letters.{r.name}") for r in cfg.rules)
     doc = {
         "name": "egress",
         "up": any(p["alive"] for p in egr),
@@ -128,7 +139,7 @@ def _egress(cfg: Config, g: Groups) -> dict[str, Any]:
         "published": fig.total(egr, "published"),
         "error_records": fig.total(egr, "error_records"),
         "dropped": fig.total(egr, "dropped"),
-        "depth": max(0, entered - fig.total(egr, "received")) + int((outbox or {}).get("rows", 0)),
+        "depth": _in_transit(cfg, g) + int((outbox or {}).get("rows", 0)),
         "rate_per_s": fig.rate(egr, "received"),
         "brokers": _brokers(egr),
         "counters": fig.counters(egr),
@@ -163,17 +174,20 @@ def egress_depth(rule: str, g: Groups, egress_total: int) -> int:
     """Results of `rule` in egress. Exact when egress counts `received.<rule>` and reports its outbox rows per
     rule (`outbox.rules`); otherwise estimated from the rule's end-to-end histogram (one observation per
     result taken) and bounded by egress's whole depth."""
-    made = _done(g.rule(rule)) + fig.total(g.ingress, f"dead_letters.{rule}")
-    key = f"received.{rule}"
-    if any(key in p.get("counters", {}) for p in g.egress):
-        taken = fig.total(g.egress, key)
-    else:
-        taken = sum(fig.histogram(g.egress, f"end_to_end.{rule}"))
+    answered = g.queues.get(rule, {}).get("answered")
+    if answered is None:
+        made = _done(g.rule(rule)) + fig.total(g.ingress, f"dead_letters.{rule}")
+        key = f"received.{rule}"
+        if any(key in p.get("counters", {}) for p in g.egress):
+            taken = fig.total(g.egress, key)
+        else:
+            taken = sum(fig.histogram(g.egress, f"end_to_end.{rule}"))
+        answered = max(0, made - taken)
     outbox = _outbox(g) or {}
     rows = (outbox.get("rules") or {}).get(rule)
     if rows is None:  # the outbox's rows are not told per rule: count them all, within egress's depth
-        return min(egress_total, max(0, made - taken) + int(outbox.get("rows", 0)))
-    return max(0, made - taken) + rows
+        return min(egress_total, answered + int(outbox.get("rows", 0)))
+    return answered + rows
 
 
 def queue_size_metrics(cfg: Config, procs: list[Proc]) -> dict[str, Any]:

@@ -248,6 +248,12 @@ class RuleQueue:
         return len(self.pending) + len(self.retry)
 
     @property
+    def answered(self) -> int:
+        """QoS 1 messages whose worker answered and whose result egress has not confirmed: results on their way
+        to egress, or in it before its outbox commit."""
+        return sum(1 for _, _, deadline in self.in_flight.values() if deadline < UNANSWERED)
+
+    @property
     def at_workers(self) -> int:
         return sum(len(w.order) for w in self.workers.values())
 

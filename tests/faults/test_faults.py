@@ -50,17 +50,19 @@ def pbroker(tmp_path: Path):
 
 
 class Collector:
-    """A persistent-session subscriber: sees everything published while it is away once it is back."""
+    """A persistent-session subscriber: sees everything published while it is away once it is back. By
+    default on the outputs and error records; a witness subscribes to the inputs instead."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, topics: tuple[str, ...] = ("f/+/out", "pipeline/errors/#"),
+                 name: str = "collector") -> None:
         self.seen: dict[int, int] = {}
         self.errors: dict[int, dict] = {}
         self.arrivals: list[float] = []
         self.lock = threading.Lock()
-        c = self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"collector-{port}",
+        c = self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{name}-{port}",
                                       clean_session=False)
         ready = threading.Event()
-        c.on_connect = lambda cl, *_: cl.subscribe([("f/+/out", 1), ("pipeline/errors/#", 1)])
+        c.on_connect = lambda cl, *_: cl.subscribe([(t, 1) for t in topics])
         c.on_subscribe = lambda *_: ready.set()
         c.on_message = self._got
         c.reconnect_delay_set(0.2, 1)
@@ -86,8 +88,8 @@ class Collector:
         self.client.loop_stop()
 
 
-def publish(port: int, payload_for=lambda seq: {}) -> threading.Thread:
-    """Publish N QoS 1 messages evenly paced at RATE; paho re-sends what a broker restart interrupts."""
+def publish(port: int, payload_for=lambda seq: {}, n: int = N) -> threading.Thread:
+    """Publish `n` QoS 1 messages evenly paced at RATE; paho re-sends what a broker restart interrupts."""
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"loader-{port}", clean_session=False)
     c.max_inflight_messages_set(100)
     c.max_queued_messages_set(0)
@@ -97,7 +99,7 @@ def publish(port: int, payload_for=lambda seq: {}) -> threading.Thread:
 
     def body() -> None:
         t0 = time.monotonic()
-        for seq in range(N):
+        for seq in range(n):
             delay = t0 + seq / RATE - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
@@ -140,11 +142,11 @@ def _stages(up) -> str:
         return f"unavailable ({e})"
 
 
-def report(name: str, col: Collector, fault_at: float, t0: float) -> None:
+def report(name: str, col: Collector, fault_at: float, t0: float, n: int = N) -> None:
     after = [t for t in col.arrivals if t >= fault_at]
     gaps = [b - a for a, b in zip([fault_at, *after], after, strict=False)]
     line = {
-        "fault": name, "sent": N, "received": sum(col.seen.values()) + len(col.errors),
+        "fault": name, "sent": n, "received": sum(col.seen.values()) + len(col.errors),
         "distinct": len(col.seen) + len(col.errors), "error_records": len(col.errors),
         "duplicates": sum(n - 1 for n in col.seen.values()),
         "recovery_s": round(max(gaps, default=0.0), 2), "total_s": round((col.arrivals or [t0])[-1] - t0, 1),
@@ -205,3 +207,72 @@ def test_crashing_message_is_retried_on_another_worker(pbroker, stack_factory):
     col = run_fault("worker dies on first attempt, 1 in 1000", pbroker, stack_factory, lambda up: None,
                     payload_for=lambda seq: {"crash_on_attempt": 1} if seq % 1000 == 500 else {}, at=0.0)
     assert not col.errors  # each came out on the second attempt
+
+
+# --------------------------------------------------------------------------------- faults that come together
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "run" in metafunc.fixturenames:
+        metafunc.parametrize("run", range(metafunc.config.getoption("repeat")))
+
+
+def restart_broker(broker: Mosquitto, down: float) -> None:
+    broker.stop()
+    time.sleep(down)
+    broker.start()
+
+
+CHAOS = {  # each step: seconds after the previous one, what breaks
+    "worker, egress, ingress 4 s apart, then the broker down 3 s": [
+        (5.0, lambda up, b: kill(up, "pipeline worker")), (4.0, lambda up, b: kill(up, "pipeline egress")),
+        (4.0, lambda up, b: kill(up, "pipeline ingress")), (4.0, lambda up, b: restart_broker(b, 3.0))],
+    "the broker down 3 s while egress restarts": [
+        (5.0, lambda up, b: (b.stop(), kill(up, "pipeline egress"), time.sleep(3.0), b.start()))],
+}
+
+
+def settled(up) -> bool:
+    """Every depth of `GET /stages` is 0."""
+    try:
+        return all(s["depth"] == 0 for s in up.get("/stages")[1]["stages"])
+    except (OSError, KeyError):
+        return False
+
+
+@pytest.mark.parametrize("name", list(CHAOS))
+def test_faults_that_come_together(pbroker, stack_factory, name, run):
+    """25,000 QoS 1 messages at 1,000/s while the steps of CHAOS[name] happen; a witness with a persistent
+    session on the input topics sees what the broker had to deliver, and all of that must come out."""
+    n = 25_000
+    cfg = (CONFIG.replace("BROKER", pbroker.url).replace("WORKERS", "2").replace("TIMEOUT", "2s")
+           .replace("ATTEMPTS", "3"))
+    up = stack_factory(cfg)
+    witness = Collector(pbroker.port, ("f/+/in",), name="witness")
+    col = Collector(pbroker.port)
+    t0 = time.monotonic()
+    loader = publish(pbroker.port, n=n)
+    for delay, step in CHAOS[name]:
+        time.sleep(delay)
+        step(up, pbroker)
+    deadline = time.monotonic() + 150
+    lost: set[int] = set()
+    while time.monotonic() < deadline:
+        with witness.lock, col.lock:
+            lost = witness.seen.keys() - col.seen.keys() - col.errors.keys()
+        if not lost and not loader.is_alive() and len(witness.seen) >= n - 100:
+            break
+        time.sleep(0.5)
+    loader.join(1)
+    loader.client.loop_stop()
+    deadline = time.monotonic() + 30
+    while not settled(up) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    witness.close()
+    col.close()
+    report(f"{name} (run {run + 1})", col, t0, t0, n)
+    unseen = set(range(n)) - witness.seen.keys() - col.seen.keys() - col.errors.keys()
+    print(f"CHAOS {name!r} run {run + 1}: witness saw {len(witness.seen)}, lost {len(lost)}, "
+          f"seen by nobody {len(unseen)}")
+    assert not lost, (f"{len(lost)} the broker had never came out, e.g. {sorted(lost)[:10]}\n"
+                      f"GET /stages: {_stages(up)}\n{up.output()[-4000:]}")
+    assert settled(up), f"a depth is not 0 once everything came out: {_stages(up)}"
