@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS set_aside (
     received_at REAL, reason TEXT NOT NULL, set_aside_at REAL NOT NULL
 )"""
 SET_ASIDE_KEPT = 10_000
+SHOWN_SET_ASIDE = 5  # the newest rows set aside, shown in /stages (egress.outbox.set_aside_last)
 
 
 class Outbox:
@@ -60,6 +61,11 @@ class Outbox:
         self.db.execute(_SCHEMA)
         self.db.execute(_SET_ASIDE)
         self.set_aside_rows = self.db.execute("SELECT count(*) FROM set_aside").fetchone()[0]
+        self.set_aside_last = [  # the newest few, for /stages
+            {"id": i, "rule": rule, "topic": str(topic)[:200], "reason": reason, "at": at}
+            for i, rule, topic, reason, at in self.db.execute(
+                "SELECT id, rule, topic, reason, set_aside_at FROM set_aside ORDER BY id DESC LIMIT ?",
+                (SHOWN_SET_ASIDE,))]
         totals = "SELECT coalesce(sum(length(payload)), 0), count(*) FROM outbox"
         self.bytes, self.rows = self.db.execute(totals).fetchone()
 
@@ -98,17 +104,23 @@ class Outbox:
     def set_aside(self, row_id: int, size: int, reason: str, record: tuple | None = None) -> None:
         """Move row `row_id` (`size` payload bytes) to the set_aside table with `reason`, and add `record` (a row
         for `add`: its error record) in the same transaction."""
+        found = self.db.execute("SELECT rule, topic FROM outbox WHERE id = ?", (row_id,)).fetchone()
+        if found is None:
+            return
+        now = time.time()
         with self._transaction():
             self.db.execute("INSERT OR REPLACE INTO set_aside SELECT id, broker, topic, payload, qos, retain, rule, "
-                            "received_at, ?, ? FROM outbox WHERE id = ?", (reason[:1000], time.time(), row_id))
-            gone = self.db.execute("DELETE FROM outbox WHERE id = ?", (row_id,)).rowcount
+                            "received_at, ?, ? FROM outbox WHERE id = ?", (reason[:1000], now, row_id))
+            self.db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
             if record is not None:
                 self.db.execute(_INSERT, record)
             self.db.execute("DELETE FROM set_aside WHERE id <= (SELECT id FROM set_aside ORDER BY id DESC "
                             "LIMIT 1 OFFSET ?)", (SET_ASIDE_KEPT,))
-        self.rows += (record is not None) - gone
-        self.bytes += (len(record[2]) if record is not None else 0) - size * gone
-        self.set_aside_rows = min(self.set_aside_rows + gone, SET_ASIDE_KEPT)
+        self.rows += (record is not None) - 1
+        self.bytes += (len(record[2]) if record is not None else 0) - size
+        self.set_aside_rows = min(self.set_aside_rows + 1, SET_ASIDE_KEPT)
+        shown = {"id": row_id, "rule": found[0], "topic": str(found[1])[:200], "reason": reason[:300], "at": now}
+        self.set_aside_last = [shown, *self.set_aside_last][:SHOWN_SET_ASIDE]
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -100,7 +100,8 @@ class Egress:
         g = self.stats.gauges
         g["brokers"] = lambda: {n: lk.state for n, lk in self.links.items()}
         g["outbox"] = lambda: {"rows": self.outbox.rows, "bytes": self.outbox.bytes, "full": self.outbox.full,
-                               "set_aside": self.outbox.set_aside_rows, "disk_full": bool(self.unstored)}
+                               "set_aside": self.outbox.set_aside_rows, "set_aside_last": self.outbox.set_aside_last,
+                               "disk_full": bool(self.unstored)}
         if self.outbox.rows:
             log.info("outbox holds %d result(s) from an earlier run: publishing them first", self.outbox.rows)
 

@@ -92,6 +92,7 @@ def test_rows_no_broker_takes_left_by_an_earlier_run_are_set_aside(broker, stack
     time.sleep(1.0)
     doc = egress_of(up)
     assert doc["counters"].get("set_aside") == 3 and doc["outbox"]["set_aside"] == 3 and doc["depth"] == 0
+    assert {row["topic"] for row in doc["outbox"]["set_aside_last"]} == {"out/text", "a/+/out", ""}
 
 
 def test_a_puback_that_refuses_for_now_is_retried(broker, stack_factory, probe_factory):
@@ -116,4 +117,30 @@ def test_a_puback_that_refuses_for_now_is_retried(broker, stack_factory, probe_f
     assert sorted(set(published)) == list(range(10)) and len(published) == 13
     assert stage_pid(up, "egress") == egress
     assert doc["counters"].get("refused_transient") == 3 and doc["counters"].get("set_aside") is None
+    assert doc["depth"] == 0
+
+
+def test_a_row_the_broker_closes_the_connection_on_is_set_aside_after_three_strikes(small_broker, stack_factory):
+    """MQTT 3.1.1 without max_packet_bytes: nothing tells egress the limit, and Mosquitto closes the connection
+    on the packet. Each time that row is the oldest unacknowledged; the third time it is set aside."""
+    up = stack_factory(CONFIG.replace("LOCAL", small_broker.url).replace("PROTOCOL", "3.1.1").replace("LIMIT", ""))
+    egress = stage_pid(up, "egress")
+    probe = Probe(small_broker.port, "out/#", "pipeline/errors/#")
+    try:
+        probe.publish("in/big", {"seq": 0, "pad": 6000})
+        time.sleep(0.5)
+        for seq in range(1, 11):
+            probe.publish(f"in/d{seq}", {"seq": seq, "pad": 10})
+        got = probe.wait_for(11, timeout=60)
+    finally:
+        probe.close()
+    outputs = sorted(orjson.loads(p)["seq"] for t, p in got if t.startswith("out/"))
+    records = [orjson.loads(p) for t, p in got if t.startswith("pipeline/errors/")]
+    assert outputs == list(range(1, 11))
+    assert [(r["reason"], r["topic"]) for r in records] == [("set_aside", "out/big")]
+    assert "closed the connection each of the 3 times it was sent" in records[0]["error"]
+    assert stage_pid(up, "egress") == egress
+    time.sleep(1.0)
+    doc = egress_of(up)
+    assert doc["outbox"]["set_aside"] == 1 and doc["outbox"]["set_aside_last"][0]["topic"] == "out/big"
     assert doc["depth"] == 0
