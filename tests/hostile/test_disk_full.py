@@ -10,21 +10,10 @@ import time
 
 import orjson
 import pytest
+from test_frames import CONFIG as FRAMES_CONFIG
 from test_mqtt_input import stage_pid
 
-CONFIG = """
-brokers:
-  local: {url: LOCAL}
-models:
-  probe: {path: MODELS/probe}
-rules:
-  - name: r
-    sub: {broker: local, topic: "in/+", qos: 1}
-    model: probe
-    pub: {broker: local, topic: "out/{1}", qos: 1}
-data_dir: DATA
-control: {listen: CONTROL}
-"""
+CONFIG = FRAMES_CONFIG.replace("control:", "data_dir: DATA\ncontrol:")  # the outbox on the small disk
 
 
 @pytest.fixture
