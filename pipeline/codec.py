@@ -84,3 +84,28 @@ def error_record(
     if topic_encoding is not None:
         record["topic_encoding"] = topic_encoding
     return orjson.dumps(record)
+
+
+def shrink_record(record: bytes, max_bytes: int) -> bytes | None:
+    """An error record cut to `max_bytes` by cutting its payload text (marked truncated); None when it is not
+    a record or does not fit even with no payload."""
+    try:
+        rec = orjson.loads(record)
+        text = rec["payload"]
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        return None
+    if not isinstance(text, str):
+        return None
+    out = record
+    for _ in range(4):  # each pass cuts what is over, in characters, which are at least one byte each
+        over = len(out) - max_bytes
+        if over <= 0:
+            return out
+        if not text:
+            return None
+        text = text[:max(0, len(text) - over - 16)]
+        if rec.get("payload_encoding") == "base64":
+            text = text[:len(text) // 4 * 4]  # whole base64 quads still decode
+        rec.update(payload=text, payload_truncated=True)
+        out = orjson.dumps(rec)
+    return out if len(out) <= max_bytes else None

@@ -57,20 +57,21 @@ E = TypeVar("E", Message, Result)
 def result_problem(r: Result) -> str | None:
     """What makes a decoded Result unfit to act on (a field of the wrong type or out of range), or None. Frames
     come from workers that run model code, and over tcp from whoever reaches the port: nothing is trusted."""
-    strings = (r.message_id, r.rule, r.topic, r.source_broker)
-    if not all(type(x) is str for x in strings):
+    if type(r.message_id) is not str or type(r.rule) is not str or type(r.topic) is not str or \
+            type(r.source_broker) is not str:
         return "message_id, rule, topic and source_broker must be strings"
     if not r.message_id.isascii() or len(r.message_id) > 64:
         return f"a message id is ASCII, 64 characters at most (got {r.message_id!r:.80})"
-    if r.kind not in (PUBLISH, ERROR, NOTHING) or type(r.kind) is not int:
+    if type(r.kind) is not int or r.kind not in (PUBLISH, ERROR, NOTHING):
         return f"kind must be {PUBLISH}, {ERROR} or {NOTHING} (got {r.kind!r:.40})"
     if type(r.payload) is not bytes:
         return f"the payload must be bytes (got {type(r.payload).__name__})"
-    if r.source_qos not in (0, 1) or type(r.source_qos) is not int or type(r.source_mid) is not int or \
+    if type(r.source_qos) is not int or r.source_qos not in (0, 1) or type(r.source_mid) is not int or \
             not 0 <= r.source_mid <= 0xFFFF:
         return f"source_qos must be 0 or 1 and source_mid 0 to 65535 (got {r.source_qos!r:.20}, {r.source_mid!r:.20})"
-    if not all(type(x) in (int, float) for x in (r.received_at, r.latency)):
-        return "received_at and latency must be numbers"
+    t, lat = r.received_at, r.latency  # finite and in range: they go into SQLite and the latency sums
+    if type(t) not in (int, float) or type(lat) not in (int, float) or not (0 <= t < 1e11 and 0 <= lat < 1e7):
+        return f"received_at and latency must be unix time and seconds (got {t!r:.30}, {lat!r:.30})"
     return None
 
 

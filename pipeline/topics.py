@@ -73,6 +73,10 @@ def compile_template(template: str) -> Callable[[str], str]:
 
 
 MAX_TOPIC_BYTES = 65_535  # MQTT: a topic name is a UTF-8 string with a 16-bit length
+# what MQTT 1.5.4 forbids or lets a server refuse in a UTF-8 string, and Mosquitto refuses (closing the
+# connection): NUL and the other control characters, and the non-characters U+FDD0-FDEF and U+xFFFE / xFFFF
+_REFUSED_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef" +
+                            "".join(chr(p << 16 | 0xFFFE) + chr(p << 16 | 0xFFFF) for p in range(17)) + "]")
 _checked: dict[str, str | None] = {}  # publish_problem's answers for topics seen (output topics repeat)
 
 
@@ -88,8 +92,8 @@ def publish_problem(topic: object) -> str | None:
         problem = "the topic is empty"
     elif "+" in topic or "#" in topic:
         problem = f"the topic {topic[:200]!r} holds a wildcard ('+' or '#')"
-    elif "\x00" in topic:
-        problem = f"the topic {topic[:200]!r} holds a NUL character"
+    elif _REFUSED_CHARS.search(topic):
+        problem = f"the topic {topic[:200]!r} holds a control character or a non-character"
     else:
         try:
             if len(topic.encode("utf-8")) > MAX_TOPIC_BYTES:

@@ -166,9 +166,23 @@ def test_error_record_caps_the_error_text_and_marks_a_base64_topic():
     assert rec["topic_encoding"] == "base64" and "topic_encoding" not in _record(b"{}")
 
 
+@pytest.mark.parametrize("payload", [b"a" * 70_000, "€".encode() * 30_000, b"\xff" * 70_000])
+def test_an_error_record_is_cut_to_fit_a_packet_limit(payload):
+    record = codec.error_record(rule="r", topic="in/x", reason="model_error", error="boom", message_id="b-1",
+                                payload=payload)
+    small = codec.shrink_record(record, 4000)
+    rec = orjson.loads(small)
+    assert len(small) <= 4000 and rec["payload_truncated"] is True and rec["error"] == "boom"
+    if rec["payload_encoding"] == "base64":
+        assert base64.b64decode(rec["payload"]) == payload[:len(base64.b64decode(rec["payload"]))]
+    assert codec.shrink_record(record, 100) is None and codec.shrink_record(b"not json", 4000) is None
+
+
 @pytest.mark.parametrize("topic, problem", [
     ("out/a", None), ("é/ünïcode", None), ("t" * 65_535, None),
-    ("", "the topic is empty"), ("a/+/b", "holds a wildcard"), ("a/#", "holds a wildcard"), ("a\x00b", "NUL"),
+    ("", "the topic is empty"), ("a/+/b", "holds a wildcard"), ("a/#", "holds a wildcard"),
+    ("a\x00b", "control character"), ("a\x1fb", "control character"), ("a\x85", "control character"),
+    ("a\ufdd0", "non-character"), ("a\U0010ffff", "non-character"), ("a\ufffe", "non-character"),
     ("t" * 65_536, "over 65535 bytes"), ("é" * 40_000, "over 65535 bytes"), ("a\udcff", "lone surrogate"),
     (b"out", "not a string (bytes)"), (None, "not a string (NoneType)"),
 ])
@@ -180,7 +194,9 @@ def test_publish_problem(topic, problem):
 @pytest.mark.parametrize("field, value, problem", [
     ("payload", "text", "payload must be bytes"), ("kind", 7, "kind must be"), ("kind", True, "kind must be"),
     ("source_mid", 70_000, "source_mid 0 to 65535"), ("source_qos", 2, "source_qos must be 0 or 1"),
-    ("rule", 5, "must be strings"), ("message_id", "é", "ASCII"), ("received_at", "now", "must be numbers"),
+    ("rule", 5, "must be strings"), ("message_id", "é", "ASCII"), ("received_at", "now", "must be unix time"),
+    ("received_at", float("nan"), "must be unix time"), ("received_at", 2**63, "must be unix time"),
+    ("latency", float("inf"), "must be unix time and seconds"), ("latency", -1.0, "must be unix time"),
 ])
 def test_result_problem(field, value, problem):
     good = envelope.Result("b-1", "r", envelope.PUBLISH, "out", b"{}", "local", 1, 1, 1.0, 0.0)

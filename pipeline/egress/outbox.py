@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
+_TOTALS = "SELECT coalesce(sum(length(payload)), 0), count(*) FROM outbox"
 _INSERT = "INSERT INTO outbox (broker, topic, payload, qos, retain, rule, received_at) VALUES (?,?,?,?,?,?,?)"
 
 
@@ -66,8 +67,7 @@ class Outbox:
             for i, rule, topic, reason, at in self.db.execute(
                 "SELECT id, rule, topic, reason, set_aside_at FROM set_aside ORDER BY id DESC LIMIT ?",
                 (SHOWN_SET_ASIDE,))]
-        totals = "SELECT coalesce(sum(length(payload)), 0), count(*) FROM outbox"
-        self.bytes, self.rows = self.db.execute(totals).fetchone()
+        self.bytes, self.rows = self.db.execute(_TOTALS).fetchone()
 
     @property
     def full(self) -> bool:
@@ -90,9 +90,12 @@ class Outbox:
     def delete(self, done: list[tuple[int, int]]) -> None:
         """Delete rows given as (id, payload length)."""
         with self._transaction():
-            self.db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i, _ in done])
-        self.rows -= len(done)
-        self.bytes -= sum(n for _, n in done)
+            gone = self.db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i, _ in done]).rowcount
+        if gone == len(done):
+            self.rows -= gone
+            self.bytes -= sum(n for _, n in done)
+        else:  # some were gone already (acknowledged twice across a reconnect): count again
+            self.bytes, self.rows = self.db.execute(_TOTALS).fetchone()
 
     def by_id(self, ids: list[int], with_rule: bool = False) -> list[Any]:
         """The rows with these ids still in the outbox, oldest first; with `with_rule`, (row, rule) pairs."""
@@ -127,10 +130,11 @@ class Outbox:
         self.db.execute("BEGIN")
         try:
             yield
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # SQLite may have rolled back itself (a full disk)
+                self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()

@@ -9,6 +9,7 @@ outbox is full, egress stops taking results, which backs pressure up to the work
 
 from __future__ import annotations
 
+import errno
 import logging
 import sqlite3
 import threading
@@ -38,7 +39,7 @@ PACKET_OVERHEAD = 16  # bytes of a PUBLISH besides its topic and payload, at mos
 RECORD_OVERHEAD = 2048  # bytes of an error record besides its payload, at most (its fields, capped texts)
 
 
-MAX_STRIKES = 3  # connections lost in a row with one row the oldest unacknowledged, before it is set aside
+MAX_STRIKES = 3  # connections lost with one row the oldest unacknowledged (and, after the first, the only one sent)
 PERMANENT = frozenset({0x87, 0x90, 0x95, 0x99, 0x9A, 0x9B})  # PUBACK reasons a retry would meet again
 MAX_BACKOFF = 30.0  # seconds between sending a row the broker refused for now (0x97 quota exceeded...) at most
 
@@ -68,7 +69,10 @@ def fixed_error_topic(rule: Rule) -> str:
 
 def run(cfg: Config, eps: Endpoints, stop: threading.Event) -> None:
     """Serve until `stop` is set, then take what workers already sent and flush the outbox (up to 5 s)."""
-    egress = Egress(cfg, eps)
+    outbox = open_outbox(cfg, stop)
+    if outbox is None:
+        return
+    egress = Egress(cfg, eps, outbox)
     try:
         egress.serve(stop)
         egress.finish(time.monotonic() + 5.0)
@@ -76,15 +80,36 @@ def run(cfg: Config, eps: Endpoints, stop: threading.Event) -> None:
         egress.close()
 
 
+def open_outbox(cfg: Config, stop: threading.Event) -> Outbox | None:
+    """The outbox, opened once the disk lets SQLite create its files (a full disk: retried every second, so
+    egress waits rather than failing into FATAL; it takes no result meanwhile); None when asked to stop."""
+    path = cfg.default_data_dir() / "outbox.sqlite3"
+    said = False
+    while not stop.is_set():
+        try:
+            return Outbox(path, cfg.outbox.max_bytes, cfg.outbox.synchronous)
+        except (sqlite3.OperationalError, OSError) as e:
+            if not (disk_full(e) if isinstance(e, sqlite3.OperationalError) else e.errno == errno.ENOSPC):
+                raise
+            if not said:
+                log.error("cannot open the outbox %s: %s (disk full?); retrying every second", path, e)
+                said = True
+            stop.wait(1.0)
+    return None
+
+
 class Egress:
-    def __init__(self, cfg: Config, eps: Endpoints) -> None:
+    """The egress stage: takes results from every worker (and ingress's error records), checks them, stores
+    QoS 1 ones in the outbox and confirms them to ingress, and publishes through one Publisher per broker."""
+
+    def __init__(self, cfg: Config, eps: Endpoints, outbox: Outbox) -> None:
         ctx = zmq.Context.instance()
         self.cfg, self.stats = cfg, Reporter.connect(eps, "egress")
         self.guard = eps.guard(ctx)  # lets authorized remote workers in (endpoints.remote), else None
         self.pull = eps.bind(ctx, zmq.PULL, "results")
         self.confirm = eps.connect(ctx, zmq.PUSH, "confirms", options={zmq.LINGER: 2000})
         self.confirm.send(envelope.pack([]))  # "egress started": ingress need not wait out its grace period
-        self.outbox = Outbox(cfg.default_data_dir() / "outbox.sqlite3", cfg.outbox.max_bytes, cfg.outbox.synchronous)
+        self.outbox = outbox
         names = sorted({r.pub.broker for r in cfg.rules})
         self.links = {n: Link(n, cfg.brokers[n], f"{cfg.instance}-egress-{n}") for n in names}
         self.routes = {r.name: (r.pub.broker, r.pub.qos, r.pub.retain) for r in cfg.rules}
@@ -192,8 +217,11 @@ class Egress:
         self.stats.reject("unpublishable", f"rule {r.rule}: {problem}")
         topic = self.error_topics[r.rule]
         overhead = PACKET_OVERHEAD + len(topic.encode())
-        if r.kind == envelope.ERROR:  # an error record already: to the rule's fixed error topic, if it fits
-            fits = len(r.payload) + overhead <= limit
+        if r.kind == envelope.ERROR:  # an error record already: to the rule's fixed error topic, cut to fit
+            record = codec.shrink_record(r.payload, limit - overhead)
+            fits = record is not None
+            if fits:
+                r = r._replace(payload=record)
         else:
             record = codec.error_record(rule=r.rule, topic=r.topic[:1000].encode("utf-8", "replace").decode(),
                                         reason="unpublishable_result", error=problem, message_id=r.message_id,
@@ -273,6 +301,7 @@ class Publisher:
         self.retry_at = 0.0  # monotonic time before which nothing is handed (after a transient refusal)
         self.backoff = 0.0
         self.strikes: dict[int, int] = {}  # row id -> connections lost while it was the oldest unacknowledged
+        self.suspect: int | None = None  # the row struck last, until it is acknowledged or set aside
         self.cursor = 0  # highest row id handed to paho
         self.sent: dict[int, tuple[int, int]] = {}  # paho mid -> (row id, payload length)
         self.acked: list[tuple[int, int]] = []  # PUBACKed rows, deleted in one transaction per pump
@@ -301,12 +330,16 @@ class Publisher:
             log.info("broker %s is back: catching up on the outbox at %d msg/s at most", self.link.name, self.rate)
 
     def _strike(self, oldest: tuple[int, int]) -> None:
-        """The connection was lost with `oldest` (row id, length) the oldest unacknowledged row."""
+        """The connection was lost with `oldest` (row id, length) the oldest unacknowledged row: it becomes the
+        suspect, and rows go one at a time until it is acknowledged (then it was innocent: the broker had not
+        sent the PUBACKs before it closed) or struck MAX_STRIKES times (then it is set aside)."""
         n = self.strikes[oldest[0]] = self.strikes.get(oldest[0], 0) + 1
+        self.suspect = oldest[0]
         if n >= MAX_STRIKES:
             del self.strikes[oldest[0]]
+            self.suspect = None
             self.refused.append((*oldest, f"broker {self.link.name} closed the connection each of the {n} times "
-                                 "it was sent, with no PUBACK in between"))
+                                 "it was sent"))
 
     def pump(self) -> None:
         self._delete_acked()
@@ -316,10 +349,11 @@ class Publisher:
         if self.again:
             rows = self.outbox.by_id([row for row, _ in self.again])
             self.again.clear()
-            for row in rows:
-                if not self._hand(row, [], advance=False):
+            for i, row in enumerate(rows):
+                if not self._hand(row, [], advance=False):  # the connection went: the rest goes later
+                    self.again = [(r.id, len(r.payload)) for r in rows[i:]]
                     break
-        room = WINDOW - len(self.sent)
+        room = (1 if self.suspect is not None else WINDOW) - len(self.sent)  # after a strike: one at a time
         if self.cursor < self.catch_up_until:
             now = time.monotonic()
             self.tokens = min(self.tokens + (now - self.t) * self.rate, float(self.rate))
@@ -355,22 +389,30 @@ class Publisher:
     def _set_aside(self) -> None:
         """Move the rows refused so far to the set_aside table, each with an error record (a row on its rule's
         error topic gets none: no record of a record)."""
-        for row_id, size, why in self.refused:
-            self.stats.reject("set_aside", f"broker {self.link.name}, outbox row {row_id}: {why}")
+        while self.refused:
+            row_id, size, why = self.refused[0]
             found = self.outbox.by_id([row_id], with_rule=True)
-            if not found:
-                continue
-            row, rule = found[0]
-            topic = self.error_topics.get(rule)
-            record = None
-            if topic is not None and topic != row.topic:
-                payload = row.payload if type(row.payload) is bytes else str(row.payload).encode("utf-8", "replace")
-                shown = str(row.topic)[:1000].encode("utf-8", "replace").decode()
-                body = codec.error_record(rule=rule, topic=shown, reason="set_aside", error=why,
-                                          message_id=f"outbox-{row_id}", payload=payload, max_payload=1024)
-                record = (self.link.name, topic, body, 1, 0, rule, time.time())
-            self.outbox.set_aside(row_id, size, why, record)
-        self.refused.clear()
+            if found:
+                try:
+                    self.outbox.set_aside(row_id, size, why, self._record_of(*found[0], why))
+                except sqlite3.OperationalError as e:
+                    if not disk_full(e):
+                        raise
+                    self.stats.reject("disk_full", f"outbox {self.outbox.path}: {e}; rows are set aside later")
+                    return  # this one and the rest wait for space (the row stays in the outbox meanwhile)
+                self.stats.reject("set_aside", f"broker {self.link.name}, outbox row {row_id}: {why}")
+            self.refused.pop(0)
+
+    def _record_of(self, row: Row, rule: str, why: str) -> tuple | None:
+        """The outbox row of the error record for a row set aside; None for a row on its rule's error topic."""
+        topic = self.error_topics.get(rule)
+        if topic is None or topic == row.topic:
+            return None
+        payload = row.payload if type(row.payload) is bytes else str(row.payload).encode("utf-8", "replace")
+        shown = str(row.topic)[:1000].encode("utf-8", "replace").decode()
+        body = codec.error_record(rule=rule, topic=shown, reason="set_aside", error=why,
+                                  message_id=f"outbox-{row.id}", payload=payload, max_payload=1024)
+        return (self.link.name, topic, body, 1, 0, rule, time.time())
 
     def _hand(self, row: Row, done: list[tuple[int, int]], advance: bool = True) -> bool:
         """Write one row into the send buffer; QoS 0 rows are done at once (no PUBACK to wait for). A row the
@@ -400,8 +442,8 @@ class Publisher:
             return
         if reason < 0x80:
             self.acked.append(entry)
-            if self.strikes:
-                self.strikes.clear()
+            if self.strikes and self.strikes.pop(entry[0], None) is not None and self.suspect == entry[0]:
+                self.suspect = None
             self.backoff = 0.0
         elif reason in PERMANENT:
             self.refused.append((*entry, f"broker {self.link.name} refused it (PUBACK 0x{reason:02x})"))

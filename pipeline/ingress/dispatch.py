@@ -169,11 +169,6 @@ class RuleQueue:
         for m in lost:
             self._again(m, now, "lost on the way to a worker", "lost")
 
-    def holder(self, msg_id: str) -> bytes | None:
-        """The identity of the worker `msg_id` was given to, while it is in flight; else None."""
-        entry = self.in_flight.get(msg_id)
-        return entry[1] if entry is not None else None
-
     def confirm(self, msg_id: str) -> None:
         entry = self.in_flight.pop(msg_id, None)
         if entry is not None:

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import zmq
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 TICK = 0.2
 EGRESS_GRACE = 1.0  # seconds a (re)started egress has to confirm what workers answered before it came
-LETTER_DEADLINE = 10.0  # seconds an error record of ingress's own waits for its confirm before it goes again
+LETTERS_PER_FRAME = 100  # error records sent again in one frame
 MAX_LETTERS = 100_000  # QoS 1 error records of ingress's own whose confirm is awaited (oldest forgotten past it)
 RECENT_CONFIRMS = 10_000  # confirms remembered to tell a duplicate from a forged one
 
@@ -88,9 +89,8 @@ class Ingress:
         for s in (*self.routers, self.beats, self.confirms):
             self.hub.register(s)
         self.route, self.boot, self.seq = Router(cfg), os.urandom(3).hex(), 0
-        self.letters_out: dict[tuple[str, str], tuple[Result, float]] = {}  # QoS 1 error records sent -> deadline
-        self.letters_due = 0.0  # when _tick next looks for error records whose confirm is late
-        self.confirmed: dict[tuple[str, str], None] = {}  # the last RECENT_CONFIRMS accepted, oldest first
+        self.letters_out: OrderedDict[tuple[str, str], Result] = OrderedDict()  # QoS 1 error records not confirmed
+        self.confirmed: OrderedDict[tuple[str, str], None] = OrderedDict()  # the last RECENT_CONFIRMS accepted
         self._gauges()
 
     def _gauges(self) -> None:
@@ -122,9 +122,6 @@ class Ingress:
     def _tick(self, now: float) -> None:
         for q in self.queues:
             q.expire(now)
-        if self.letters_out and now >= self.letters_due:  # once a second
-            self.letters_due = now + 1.0
-            self._resend_letters(0.0)
         malformed = sum(lk.malformed for lk in self.links.values())
         if malformed:
             self.stats.counters["malformed_packets"] = malformed  # each closed a connection (see Link.read)
@@ -175,31 +172,33 @@ class Ingress:
         if qos:
             self.acks[broker].add(msg_id, mid, waiting)
 
-    def _letter_confirmed(self, rule: str, msg_id: str) -> bool:
-        """Whether `msg_id` is one of the error records ingress sent itself for `rule` (forgotten once true)."""
-        if (rule, msg_id) not in self.letters_out:
+    def _letter_confirmed(self, key: tuple[str, str], broker: str) -> bool:
+        """Whether (rule, message id) is an error record ingress sent itself, of a message from `broker`
+        (forgotten once true)."""
+        letter = self.letters_out.get(key)
+        if letter is None or letter.source_broker != broker:
             return False
-        del self.letters_out[(rule, msg_id)]
+        del self.letters_out[key]
         return True
 
     def letters_send(self, result: Result) -> None:
         """Dead letters and rejected messages go straight to egress as error records; a QoS 1 one is kept
-        until egress confirms it (and sent again if that takes LETTER_DEADLINE: egress may have died)."""
+        until egress confirms it, and sent again when egress (re)starts (an egress that died may not have
+        stored it)."""
         if result.source_qos:
-            self.letters_out[(result.rule, result.message_id)] = (result, time.monotonic() + LETTER_DEADLINE)
-            if len(self.letters_out) > MAX_LETTERS:
-                del self.letters_out[next(iter(self.letters_out))]
+            self.letters_out[(result.rule, result.message_id)] = result
+            if len(self.letters_out) > MAX_LETTERS:  # egress gone for very long: the oldest wait for redelivery
+                self.letters_out.popitem(last=False)
+                self.stats.count("letters_forgotten")
         self.letters.send(envelope.encode([result]))
 
-    def _resend_letters(self, after: float) -> None:
-        """Send again the error records whose confirm is due by now + `after` (LETTER_DEADLINE: every one)."""
-        now = time.monotonic()
-        late = [r for r, deadline in self.letters_out.values() if deadline <= now + after]
+    def _resend_letters(self) -> None:
+        """Send every error record not yet confirmed again, in frames of at most LETTERS_PER_FRAME."""
+        late = list(self.letters_out.values())
         if late:
-            log.info("sending %d error record(s) again: egress did not confirm them", len(late))
-            for r in late:
-                self.letters_out[(r.rule, r.message_id)] = (r, now + LETTER_DEADLINE)
-            self.letters.send(envelope.encode(late))
+            log.info("sending %d error record(s) again: the egress that had them restarted", len(late))
+        for i in range(0, len(late), LETTERS_PER_FRAME):
+            self.letters.send(envelope.encode(late[i:i + LETTERS_PER_FRAME]))
 
     def _handle(self, ready: set[zmq.Socket]) -> None:
         now = time.monotonic()
@@ -239,7 +238,7 @@ class Ingress:
             if confirms is None:  # a (re)started egress: results answered before it came are lost
                 for q in self.queues:
                     q.hasten(now + EGRESS_GRACE)
-                self._resend_letters(LETTER_DEADLINE)
+                self._resend_letters()
                 continue
             for c in confirms:
                 self._confirm(c)
@@ -253,14 +252,16 @@ class Ingress:
             self.stats.reject("bad_frames", f"confirms: unknown rule {c.rule!r:.80} or broker {c.broker!r:.80}")
             return
         sender = c.sender.encode()
-        holder = q.holder(c.msg_id)
+        held = q.in_flight.get(c.msg_id)
+        holder = held[1] if held is not None else None
         key = (c.rule, c.msg_id)
-        if (holder is not None and holder == sender) or (not c.sender and self._letter_confirmed(*key)):
+        if (held is not None and holder == sender and held[0].broker == c.broker) or \
+                (not c.sender and self._letter_confirmed(key, c.broker)):
             q.confirm(c.msg_id)
             acks.done(c.msg_id, c.rule)
             self.confirmed[key] = None
             if len(self.confirmed) > RECENT_CONFIRMS:
-                del self.confirmed[next(iter(self.confirmed))]
+                self.confirmed.popitem(last=False)
         elif not c.msg_id.startswith(f"{self.boot}-"):
             self.stats.count("stale_confirms")  # a message of an earlier ingress: its session is gone
         elif key in self.confirmed or sender in q.workers or sender in q.buried:

@@ -256,10 +256,14 @@ def test_faults_that_come_together(pbroker, stack_factory, name, run):
         step(up, pbroker)
     deadline = time.monotonic() + 150
     lost: set[int] = set()
+    witnessed, still_since = -1, time.monotonic()
     while time.monotonic() < deadline:
         with witness.lock, col.lock:
             lost = witness.seen.keys() - col.seen.keys() - col.errors.keys()
-        if not lost and not loader.is_alive() and len(witness.seen) >= n - 100:
+            if len(witness.seen) != witnessed:
+                witnessed, still_since = len(witness.seen), time.monotonic()
+        done_witnessing = witnessed == n or time.monotonic() - still_since > 5.0  # all, or nothing more comes
+        if not lost and not loader.is_alive() and done_witnessing:
             break
         time.sleep(0.5)
     loader.join(1)
