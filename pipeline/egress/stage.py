@@ -52,14 +52,20 @@ def disk_full(e: sqlite3.OperationalError) -> bool:
     return "full" in str(e) or "disk I/O" in str(e)
 
 
-def row_problem(row: Row, max_packet: int) -> str | None:
+def publish_problem(topic: object, payload: bytes, broker: str, limit: int) -> str | None:
+    """Why `broker` (taking packets of `limit` bytes at most) would refuse a PUBLISH of `payload` on `topic`."""
+    problem = topics.publish_problem(topic)
+    if problem is None and len(payload) + len(topic.encode()) + PACKET_OVERHEAD > limit:  # type: ignore[union-attr]
+        problem = (f"the result is {len(payload)} bytes, over what broker {broker} takes ({limit} bytes: "
+                   f"its Maximum Packet Size, or brokers.{broker}.max_packet_bytes)")
+    return problem
+
+
+def row_problem(row: Row, broker: str, max_packet: int) -> str | None:
     """Why a broker would refuse an outbox row, or None (rows written by an older version are checked too)."""
     if type(row.payload) is not bytes:
         return f"the payload is stored as {type(row.payload).__name__}, not bytes"
-    problem = topics.publish_problem(row.topic)
-    if problem is None and len(row.payload) + len(row.topic.encode()) + PACKET_OVERHEAD > max_packet:
-        problem = f"{len(row.payload)} bytes, over the {max_packet} bytes the broker takes"
-    return problem
+    return publish_problem(row.topic, row.payload, broker, max_packet)
 
 
 def fixed_error_topic(rule: Rule) -> str:
@@ -208,10 +214,7 @@ class Egress:
         """`r`, or the error record that replaces it when its broker would refuse it (a topic that is not a
         valid topic name, a packet over the broker's limit); None when even that record cannot be sent."""
         limit = self.links[broker].max_packet
-        problem = topics.publish_problem(r.topic)
-        if problem is None and len(r.payload) + len(r.topic.encode()) + PACKET_OVERHEAD > limit:
-            problem = (f"the result is {len(r.payload)} bytes, over what broker {broker} takes ({limit} bytes: "
-                       f"its Maximum Packet Size, or brokers.{broker}.max_packet_bytes)")
+        problem = publish_problem(r.topic, r.payload, broker, limit)
         if problem is None:
             return r
         self.stats.reject("unpublishable", f"rule {r.rule}: {problem}")
@@ -418,7 +421,7 @@ class Publisher:
         """Write one row into the send buffer; QoS 0 rows are done at once (no PUBACK to wait for). A row the
         broker would refuse (not a topic name, not bytes, over its packet size) is set aside instead."""
         c = self.link.client
-        why = row_problem(row, self.link.max_packet)
+        why = row_problem(row, self.link.name, self.link.max_packet)
         if why is not None:
             self.refused.append((row.id, len(row.payload or b""), why))
         elif row.qos == 0:
