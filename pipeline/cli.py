@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import __version__, errors, frozen, logs
+from pipeline import __version__, errors, frozen, logs, rundir
 from pipeline.endpoints import Endpoints
 from pipeline.errors import PipelineError
 
@@ -36,9 +37,7 @@ def _stop_event() -> threading.Event:
 
 
 def _run_dir(cfg: Config, args: argparse.Namespace) -> Path:
-    run_dir = Path(args.run_dir).resolve() if args.run_dir else cfg.default_run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return rundir.prepare(Path(args.run_dir).resolve() if args.run_dir else cfg.default_run_dir())
 
 
 def _stage(name: str, args: argparse.Namespace, body: Callable[[Config, Path], int | None]) -> int:
@@ -46,16 +45,24 @@ def _stage(name: str, args: argparse.Namespace, body: Callable[[Config, Path], i
     logs.setup(name if name != "worker" else "worker", getattr(args, "rule", None), args.log_level)
     run_dir = Path(args.run_dir).resolve() if args.run_dir else None
     try:
-        cfg = _stage_config(args, run_dir)
+        cfg = _stage_config(args, rundir.prepare(run_dir) if run_dir else None)
         run_dir = _run_dir(cfg, args)
         return body(cfg, run_dir) or errors.OK
     except PipelineError as e:
         log.error("%s", e)
         program = f"rule-{args.rule}" if name == "worker" else name
         if run_dir is not None and e.exit_code in errors.FATAL_EXIT_CODES:
-            (run_dir / "fatal").mkdir(parents=True, exist_ok=True)
-            (run_dir / "fatal" / f"{program}.txt").write_text(f"{e.exit_code}\n{e}")
+            _leave_reason(run_dir, program, e)
         return e.exit_code
+
+
+def _leave_reason(run_dir: Path, program: str, e: PipelineError) -> None:
+    """`<run dir>/fatal/<program>.txt` for `pipeline up`; an unsafe run dir gets nothing written in it."""
+    try:
+        rundir.prepare(run_dir)
+        rundir.write_private(rundir.private_folder(run_dir / "fatal") / f"{program}.txt", f"{e.exit_code}\n{e}")
+    except (PipelineError, OSError) as why:
+        log.error("could not leave the reason in %s: %s", run_dir, why)
 
 
 def _stage_config(args: argparse.Namespace, run_dir: Path | None) -> Config:
@@ -206,7 +213,8 @@ def parser(stages_only: bool = False) -> ArgumentParser:
         sp.add_argument("--log-level", help="DEBUG, INFO, WARNING... (default: $PIPELINE_LOG_LEVEL or INFO)")
         if stage:
             sp.add_argument("-c", "--config", required=True, help="the YAML configuration file")
-            sp.add_argument("--run-dir", help="sockets and supervisord files (default /tmp/pipeline-NAME)")
+            sp.add_argument("--run-dir", help="sockets and supervisord files (default $XDG_RUNTIME_DIR/pipeline-NAME,\n"
+                            "else /tmp/pipeline-UID/NAME)")
             sp.add_argument("--workers", action="append", default=[], metavar="RULE=N", help="override workers of RULE")
         return sp
 
@@ -235,7 +243,11 @@ def parser(stages_only: bool = False) -> ArgumentParser:
     return p
 
 
+PRIVATE_UMASK = 0o077  # what the stack writes (outbox, model cache, run dir, logs) is its user's alone
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    os.umask(PRIVATE_UMASK)  # inherited by supervisord and every stage it starts
     args = parser(stages_only=bool(argv) and argv[0] in STAGES).parse_args(argv)
     return args.func(args)

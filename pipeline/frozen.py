@@ -1,15 +1,17 @@
 """The validated configuration without pydantic, for the stages of a stack (~18 MiB less in each process).
 
-`pipeline up` validates the file (pipeline.config, pydantic) and `write()`s the result to `<run dir>/config.json`;
-a stage started with that run dir `read()`s it when it was made from the same file (same path, same bytes, same
-values of the environment variables the file names), and otherwise validates the file itself. The classes
-here have the attributes of pipeline.config's, as validated, and the same properties and methods: both take
-them from the mixins of pipeline.schema.behaviour, plus `model_dump()` and `model_copy()`.
+`pipeline up` validates the file (pipeline.config, pydantic) and `write()`s the result to `<run dir>/config.json`
+under a fresh run id, which it puts in the environment ($PIPELINE_RUN) that supervisord and so every stage
+inherit. A stage `read()`s the file when it names that run and the same config file; otherwise (a stage started
+by another supervisord) it validates the file itself. A hot reload `rewrite()`s it with the models it loaded.
+The classes here have the attributes of pipeline.config's, as validated, and the same properties and methods:
+both take them from the mixins of pipeline.schema.behaviour, plus `model_dump()` and `model_copy()`.
 
-Secrets (broker passwords, the control token) never appear in the file, which lives in the run dir: it holds
-them XORed with a one-time pad that `write` puts in the environment ($PIPELINE_CONFIG_KEY, hex), which
-supervisord and so every stage inherit. Without that key (a stage started by another supervisord) a
-stage validates the file itself. The file is written mode 0600 all the same.
+Secrets (broker passwords, the control token) never appear in the file: it holds their places only. Their
+values travel in the environment ($PIPELINE_SECRETS, a JSON list) of the processes that talk to brokers or
+serve control; `pipeline up` starts the workers and the embedded broker without it and without the variables
+the file's `brokers:` and `control:` sections name (`withheld_variables`), so a model's code finds no secret
+in its process. A stage without $PIPELINE_SECRETS gets `Withheld` in their place.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline import digest
 from pipeline.schema.behaviour import BrokerMixin, ConfigMixin, ModelMixin, PackagesMixin, RuleMixin
 
 FILE = "config.json"
-KEY = "PIPELINE_CONFIG_KEY"
-FORMAT = 1
+RUN = "PIPELINE_RUN"  # the run id naming this `pipeline up`'s config.json: every stage has it
+SECRETS = "PIPELINE_SECRETS"  # the secrets' values, a JSON list: only the stages that need them have it
+FORMAT = 2
+SECRET_SECTIONS = ("brokers", "control", "mqtts")  # where a file's secrets are written (mqtts: the old runtime's)
 _REFS = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")  # the variables pipeline.config._ENV expands
 
 
@@ -55,6 +58,26 @@ class Secret:
     __str__ = lambda self: "**********"  # noqa: E731
 
 
+class Withheld:
+    """A secret this process was not given (a worker): it has no use for it, and reading it is an error."""
+
+    __slots__ = ()
+
+    def get_secret_value(self) -> str:
+        from pipeline.errors import PipelineError
+
+        raise PipelineError("this process was started without the stack's secrets (a worker has no use for them)")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Withheld)
+
+    def __hash__(self) -> int:
+        return hash(Withheld)
+
+    def __repr__(self) -> str:
+        return "Withheld()"
+
+
 class Value:
     """A frozen record: the fields of a validated section as attributes."""
 
@@ -81,7 +104,7 @@ class Value:
 
 
 def _dump(v: Any) -> Any:
-    if isinstance(v, Value):
+    if isinstance(v, Value) or hasattr(type(v), "model_fields"):  # pydantic's: a reload puts new models in a Config
         return v.model_dump()
     if isinstance(v, dict):
         return {k: _dump(x) for k, x in v.items()}
@@ -110,21 +133,13 @@ _CLASSES = {c.__name__: c for c in (Sub, Pub, Errors, Control, Outbox, Endpoints
 
 # -- the file --
 
-def fingerprint(source: Path) -> str:
-    """sha256 of what validation read: the file's bytes and the values of the variables it names."""
-    data = source.read_bytes()
-    h = digest.sha256(data)
-    for name in sorted(set(_REFS.findall(data.decode("utf-8", "replace")))):
-        value = os.environ.get(name)
-        h.update(b"\0" + name.encode() + (b"" if value is None else b"\1" + value.encode("utf-8", "surrogateescape")))
-    return h.hexdigest()
-
-
 def _encode(v: Any, secrets: list[str]) -> Any:
     """JSON for a validated value; secrets are appended to `secrets` and written as their index there."""
     fields = getattr(type(v), "model_fields", None)
     if fields is not None and type(v).__name__ in _CLASSES:  # a pydantic model of pipeline.config
         return {"__class__": type(v).__name__, **{k: _encode(getattr(v, k), secrets) for k in fields}}
+    if isinstance(v, Value):  # a config read here, written again by a reload
+        return {"__class__": type(v).__name__, **{k: _encode(x, secrets) for k, x in v.__dict__.items()}}
     if isinstance(v, Path):
         return {"__path__": str(v)}
     if hasattr(v, "get_secret_value"):
@@ -141,7 +156,7 @@ def _encode(v: Any, secrets: list[str]) -> Any:
     raise TypeError(f"cannot write a {type(v).__name__}")
 
 
-def _decode(v: Any, secrets: list[str]) -> Any:
+def _decode(v: Any, secrets: list[str] | None) -> Any:
     if isinstance(v, list):
         return [_decode(x, secrets) for x in v]
     if not isinstance(v, dict):
@@ -149,84 +164,88 @@ def _decode(v: Any, secrets: list[str]) -> Any:
     if "__path__" in v:
         return Path(v["__path__"])
     if "__secret__" in v:
-        return Secret(secrets[v["__secret__"]])
+        return Withheld() if secrets is None else Secret(secrets[v["__secret__"]])
     if "__dict__" in v:
         return {k: _decode(x, secrets) for k, x in v["__dict__"].items()}
     fields = dict(v)
     return _CLASSES[fields.pop("__class__")](**{k: _decode(x, secrets) for k, x in fields.items()})
 
 
-def _xor(data: bytes, pad: bytes) -> bytes:
-    return bytes(a ^ b for a, b in zip(data, pad, strict=True))
+def write(run_dir: Path, cfg: Any, run: str) -> list[str] | None:
+    """Write the validated `cfg` for the stages of the run `run`; return the values of its secrets (for the
+    environment of the stages that need them), or None (and no file) when it cannot be written faithfully:
+    then every stage validates the file itself."""
+    from pipeline import rundir
 
-
-def _seal(secrets: list[str]) -> tuple[dict[str, Any], str]:
-    """({"check": the pad's first 16 bytes, "values": each secret XORed with its own later part of the pad}
-    in hex; the pad in hex). The check tells a stage holding another stack's key from one holding this one."""
-    raw = [x.encode("utf-8", "surrogateescape") for x in secrets]
-    pad = os.urandom(16 + sum(len(x) for x in raw))
-    values, at = [], 16
-    for x in raw:
-        values.append(_xor(x, pad[at:at + len(x)]).hex())
-        at += len(x)
-    return {"check": pad[:16].hex(), "values": values}, pad.hex()
-
-
-def _unseal(sealed: dict[str, Any], pad_hex: str) -> list[str]:
-    """The secrets back; ValueError when `pad_hex` is not the key they were sealed with."""
-    raw = [bytes.fromhex(x) for x in sealed["values"]]
-    pad = bytes.fromhex(pad_hex)
-    if len(pad) != 16 + sum(len(x) for x in raw) or pad[:16].hex() != sealed["check"]:
-        raise ValueError("not the key of this file")
-    out, at = [], 16
-    for x in raw:
-        out.append(_xor(x, pad[at:at + len(x)]).decode("utf-8", "surrogateescape"))
-        at += len(x)
-    return out
-
-
-def write(run_dir: Path, source: str | os.PathLike[str]) -> bool:
-    """Validate `source` and write the result for the stages, and the key to its secrets into os.environ (for
-    the processes started next); False (and no file) when it cannot be written faithfully, or the file changed
-    meanwhile: then every stage validates the file itself, as before."""
-    from pipeline import config
-    from pipeline.errors import PipelineError
-
-    target = run_dir / FILE
-    target.unlink(missing_ok=True)
-    path = Path(source).resolve()
+    (run_dir / FILE).unlink(missing_ok=True)
+    secrets: list[str] = []
     try:
-        before = fingerprint(path)
-        cfg = config.load(path)
-        secrets: list[str] = []
-        body = {"format": FORMAT, "source": str(path), "fingerprint": before, "config": _encode(cfg, secrets)}
-        body["secrets"], key = _seal(secrets)
+        body = {"format": FORMAT, "run": run, "source": str(cfg.source), "config": _encode(cfg, secrets)}
+        body["secrets"] = len(secrets)
         text = json.dumps(body, allow_nan=False)
-        if fingerprint(path) != before:
-            return False
-    except (PipelineError, TypeError, ValueError, OSError):
+        back = _decode(json.loads(text)["config"], secrets)
+    except (TypeError, ValueError):
+        return None
+    if back.model_dump() != cfg.model_dump():
+        return None  # e.g. a YAML date in a filter
+    rundir.write_private(run_dir / FILE, text)
+    return secrets
+
+
+def rewrite(run_dir: Path, cfg: Any) -> bool:
+    """Write `cfg` again for the running stack (a reload changed its models): same run id, and the same secrets
+    as the stages were given. False when there is no such stack (its stages validate the file themselves)."""
+    run = os.environ.get(RUN)
+    if not run:
         return False
-    back = json.loads(text)
-    if _decode(back["config"], _unseal(back["secrets"], key)).model_dump() != cfg.model_dump():
-        return False  # e.g. a YAML date in a filter
-    os.environ[KEY] = key
-    tmp = run_dir / f".{FILE}.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, target)
+    given = os.environ.get(SECRETS)
+    values = write(run_dir, cfg, run)
+    if values is None or (given is not None and json.loads(given) != values):
+        (run_dir / FILE).unlink(missing_ok=True)
+        return False
     return True
 
 
 def read(run_dir: Path, source: str | os.PathLike[str]) -> Config | None:
-    """The configuration `write` left in `run_dir` for the file `source`, if it still describes that file."""
+    """The configuration `write` left in `run_dir` for the file `source` and this process's run, if any."""
+    run = os.environ.get(RUN)
+    if not run:
+        return None
     try:
         body = json.loads((run_dir / FILE).read_text())
-        path = Path(source).resolve()
-        if body.get("format") != FORMAT or body.get("source") != str(path) or \
-                body.get("fingerprint") != fingerprint(path):
+        if body.get("format") != FORMAT or body.get("run") != run or body.get("source") != str(Path(source).resolve()):
             return None
-        cfg = _decode(body["config"], _unseal(body["secrets"], os.environ.get(KEY, "")))
-    except (OSError, ValueError, KeyError, TypeError):
+        given = os.environ.get(SECRETS)
+        secrets = None if given is None else json.loads(given)
+        if secrets is not None and (not isinstance(secrets, list) or len(secrets) != body["secrets"]):
+            return None
+        cfg = _decode(body["config"], secrets)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
     return cfg if isinstance(cfg, Config) else None
+
+
+def withheld_variables(source: Path) -> list[str]:
+    """The environment variables the file's secret sections name: kept from the processes that need no secret."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):
+        return []
+    found: set[str] = set()
+    seen: set[int] = set()  # a YAML alias may hold itself
+    stack = [raw.get(k) for k in SECRET_SECTIONS] if isinstance(raw, dict) else []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict | list):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+        if isinstance(node, dict):
+            stack += node.values()
+        elif isinstance(node, list):
+            stack += node
+        elif isinstance(node, str):
+            found.update(_REFS.findall(node))
+    return sorted(found)

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import packages, stack
+from pipeline import frozen, packages, rundir, stack
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
@@ -78,21 +78,20 @@ class Supervisor:
 
 @contextmanager
 def _lock(run_dir: Path) -> Iterator[None]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "reload.lock", "w") as f:
+    fd = rundir.open_lock(rundir.prepare(run_dir) / "reload.lock")
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise Busy("another reload is running on this stack: try again when it is done") from None
         yield
+    finally:
+        os.close(fd)
 
 
 def save(run_dir: Path, record: dict[str, Any]) -> None:
-    folder = run_dir / "reloads"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{record['model']}.{os.getpid()}.{threading.get_ident()}.tmp"
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(folder / f"{record['model']}.json")
+    folder = rundir.private_folder(run_dir / "reloads")
+    rundir.write_private(folder / f"{record['model']}.json", json.dumps(record, indent=1) + "\n")
 
 
 def last(run_dir: Path | None, name: str) -> dict[str, Any] | None:
@@ -139,9 +138,17 @@ class Reloader:
                "changed": before != {version}, "workers_replaced": 0}
         if only_if_changed and not out["changed"]:
             return out
+        self._hand_over(cfg)
         sup = Supervisor(self.run_dir)
         out["workers_replaced"] = sum(self._replace(sup, rule) for rule in rules)
         return out
+
+    def _hand_over(self, cfg: Config) -> None:
+        """Rewrite the run dir's config.json with the file's models, which the new workers read (they cannot
+        validate the file themselves: they run without the variables that hold secrets)."""
+        if os.environ.get(frozen.RUN) and not frozen.rewrite(self.run_dir, self.running.model_copy(
+                update={"models": cfg.models})):
+            raise ReloadError(f"the models of {cfg.source} cannot be handed to the workers in {self.run_dir}")
 
     def _rules(self, cfg: Config, name: str) -> list[str]:
         """The rules using the model; refuse a config whose rules changed (workers find their rule by index)."""

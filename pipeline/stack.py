@@ -9,6 +9,7 @@ that code.
 from __future__ import annotations
 
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ class Program:
     retries: int = 3  # quick failures in a row before supervisord gives up (FATAL)
     start_secs: int = 1  # a process must stay up this long to count as started
     autostart: bool = True
+    withheld: tuple[str, ...] = ()  # environment variables the process is started without
 
 
 def spare(rule: str) -> str:
@@ -44,13 +46,14 @@ def is_spare(group: str) -> bool:
     return group.startswith("spare-")
 
 
-def programs(cfg: Config, run_dir: Path, log_level: str) -> list[Program]:
-    """Every program of the stack, in start order; worker counts as in `cfg` (overrides applied)."""
+def programs(cfg: Config, run_dir: Path, log_level: str, withheld: tuple[str, ...] = ()) -> list[Program]:
+    """Every program of the stack, in start order; worker counts as in `cfg` (overrides applied). The workers
+    and the embedded brokers, which need no secret, are started without the variables in `withheld`."""
     common = ["-c", str(cfg.source), "--run-dir", str(run_dir), "--log-level", log_level]
     drain = int(max(r.timeout for r in cfg.rules)) + STOP_WAIT  # ingress waits for in-flight work
     for rule in cfg.rules:
         common += ["--workers", f"{rule.name}={rule.workers}"]
-    progs = [Program(f"broker-{n}", ["broker", "--listen", f"{b.host}:{b.port}"], 10)
+    progs = [Program(f"broker-{n}", ["broker", "--listen", f"{b.host}:{b.port}"], 10, withheld=withheld)
              for n, b in cfg.brokers.items() if b.embedded]
     progs += [Program("egress", ["egress", *common], 20, stop_wait=STOP_WAIT + 5),
               Program("control", ["control", *common], 30)]
@@ -60,15 +63,23 @@ def programs(cfg: Config, run_dir: Path, log_level: str) -> list[Program]:
         env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         if rule.workers:  # 0: served by workers on other boxes only (endpoints.remote)
             progs.append(Program(f"rule-{rule.name}", ["worker", "--rule", rule.name, *common], 40, rule.workers,
-                                 env, stop_wait=int(rule.timeout) + STOP_WAIT, start_secs=0))
+                                 env, stop_wait=int(rule.timeout) + STOP_WAIT, start_secs=0, withheld=withheld))
         progs.append(Program(spare(rule.name), ["worker", "--rule", rule.name, *common], 40, 1, env,
-                             stop_wait=int(rule.timeout) + STOP_WAIT, start_secs=0, autostart=False))
+                             stop_wait=int(rule.timeout) + STOP_WAIT, start_secs=0, autostart=False,
+                             withheld=withheld))
     progs.append(Program("ingress", ["ingress", *common], 50, stop_wait=drain))
     return progs
 
 
 def _esc(s: str) -> str:
     return s.replace("%", "%%")  # supervisord expands %(name)s in values
+
+
+def _without(names: tuple[str, ...]) -> list[str]:
+    """The prefix that starts a command without these environment variables (supervisord can only add some)."""
+    if not names:
+        return []
+    return [shutil.which("env") or "/usr/bin/env", *(arg for n in names for arg in ("-u", n))]
 
 
 def render(progs: list[Program], run_dir: Path, log_dir: Path | None) -> str:
@@ -92,7 +103,7 @@ def render(progs: list[Program], run_dir: Path, log_dir: Path | None) -> str:
                    "stdout_logfile_maxbytes=10MB", "stdout_logfile_backups=3"]
         lines += [
             f"[program:{p.name}]",
-            f"command={_esc(shlex.join([sys.executable, '-m', 'pipeline', *p.args]))}",
+            f"command={_esc(shlex.join([*_without(p.withheld), sys.executable, '-m', 'pipeline', *p.args]))}",
             "process_name=%(program_name)s-%(process_num)d", f"numprocs={p.numprocs}",
             f"priority={p.priority}", f"autostart={str(p.autostart).lower()}", "autorestart=unexpected",
             f"exitcodes={fatal}", f"startsecs={p.start_secs}", f"startretries={p.retries}", "stopsignal=TERM",

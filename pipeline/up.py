@@ -8,8 +8,10 @@ stops the stages in reverse priority (ingress first, so intake stops before the 
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from pipeline import errors, frozen, reload, stack
+from pipeline import errors, frozen, reload, rundir, stack
 from pipeline.broker import port_in_use
 from pipeline.config import Config
 from pipeline.endpoints import Endpoints
@@ -80,7 +82,7 @@ class _rpc:
 class Stack:
     def __init__(self, cfg: Config, run_dir: Path, log_level: str, log_dir: Path | None = None) -> None:
         self.cfg, self.run_dir = cfg, run_dir
-        self.progs = stack.programs(cfg, run_dir, log_level)
+        self.log_level = log_level
         self.log_dir = log_dir
         self.signals: list[int] = []
         # ingress drains for up to the longest timeout (+2 s); everything else stops within a few seconds
@@ -89,15 +91,13 @@ class Stack:
 
     def spawn(self) -> None:
         preflight(self.cfg, self.run_dir)
-        (self.run_dir / "fatal").mkdir(parents=True, exist_ok=True)
-        for old in (self.run_dir / "fatal").iterdir():
+        for old in rundir.private_folder(self.run_dir / "fatal").iterdir():
             old.unlink()
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         conf = self.run_dir / "supervisord.conf"
-        conf.write_text(stack.render(self.progs, self.run_dir, self.log_dir))
-        if not frozen.write(self.run_dir, self.cfg.source):  # the stages then validate the file themselves
-            log.debug("no %s in %s: the stages validate %s themselves", frozen.FILE, self.run_dir, self.cfg.source)
+        progs = stack.programs(self.cfg, self.run_dir, self.log_level, self.hand_over())
+        rundir.write_private(conf, stack.render(progs, self.run_dir, self.log_dir))
         # children log to supervisord's stdout: a pipe we copy to ours (reopening a redirected /dev/stdout
         # would write from offset 0 over what is there)
         self.proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],
@@ -106,6 +106,20 @@ class Stack:
         self.copier.start()
         log.info("stack %s starting (run dir %s, control on http://%s)", self.cfg.instance, self.run_dir,
                  self.cfg.control.listen)
+
+    def hand_over(self) -> tuple[str, ...]:
+        """Write the validated config for the stages and put its run id and secrets in the environment
+        supervisord passes on; return the variables the processes without a use for secrets go without."""
+        run = secrets.token_hex(16)
+        values = frozen.write(self.run_dir, self.cfg, run)
+        if values is None:  # the stages validate the file themselves, each from the whole environment
+            log.debug("no %s in %s: the stages validate %s themselves", frozen.FILE, self.run_dir, self.cfg.source)
+            os.environ.pop(frozen.RUN, None)
+            os.environ.pop(frozen.SECRETS, None)
+            return ()
+        os.environ[frozen.RUN] = run
+        os.environ[frozen.SECRETS] = json.dumps(values)
+        return (frozen.SECRETS, *frozen.withheld_variables(self.cfg.source))
 
     def run(self) -> int:
         """Spawn, then watch until a signal or a fatal stage; return the exit code."""

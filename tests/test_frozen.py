@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import config, frozen
+from pipeline.errors import PipelineError
 
 ROOT = Path(__file__).parent.parent
 SECRET = "pw-Zq8-never-print-me"
@@ -38,15 +39,29 @@ def same(a, b) -> None:
         (b.control.token and b.control.token.get_secret_value())
 
 
+def hand_over(run_dir: Path, source: Path, monkeypatch, run: str = "run-1", secrets: bool = True):
+    """What `pipeline up` does: validate, write, and put the run id (and the secrets) in the environment."""
+    cfg = config.load(source)
+    values = frozen.write(run_dir, cfg, run)
+    if values is not None:
+        monkeypatch.setenv(frozen.RUN, run)
+        if secrets:
+            monkeypatch.setenv(frozen.SECRETS, json.dumps(values))
+        else:
+            monkeypatch.delenv(frozen.SECRETS, raising=False)
+    return cfg, values
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_round_trip(path, tmp_path, monkeypatch):
     monkeypatch.setenv("MQTT_PASSWORD", SECRET)
-    monkeypatch.delenv(frozen.KEY, raising=False)  # write() sets it: undone after the test
     try:
-        want = config.load(path)
+        config.load(path)
     except Exception:
         pytest.skip("not a valid configuration on its own")
-    assert frozen.write(tmp_path, path)
+    os.umask(0o022)
+    want, values = hand_over(tmp_path, path, monkeypatch)
+    assert values is not None
     assert os.stat(tmp_path / frozen.FILE).st_mode & 0o077 == 0
     text = (tmp_path / frozen.FILE).read_text()
     for secret in [SECRET, *(b.password.get_secret_value() for b in want.brokers.values() if b.password)]:
@@ -60,58 +75,79 @@ def test_round_trip(path, tmp_path, monkeypatch):
         got.name = "x"
 
 
-def test_secrets_need_the_key_write_put_in_the_environment(tmp_path, monkeypatch):
+def example(tmp_path: Path) -> Path:
     src = tmp_path / "c.yaml"
     src.write_text((ROOT / "conf" / "example.yaml").read_text().replace("../models", str(ROOT / "models")))
+    return src
+
+
+def test_secrets_only_in_the_environment_of_the_stages_given_them(tmp_path, monkeypatch):
+    src = example(tmp_path)
     monkeypatch.setenv("MQTT_USER", "edge")
     monkeypatch.setenv("MQTT_PASSWORD", SECRET)
-    monkeypatch.delenv(frozen.KEY, raising=False)
-    assert frozen.write(tmp_path, src)
-    key = os.environ[frozen.KEY]
+    _, values = hand_over(tmp_path, src, monkeypatch)
+    assert values == [SECRET]
+    assert SECRET not in (tmp_path / frozen.FILE).read_text()
     assert frozen.read(tmp_path, src).brokers["local"].password.get_secret_value() == SECRET
-    monkeypatch.delenv(frozen.KEY)
-    assert frozen.read(tmp_path, src) is None  # a stage supervisord did not get from this `pipeline up`
-    monkeypatch.setenv(frozen.KEY, bytes(b ^ 1 for b in bytes.fromhex(key)).hex())
-    assert frozen.read(tmp_path, src) is None  # another stack's key
+    monkeypatch.delenv(frozen.SECRETS)  # a worker
+    withheld = frozen.read(tmp_path, src).brokers["local"].password
+    assert isinstance(withheld, frozen.Withheld)
+    with pytest.raises(PipelineError, match="without the stack's secrets"):
+        withheld.get_secret_value()
+    monkeypatch.setenv(frozen.SECRETS, json.dumps([SECRET, "another"]))
+    assert frozen.read(tmp_path, src) is None  # not this file's secrets
+    assert frozen.withheld_variables(src) == ["MQTT_PASSWORD", "MQTT_USER", "PIPELINE_BROKER_URL",
+                                             "PIPELINE_CONTROL_LISTEN"]
 
 
-def test_stale_or_foreign_is_not_read(tmp_path, monkeypatch):
-    src = tmp_path / "c.yaml"
-    src.write_text((ROOT / "conf" / "example.yaml").read_text().replace("../models", str(ROOT / "models")))
+def test_another_run_or_file_is_not_read(tmp_path, monkeypatch):
+    src = example(tmp_path)
     monkeypatch.delenv("PIPELINE_BROKER_URL", raising=False)
-    monkeypatch.delenv(frozen.KEY, raising=False)
-    assert frozen.write(tmp_path, src)
+    hand_over(tmp_path, src, monkeypatch)
     assert frozen.read(tmp_path, src) is not None
-    monkeypatch.setenv("PIPELINE_BROKER_URL", "mqtt://10.0.0.1:1883")  # a variable the file names changed
-    assert frozen.read(tmp_path, src) is None
-    monkeypatch.delenv("PIPELINE_BROKER_URL")
-    assert frozen.read(tmp_path, src) is not None
-    monkeypatch.setenv("SOMETHING_ELSE", "1")  # one it does not name: no matter
-    assert frozen.read(tmp_path, src) is not None
+    monkeypatch.setenv(frozen.RUN, "run-2")
+    assert frozen.read(tmp_path, src) is None  # another `pipeline up`
+    monkeypatch.delenv(frozen.RUN)
+    assert frozen.read(tmp_path, src) is None  # a stage another supervisord started
+    monkeypatch.setenv(frozen.RUN, "run-1")
     other = tmp_path / "d.yaml"
     other.write_text(src.read_text())
     assert frozen.read(tmp_path, other) is None  # written for another file
     src.write_text(src.read_text() + "\n# edited\n")
-    assert frozen.read(tmp_path, src) is None  # the file changed
+    assert frozen.read(tmp_path, src) is not None  # the stack runs what `pipeline up` validated
     (tmp_path / frozen.FILE).write_text("{not json")
     assert frozen.read(tmp_path, src) is None
 
 
 def test_not_written_when_it_would_not_read_back(tmp_path, monkeypatch):
-    monkeypatch.delenv(frozen.KEY, raising=False)
     src = tmp_path / "c.yaml"
     text = (ROOT / "conf" / "example.yaml").read_text().replace("../models", str(ROOT / "models"))
     src.write_text(text.replace("params: {limit: 30}", "params: {limit: 30, since: 2024-01-01}"))
     assert config.load(src).models["threshold"].params["since"]  # a date: JSON has none
-    assert not frozen.write(tmp_path, src)
+    assert frozen.write(tmp_path, config.load(src), "run-1") is None
+    assert not (tmp_path / frozen.FILE).exists()
+
+
+def test_a_reload_rewrites_the_models_with_the_same_secrets(tmp_path, monkeypatch):
+    src = example(tmp_path)
+    monkeypatch.setenv("MQTT_PASSWORD", SECRET)
+    hand_over(tmp_path, src, monkeypatch)
+    running = frozen.read(tmp_path, src)
+    src.write_text(src.read_text().replace("limit: 30", "limit: 31"))
+    new = config.load(src)
+    assert frozen.rewrite(tmp_path, running.model_copy(update={"models": new.models}))
+    got = frozen.read(tmp_path, src)
+    assert got.models["threshold"].params == {"limit": 31}
+    assert got.brokers["local"].password.get_secret_value() == SECRET
+    monkeypatch.setenv(frozen.SECRETS, json.dumps(["not the running one"]))
+    assert not frozen.rewrite(tmp_path, running)  # the stages could not read it: no file rather than a wrong one
     assert not (tmp_path / frozen.FILE).exists()
 
 
 def test_a_stage_reading_it_does_not_load_pydantic(tmp_path, monkeypatch):
-    monkeypatch.delenv(frozen.KEY, raising=False)
-    src = tmp_path / "c.yaml"
-    src.write_text((ROOT / "conf" / "example.yaml").read_text().replace("../models", str(ROOT / "models")))
-    assert frozen.write(tmp_path, src)
+    src = example(tmp_path)
+    os.chmod(tmp_path, 0o700)
+    assert hand_over(tmp_path, src, monkeypatch)[1] is not None
     code = f"""
 import sys
 from pathlib import Path

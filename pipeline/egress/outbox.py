@@ -7,11 +7,13 @@ acknowledged upstream (see README, "Delivery guarantees"). One transaction per Z
 are deleted when the broker PUBACKs them.
 A row the broker will never take is moved to the `set_aside` table (with why), so that it cannot block the
 rows behind it; that table keeps the newest SET_ASIDE_KEPT rows. A failed write rolls back: no transaction
-is ever left open.
+is ever left open. The file and its -wal/-shm companions are mode 0600 in a 0700 folder: payloads are this
+user's alone, whatever the umask was when an older version made them.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -49,12 +51,23 @@ SET_ASIDE_KEPT = 10_000
 SHOWN_SET_ASIDE = 5  # the newest rows set aside, shown in /stages (egress.outbox.set_aside_last)
 
 
+def _private(path: Path) -> None:
+    """Make the outbox's folder (0700) and file (0600) before SQLite opens it (its companions take its mode)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if f.exists():
+                os.chmod(f, 0o600)
+
+
 class Outbox:
     """The SQLite file of results waiting for their broker: rows added per frame, read oldest first per broker,
     deleted on PUBACK, set aside when unpublishable; `rows` and `bytes` count what waits."""
 
     def __init__(self, path: Path, max_bytes: int, synchronous: str = "full") -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _private(path)
         self.path, self.max_bytes = path, max_bytes
         self.db = sqlite3.connect(path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")

@@ -85,9 +85,9 @@ class ConfigMixin:
         return self.name or f"{self.source.stem}-{tag}"
 
     def default_run_dir(self) -> Path:
-        import tempfile
+        from pipeline import rundir
 
-        return self.run_dir or Path(tempfile.gettempdir()) / f"pipeline-{self.instance}"
+        return self.run_dir or rundir.default(self.instance)
 
     def default_data_dir(self) -> Path:
         """Outbox and model cache: must survive reboots, so not under /tmp."""
