@@ -9,6 +9,7 @@ import io
 import json
 import os
 import socket
+import ssl
 import stat
 import sys
 import tarfile
@@ -30,14 +31,17 @@ Route = bytes | tuple[int, bytes] | Callable[[http.server.BaseHTTPRequestHandler
 
 
 class FileServer:
-    """A loopback HTTP server of the test's own: `routes` maps a path to a body, (status, body) or a callable
-    that answers the request itself; `hits` lists the paths asked for."""
+    """A loopback HTTP server of the test's own (HTTPS with `tls`): `routes` maps a path to a body, (status, body)
+    or a callable that answers the request itself; `hits` lists the paths asked for."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.routes: dict[str, Route] = {}
         self.hits: list[str] = []
         self.auth: str | None = None  # the Authorization header every request must carry, when set
+        self.scheme = "https" if tls else "http"
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        if tls:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
@@ -48,7 +52,7 @@ class FileServer:
         return self.url(path)
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def stop(self) -> None:
         if self.thread.is_alive():

@@ -30,6 +30,7 @@ ROOT = Path(__file__).parent.parent
 EXAMPLES = ("v1-readme", "v2-device", "v3-devices", "v3-single-address")
 NAME = '== data_to_dict["deviceInfo"]["deviceName"]'
 PLACEHOLDER = "1B2M2Y8AsgTpgAmY7PhCfg=="  # the examples' modelMd5: the MD5 of an empty file
+CONVERTED = {"md5": PLACEHOLDER, "insecure": True}  # an http url with an md5: kept working, with insecure
 
 
 def example(name: str) -> dict[str, Any]:
@@ -54,8 +55,8 @@ V3_DEVICES = {
     "models": {
         "multivariate": {"urls": {"amd64": "http://127.0.0.1:8080/models/multivariate-amd64.zip",
                                   "arm64": "http://127.0.0.1:8080/models/multivariate-arm64.zip"},
-                         "md5": PLACEHOLDER},
-        "trend_detection": {"urls": {"amd64": "http://127.0.0.1:8080/models/trend_detection.zip"}},
+                         "md5": PLACEHOLDER, "insecure": True},
+        "trend_detection": {"urls": {"amd64": "http://127.0.0.1:8080/models/trend_detection.zip"}, "insecure": True},
     },
     "rules": [
         {"name": "r0-f0-multivariate", "sub": {"broker": BROKER, "topic": IN, "qos": 0}, "model": "multivariate",
@@ -77,11 +78,11 @@ def test_version_3_converts_to_the_native_config():
 
 @pytest.mark.parametrize(("name", "version", "rule", "model", "filter"), [
     ("v1-readme", "1", "r0-f0-threshold_check",
-     {"url": "http://127.0.0.1:8080/group1/M00/00/01/threshold.zip", "md5": PLACEHOLDER}, device("泵站-1", "出口温度")),
+     {"url": "http://127.0.0.1:8080/group1/M00/00/01/threshold.zip", **CONVERTED}, device("泵站-1", "出口温度")),
     ("v2-device", "2", "r0-f0-TYPE_TREND_WARNING1700000000000",
-     {"url": "http://127.0.0.1:8080/group1/M00/00/02/trend.zip", "md5": PLACEHOLDER}, device("泵站-2", "振动")),
+     {"url": "http://127.0.0.1:8080/group1/M00/00/02/trend.zip", **CONVERTED}, device("泵站-2", "振动")),
     ("v3-single-address", "3", "r0-f0-industry",
-     {"url": "http://127.0.0.1:8080/models/industry.zip", "md5": PLACEHOLDER}, device("boiler-7")),
+     {"url": "http://127.0.0.1:8080/models/industry.zip", **CONVERTED}, device("boiler-7")),
 ])
 def test_versions_1_2_and_single_address_convert(name, version, rule, model, filter):
     conversion = convert(example(name), DATA / f"{name}.yaml")
@@ -506,7 +507,8 @@ def test_an_old_style_zip_runs_through_an_old_format_config(tmp_path, isolated_i
     try:
         native = convert(raw).native
         spec = native["models"]["threshold_check"]
-        folder = resolve("threshold_check", ModelSource(url=spec["url"], md5=spec["md5"]), tmp_path / "data", FAST)
+        source = ModelSource(url=spec["url"], md5=spec["md5"], insecure=spec["insecure"])  # as converted: http, md5
+        folder = resolve("threshold_check", source, tmp_path / "data", FAST)
     finally:
         files.stop()
     assert folder.name == "threshold" and files.hits == ["/group1/M00/00/01/threshold.zip"]
