@@ -260,6 +260,22 @@ def test_warnings_qos_2_and_one_checksum_for_two_archives():
     assert conversion.native["rules"][0]["sub"]["qos"] == 1
 
 
+def test_http_and_missing_checksums_convert_with_insecure_and_a_warning_each():
+    conversion = convert(example("v3-devices"))  # funcs[0]: http with an md5; funcs[1]: http without one
+    assert [w for w in conversion.warnings if "insecure" in w or "md5 is weak" in w] == [
+        "funcs[0].modelMd5: md5 is weak (archives with the same MD5 can be made): convert the file and give sha256",
+        "funcs[0].modelAmd64Address: plain http: converted with insecure: true so that it is fetched as before; "
+        "serve it over https",
+        "funcs[1].modelAmd64Address: plain http: converted with insecure: true so that it is fetched as before; "
+        "serve it over https",
+        "funcs[1]: no modelMd5: converted with insecure: true, the model is fetched unchecked as before; add "
+        "modelMd5 (the archive's: openssl md5 -binary ARCHIVE | base64), or convert the file and give sha256"]
+    raw = example("v3-single-address")
+    raw["funcs"][0]["modelAddress"] = "https://files.example/models/industry.zip"
+    assert convert(raw).native["models"]["industry"] == {"url": "https://files.example/models/industry.zip",
+                                                         "md5": PLACEHOLDER}  # https and a checksum: not insecure
+
+
 # --------------------------------------------------------------------------------------------- refusals
 
 @pytest.mark.parametrize(("name", "change", "problem"), [

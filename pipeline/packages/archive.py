@@ -39,10 +39,9 @@ class _Budget:
             raise ModelLoadError(f"archive refused: unpacks to more than {self.limits.max_bytes} bytes (max_bytes)")
 
     def copy(self, src: BinaryIO, target: Path, mode: int = 0) -> None:
-        """Copy a member's content, counting the bytes; keep its executable bits (`mode`)."""
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.fchmod(fd, 0o700 if mode & 0o111 else 0o600)
-        with open(fd, "wb") as out:
+        """Copy a member's content, counting the bytes; 0700 when `mode` is executable, else 0600."""
+        with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+            os.fchmod(out.fileno(), 0o700 if mode & 0o111 else 0o600)
             while chunk := src.read(1 << 16):
                 self.written += len(chunk)
                 if self.written > self.limits.max_bytes:

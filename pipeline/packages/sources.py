@@ -101,7 +101,10 @@ def check_integrity(source: ModelSource, url: str, machine: str | None = None) -
         raise ModelLoadError(f"{shown} refused: plain http (give an https:// url, or insecure: true)")
     if not (source.sha256 or source.md5):
         raise ModelLoadError(f"{shown} refused: no checksum (give sha256, or insecure: true)")
-    expected(source, machine)
+    try:
+        expected(source, machine)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{shown} refused: {e}") from None
 
 
 def expected(source: ModelSource, machine: str | None = None) -> tuple[str | None, str | None]:
