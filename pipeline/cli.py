@@ -140,8 +140,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         return e.exit_code
     cfg = loaded.config
     print(summary(cfg))
-    if loaded.conversion is not None:
-        print("\n".join(__import__("pipeline.models_cli").models_cli.pyboot_notes(loaded.conversion)))
+    notes = __import__("pipeline.models_cli").models_cli.notes(loaded)
+    if notes:
+        print("\n".join(notes))
     if args.fetch:  # download and verify every model too (offline without it)
         return __import__("pipeline.models_cli").models_cli.fetch(cfg)
     return errors.OK
@@ -184,10 +185,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     logs.setup("up", None, args.log_level)
     try:
         loaded = config.load_file(args.config)
-        if loaded.conversion is not None:
-            log = logging.getLogger("pipeline.up")
-            for line in __import__("pipeline.models_cli").models_cli.pyboot_notes(loaded.conversion):
-                log.warning("%s: %s", args.config, line)
+        for line in __import__("pipeline.models_cli").models_cli.notes(loaded):
+            logging.getLogger("pipeline.up").warning("%s: %s", args.config, line)
         cfg = loaded.config
         cfg = cfg.with_workers(_workers(args.workers, cfg))
         log_dir = Path(args.log_dir).resolve() if args.log_dir else None

@@ -8,12 +8,13 @@ import argparse
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from pipeline import errors, packages
 from pipeline.errors import ConfigError, ModelLoadError
 
 if TYPE_CHECKING:  # pipeline.config and pipeline.pyboot (pydantic) and yaml load in the commands that read a file
-    from pipeline.config import Config
+    from pipeline.config import Config, Loaded
     from pipeline.pyboot import Conversion
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -70,6 +71,32 @@ def pyboot_notes(conversion: Conversion) -> list[str]:
     if conversion.ignored:
         out.append(f"ignored: {', '.join(conversion.ignored)}")
     out += [f"warning: {w}" for w in conversion.warnings]
+    return out
+
+
+def notes(loaded: Loaded) -> list[str]:
+    """What `check` and `up` print of a file: `pyboot_notes` of an old-format one, else `model_notes`."""
+    return pyboot_notes(loaded.conversion) if loaded.conversion else model_notes(loaded.config)
+
+
+def model_notes(cfg: Config) -> list[str]:
+    """What `check` and `up` say of a native file's model sources: where integrity rests on md5 alone, where
+    `insecure` lets a model in unchecked, and a checksum mapping this machine would refuse (no entry for it)."""
+    out = []
+    for name, spec in cfg.models.items():
+        source, at = spec.source, f"models.{name}"
+        if source.path is not None:
+            continue
+        if source.md5 and not source.sha256:
+            out.append(f"warning: {at}.md5: md5 is weak (archives with the same MD5 can be made): give sha256")
+        plain = [u for u in [source.url, *(source.urls or {}).values()] if u and urlsplit(u).scheme == "http"]
+        allowed = (["plain http"] if plain else []) + ([] if source.sha256 or source.md5 else ["no checksum"])
+        if source.insecure and allowed:
+            out.append(f"warning: {at}.insecure: the model is fetched with {' and '.join(allowed)}: anyone on the "
+                       "way or on the server can change what runs")
+        out += [f"warning: {at}.{key}: no entry for this machine ({packages.machine_arch() or 'unknown'}): fetching "
+                f"the model here is refused{' unless insecure' if not source.insecure else ''}"
+                for key in packages.uncovered(source)]
     return out
 
 

@@ -25,6 +25,7 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 INDEX = (b"import os\n\ndef handler(event, context):\n"
          b"    return {'got': event, 'files': sorted(os.listdir(os.path.dirname(__file__)))}\n")
+REMOTE = {"url": "https://f/a.zip", "sha256": "a" * 64}  # a valid url model (never fetched)
 ARCHIVE = zip_bytes({"trend/index.py": INDEX, "trend/weights.bin": b"\x01" * 100})
 BASE = {"brokers": {"local": {"url": "mqtt://127.0.0.1:1883"}},
         "rules": [{"name": "r", "sub": {"broker": "local", "topic": "in/+"}, "model": "m",
@@ -68,13 +69,15 @@ def problems(models: dict[str, Any], tmp_path: Path, **top: Any) -> list[str]:
 
 def test_model_sources(tmp_path):
     (tmp_path / "m.tar.gz").write_bytes(b"")
-    cfg = parse({"m": {"url": "http://u:pw@files/a.zip", "md5": "pZ4DJ+YhYM9ppHD+VhLi+A=="},
-                 "per-arch": {"urls": {"amd64": "http://f/a.zip", "arm64": "http://f/b.zip"}, "sha256": "A" * 64},
+    cfg = parse({"m": {"url": "https://u:pw@files/a.zip", "md5": "pZ4DJ+YhYM9ppHD+VhLi+A=="},
+                 "per-arch": {"urls": {"amd64": "https://f/a.zip", "arm64": "https://f/b.zip"}, "sha256": "A" * 64},
+                 "plain": {"url": "http://f/c.zip", "insecure": True},
                  "archive": {"path": "m.tar.gz", "sha256": "a" * 64}}, tmp_path)
     m = cfg.models["m"]
-    assert (m.path, m.url, m.source.md5) == (None, "http://u:pw@files/a.zip", "pZ4DJ+YhYM9ppHD+VhLi+A==")
-    assert m.where == "http://files/a.zip"  # shown without credentials
-    assert cfg.models["per-arch"].where == "amd64: http://f/a.zip, arm64: http://f/b.zip"
+    assert (m.path, m.url, m.source.md5) == (None, "https://u:pw@files/a.zip", "pZ4DJ+YhYM9ppHD+VhLi+A==")
+    assert m.where == "https://files/a.zip"  # shown without credentials
+    assert cfg.models["per-arch"].where == "amd64: https://f/a.zip, arm64: https://f/b.zip"
+    assert cfg.models["plain"].source.insecure and not m.source.insecure
     assert cfg.models["archive"].path == tmp_path / "m.tar.gz"
     assert cfg.models["archive"].source.path == tmp_path / "m.tar.gz"
 
@@ -88,6 +91,13 @@ def test_model_sources(tmp_path):
     ({"url": "http://f/a.zip", "md5": "nope"}, "models.m.md5: md5 'nope' is neither 32 hex digits"),
     ({"path": "model", "md5": "pZ4DJ+YhYM9ppHD+VhLi+A=="}, "models.m.md5: a checksum applies to an archive"),
     ({"path": "model/index.py"}, "models.m.path: a model is a folder or a .zip holding index.py"),
+    ({"url": "http://user:secret@f/a.zip", "sha256": "a" * 64},
+     "models.m.url: plain http: anyone on the way can change the archive; give an https:// url, or insecure: true "
+     "to accept it (got 'http://f/a.zip')"),
+    ({"urls": {"arm64": "http://f/a.zip"}, "url": "https://f/b.zip", "md5": "pZ4DJ+YhYM9ppHD+VhLi+A=="},
+     "models.m.urls.arm64: plain http"),
+    ({"url": "https://user:secret@f/a.zip"}, "models.m.sha256: a url model needs a checksum: give sha256"),
+    ({"path": "model", "insecure": True}, "models.m.insecure: insecure applies to url models"),
 ])
 def test_bad_model_sources_name_their_key(tmp_path, spec, problem):
     (tmp_path / "model").mkdir()
@@ -105,7 +115,7 @@ def test_bad_model_sources_name_their_key(tmp_path, spec, problem):
 def test_bad_filters_name_their_key(tmp_path, filter, problem):
     base = {**BASE, "rules": [{**BASE["rules"][0], "filter": filter}]}
     with pytest.raises(ConfigError) as e:
-        config.parse({**base, "models": {"m": {"url": "http://f/a.zip"}}}, tmp_path / "p.yaml")
+        config.parse({**base, "models": {"m": REMOTE}}, tmp_path / "p.yaml")
     assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
 
 
@@ -114,13 +124,13 @@ def test_bad_filters_name_their_key(tmp_path, filter, problem):
     ({"protect_reads": True}, "control.protect_reads: protect_reads needs control.token"),
 ])
 def test_control_token_rules(tmp_path, control, problem):
-    found = problems({"m": {"url": "http://f/a.zip"}}, tmp_path, control=control)
+    found = problems({"m": REMOTE}, tmp_path, control=control)
     assert any(p.startswith(problem) for p in found) and "short-secret" not in str(found), found
 
 
 def test_token_from_an_unset_variable_means_none_and_packages_limits(tmp_path, monkeypatch):
     monkeypatch.delenv("PT_TOKEN", raising=False)
-    text = yaml.safe_dump({**BASE, "models": {"m": {"url": "http://f/a.zip"}},
+    text = yaml.safe_dump({**BASE, "models": {"m": REMOTE},
                            "control": {"token": "${PT_TOKEN:-}"},
                            "packages": {"max_bytes": "2MiB", "retries": 0, "read_timeout": "500ms"}})
     (tmp_path / "p.yaml").write_text(text)
@@ -137,8 +147,8 @@ def fetch_config(tmp_path: Path, server: FileServer, sha256: str | None = None) 
     sha, _, md5 = digests(ARCHIVE)
     (tmp_path / "local").mkdir(exist_ok=True)
     (tmp_path / "local" / "index.py").write_bytes(INDEX)
-    models = {"m": {"url": server.serve("/group1/M00/trend.zip", ARCHIVE), "md5": md5},
-              "shaped": {"url": server.url("/group1/M00/trend.zip"), "sha256": sha256 or sha},
+    models = {"m": {"url": server.serve("/group1/M00/trend.zip", ARCHIVE), "md5": md5, "insecure": True},
+              "shaped": {"url": server.url("/group1/M00/trend.zip"), "sha256": sha256 or sha, "insecure": True},
               "local": {"path": "local"}}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({**BASE, "models": models, "data_dir": "data",
                                                      "packages": {"retries": 0}}))
@@ -184,7 +194,8 @@ def test_check_stays_offline_unless_fetch(tmp_path, server):
 
 def test_unreachable_url_is_a_model_load_error(tmp_path):
     path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump({**BASE, "models": {"m": {"url": "http://127.0.0.1:9/m.zip"}}, "data_dir": "d",
+    models = {"m": {"url": "http://127.0.0.1:9/m.zip", "insecure": True}}
+    path.write_text(yaml.safe_dump({**BASE, "models": models, "data_dir": "d",
                                     "packages": {"retries": 1, "backoff": "10ms"}}))
     out = pipeline("models", "fetch", "-c", path)
     assert out.returncode == 3
@@ -208,14 +219,16 @@ def message(payload: bytes, seq: int = 1) -> envelope.Message:
 
 def test_a_worker_loads_the_resolved_version_and_reuses_it_offline(tmp_path, server, clean_imports):
     sha = digests(ARCHIVE)[0]
-    cfg = parse({"m": {"url": server.serve("/m.zip", ARCHIVE), "sha256": sha}}, tmp_path, data_dir=str(tmp_path / "d"))
+    served = {"url": server.serve("/m.zip", ARCHIVE), "sha256": sha, "insecure": True}  # plain http, checked
+    cfg = parse({"m": served}, tmp_path, data_dir=str(tmp_path / "d"))
     proc = load(cfg, "r")
     assert proc.model.sha256 == sha and proc.model.folder == tmp_path / "d" / "models" / "m" / sha / "model" / "trend"
     result = proc(message(b'{"x": 1}'))
     assert result.kind == envelope.PUBLISH and b'"files":["index.py","weights.bin"]' in result.payload
     server.stop()
     assert load(cfg, "r").model.sha256 == sha
-    moved = parse({"m": {"url": server.url("/other.zip"), "sha256": "2" * 64}}, tmp_path, data_dir=str(tmp_path / "d"))
+    gone = {"url": server.url("/other.zip"), "sha256": "2" * 64, "insecure": True}
+    moved = parse({"m": gone}, tmp_path, data_dir=str(tmp_path / "d"))
     with pytest.raises(ModelLoadError, match=r"model 'm': download of http://127\.0\.0\.1:\d+/other\.zip failed"):
         load(moved, "r")
 

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import socket
+import ssl
 import stat
 import sys
 import tarfile
@@ -30,14 +31,17 @@ Route = bytes | tuple[int, bytes] | Callable[[http.server.BaseHTTPRequestHandler
 
 
 class FileServer:
-    """A loopback HTTP server of the test's own: `routes` maps a path to a body, (status, body) or a callable
-    that answers the request itself; `hits` lists the paths asked for."""
+    """A loopback HTTP server of the test's own (HTTPS with `tls`): `routes` maps a path to a body, (status, body)
+    or a callable that answers the request itself; `hits` lists the paths asked for."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.routes: dict[str, Route] = {}
         self.hits: list[str] = []
         self.auth: str | None = None  # the Authorization header every request must carry, when set
+        self.scheme = "https" if tls else "http"
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        if tls:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
@@ -48,7 +52,7 @@ class FileServer:
         return self.url(path)
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def stop(self) -> None:
         if self.thread.is_alive():
@@ -118,6 +122,11 @@ def tar_bytes(members: list[tuple[str, bytes | str | None, bytes]], mode: str = 
     return out.getvalue()
 
 
+def plain(**given: object) -> ModelSource:
+    """A url source as these tests serve it: over plain http, so `insecure` (its checksums are still checked)."""
+    return ModelSource(insecure=True, **given)  # type: ignore[arg-type]
+
+
 def digests(data: bytes) -> tuple[str, str, str]:
     """sha256 hex, md5 hex, md5 base64 (the old configs' spelling)."""
     md5 = hashlib.md5(data)
@@ -138,7 +147,7 @@ def test_good_zip_is_verified_and_installed(files, tmp_path, check):
     url = files.serve("/group1/M00/good.zip", GOOD)
     given = {"sha256": {"sha256": sha}, "md5-base64": {"md5": md5_b64}, "md5-hex": {"md5": md5_hex},
              "both": {"sha256": sha, "md5": md5_b64}, "none": {}}[check]
-    folder = resolve("good", ModelSource(url=url, **given), tmp_path, FAST)
+    folder = resolve("good", plain(url=url, **given), tmp_path, FAST)
     assert folder == tmp_path / "models" / "good" / sha / "model"
     assert (folder / "index.py").read_bytes() == INDEX and (folder / "weights.bin").stat().st_size == 1000
     assert sorted(os.listdir(folder)) == ["index.py", "weights.bin"]  # the record sits beside, not inside
@@ -153,7 +162,7 @@ def test_wrong_checksum_names_model_url_expected_and_actual(files, tmp_path, che
     url = files.serve("/bad-sum.zip", GOOD)
     wrong = {"sha256": "ab" * 32, "md5": "pZ4DJ+YhYM9ppHD+VhLi+A=="}[check]
     with pytest.raises(ModelLoadError) as e:
-        resolve("trend", ModelSource(url=url, **{check: wrong}), tmp_path, FAST)
+        resolve("trend", plain(url=url, **{check: wrong}), tmp_path, FAST)
     msg = str(e.value)
     assert "model 'trend'" in msg and url in msg and "checksum mismatch" in msg
     if check == "sha256":
@@ -200,7 +209,7 @@ def test_unsafe_archive_is_refused_and_leaves_nothing(files, tmp_path, case):
     url = files.serve(f"/{case}.bin", archive)
     data = tmp_path / "deep" / "data"
     with pytest.raises(ModelLoadError) as e:
-        resolve("m", ModelSource(url=url), data, FAST)
+        resolve("m", plain(url=url), data, FAST)
     assert "model 'm'" in str(e.value) and url in str(e.value) and reason in str(e.value)
     assert leftovers(data, "m") == []
     assert not any(p.name == "evil.py" for p in tmp_path.rglob("*"))
@@ -211,7 +220,7 @@ def test_symlinks_inside_a_tar_are_kept(files, tmp_path):
     archive = tar_bytes([("pkg/index.py", None, INDEX), ("pkg/data/w.bin", None, b"123"),
                          ("pkg/w.bin", tarfile.SYMTYPE, b"data/w.bin"),
                          ("pkg/copy.bin", tarfile.LNKTYPE, b"pkg/w.bin")])
-    folder = resolve("m", ModelSource(url=files.serve("/ok.tgz", archive)), tmp_path, FAST)
+    folder = resolve("m", plain(url=files.serve("/ok.tgz", archive)), tmp_path, FAST)
     assert (folder / "w.bin").is_symlink() and (folder / "w.bin").read_bytes() == b"123"
     assert (folder / "copy.bin").read_bytes() == b"123" and not (folder / "copy.bin").is_symlink()
 
@@ -247,7 +256,7 @@ def test_archive_bombs_are_refused(files, tmp_path, case):
     assert len(archive) < (1 << 20)  # small on the wire
     url = files.serve(f"/{case}.zip", archive)
     with pytest.raises(ModelLoadError) as e:
-        resolve("bomb", ModelSource(url=url), tmp_path, SMALL)
+        resolve("bomb", plain(url=url), tmp_path, SMALL)
     assert reason in str(e.value) and "model 'bomb'" in str(e.value)
     assert leftovers(tmp_path, "bomb") == []
 
@@ -255,7 +264,7 @@ def test_archive_bombs_are_refused(files, tmp_path, case):
 def test_download_larger_than_max_bytes_is_refused(files, tmp_path):
     url = files.serve("/huge.zip", b"\x00" * ((1 << 20) + 1))
     with pytest.raises(ModelLoadError, match=r"larger than 1048576 bytes \(max_bytes\)"):
-        resolve("big", ModelSource(url=url), tmp_path, SMALL)
+        resolve("big", plain(url=url), tmp_path, SMALL)
     assert leftovers(tmp_path, "big") == []
 
 
@@ -269,7 +278,7 @@ def test_unreachable_url_fails_after_retries_quickly(tmp_path):
     url = f"http://127.0.0.1:{closed_port()}/m.zip"
     start = time.monotonic()
     with pytest.raises(ModelLoadError) as e:
-        resolve("far", ModelSource(url=url, md5="pZ4DJ+YhYM9ppHD+VhLi+A=="), tmp_path, FAST)
+        resolve("far", plain(url=url, md5="pZ4DJ+YhYM9ppHD+VhLi+A=="), tmp_path, FAST)
     assert time.monotonic() - start < 2.0
     msg = str(e.value)
     assert "model 'far'" in msg and url in msg and "after 3 attempt(s)" in msg and "refused" in msg
@@ -279,7 +288,7 @@ def test_unreachable_url_fails_after_retries_quickly(tmp_path):
 def test_http_404_fails_at_once(files, tmp_path):
     url = files.url("/gone.zip")
     with pytest.raises(ModelLoadError, match=r"model 'm': download of .*/gone.zip failed: HTTP 404"):
-        resolve("m", ModelSource(url=url), tmp_path, FAST)
+        resolve("m", plain(url=url), tmp_path, FAST)
     assert files.hits == ["/gone.zip"]
     assert leftovers(tmp_path, "m") == []
 
@@ -294,7 +303,7 @@ def test_server_errors_are_retried_with_backoff(files, tmp_path):
         h.end_headers()
         h.wfile.write(body)
 
-    folder = resolve("m", ModelSource(url=files.serve("/flaky.zip", flaky)), tmp_path, FAST)
+    folder = resolve("m", plain(url=files.serve("/flaky.zip", flaky)), tmp_path, FAST)
     assert (folder / "index.py").is_file() and len(files.hits) == 3
 
 
@@ -320,7 +329,7 @@ def test_stalled_or_cut_downloads_are_retried_then_refused(files, tmp_path, answ
     limits = Limits(retries=1, backoff=0.01, read_timeout=0.3)
     start = time.monotonic()
     with pytest.raises(ModelLoadError, match=reason):
-        resolve("m", ModelSource(url=files.serve("/slow.zip", answer)), tmp_path, limits)
+        resolve("m", plain(url=files.serve("/slow.zip", answer)), tmp_path, limits)
     assert time.monotonic() - start < 3.0 and len(files.hits) == 2
     assert leftovers(tmp_path, "m") == []
 
@@ -329,7 +338,7 @@ def test_stalled_or_cut_downloads_are_retried_then_refused(files, tmp_path, answ
 def test_cached_version_is_reused_without_network(files, tmp_path, check):
     sha, _, md5_b64 = digests(GOOD)
     given = {"sha256": {"sha256": sha}, "md5": {"md5": md5_b64}, "none": {}}[check]
-    source = ModelSource(url=files.serve("/cached.zip", GOOD), **given)
+    source = plain(url=files.serve("/cached.zip", GOOD), **given)
     first = resolve("c", source, tmp_path, FAST)
     files.stop()
     assert resolve("c", source, tmp_path, FAST) == first
@@ -338,22 +347,22 @@ def test_cached_version_is_reused_without_network(files, tmp_path, check):
 
 def test_a_new_checksum_or_url_downloads_again(files, tmp_path):
     sha, _, _ = digests(GOOD)
-    resolve("c", ModelSource(url=files.serve("/v1.zip", GOOD), sha256=sha), tmp_path, FAST)
+    resolve("c", plain(url=files.serve("/v1.zip", GOOD), sha256=sha), tmp_path, FAST)
     v2 = zip_bytes({"index.py": INDEX + b"# v2\n"})
-    second = resolve("c", ModelSource(url=files.serve("/v2.zip", v2), sha256=digests(v2)[0]), tmp_path, FAST)
+    second = resolve("c", plain(url=files.serve("/v2.zip", v2), sha256=digests(v2)[0]), tmp_path, FAST)
     assert (second / "index.py").read_bytes().endswith(b"# v2\n")
-    resolve("c", ModelSource(url=files.url("/v1.zip"), sha256=sha), tmp_path, FAST)  # still cached
+    resolve("c", plain(url=files.url("/v1.zip"), sha256=sha), tmp_path, FAST)  # still cached
     assert files.hits == ["/v1.zip", "/v2.zip"]
     assert leftovers(tmp_path, "c") == sorted([sha, digests(v2)[0]])
 
 
 def test_a_failure_after_a_good_version_keeps_it_and_leaves_no_partial_install(files, tmp_path):
     sha, _, _ = digests(GOOD)
-    good = resolve("m", ModelSource(url=files.serve("/good.zip", GOOD), sha256=sha), tmp_path, FAST)
+    good = resolve("m", plain(url=files.serve("/good.zip", GOOD), sha256=sha), tmp_path, FAST)
     broken = bytearray(zip_bytes({"index.py": INDEX, "b.bin": os.urandom(5000)}))
     broken[len(broken) // 2] ^= 0xFF  # the second member's data is damaged: unpacking fails half-way
     with pytest.raises(ModelLoadError, match="damaged archive"):
-        resolve("m", ModelSource(url=files.serve("/broken.zip", bytes(broken))), tmp_path, FAST)
+        resolve("m", plain(url=files.serve("/broken.zip", bytes(broken))), tmp_path, FAST)
     assert leftovers(tmp_path, "m") == [sha] and (good / "index.py").is_file()
 
 
@@ -362,7 +371,7 @@ def test_an_archive_with_one_top_folder_is_unwrapped(files, tmp_path, layout):
     members = {"index.py": INDEX, "w.bin": b"1"} if layout == "flat" else {"trend/index.py": INDEX, "trend/w.bin": b"1"}
     if "__MACOSX" in layout:
         members["__MACOSX/trend/._index.py"] = b"junk"
-    folder = resolve("m", ModelSource(url=files.serve("/top.zip", zip_bytes(members))), tmp_path, FAST)
+    folder = resolve("m", plain(url=files.serve("/top.zip", zip_bytes(members))), tmp_path, FAST)
     assert folder.name == ("model" if layout == "flat" else "trend")
     assert sorted(os.listdir(folder)) == ["index.py", "w.bin"]
 
@@ -398,27 +407,27 @@ def test_urls_are_chosen_by_machine(files, tmp_path):
     builds = {arch: zip_bytes({"index.py": INDEX + f"# {arch}\n".encode()}) for arch in ("amd64", "arm64")}
     served = {arch: files.serve(f"/{arch}.zip", data) for arch, data in builds.items()}
     sums = {arch: digests(data)[0] for arch, data in builds.items()}
-    folder = resolve("m", ModelSource(urls=served, sha256=sums), tmp_path, FAST)
+    folder = resolve("m", plain(urls=served, sha256=sums), tmp_path, FAST)
     assert (folder / "index.py").read_bytes().endswith(f"# {machine_arch()}\n".encode())
 
 
 def test_credentials_in_the_url_are_sent_and_never_shown(files, tmp_path):
     files.auth = "Basic " + base64.b64encode(b"edge:p@ss").decode()
     url = files.serve("/private.zip", GOOD).replace("http://", "http://edge:p%40ss@")
-    folder = resolve("m", ModelSource(url=url), tmp_path, FAST)
+    folder = resolve("m", plain(url=url), tmp_path, FAST)
     assert "p%40ss" not in json.dumps(source_info(folder)) and source_info(folder)["url"] == files.url("/private.zip")
     with pytest.raises(ModelLoadError) as e:
-        resolve("n", ModelSource(url=url.replace("private", "missing")), tmp_path, FAST)
+        resolve("n", plain(url=url.replace("private", "missing")), tmp_path, FAST)
     assert "HTTP 404" in str(e.value) and files.url("/missing.zip") in str(e.value) and "p%40ss" not in str(e.value)
     files.auth = "Basic nobody"
     with pytest.raises(ModelLoadError, match="HTTP 401") as e:
-        resolve("o", ModelSource(url=url), tmp_path, FAST)
+        resolve("o", plain(url=url), tmp_path, FAST)
     assert "edge" not in str(e.value)
 
 
 def test_fetch_all_reports_each_model(files, tmp_path):
-    models = {"ok": ModelSource(url=files.serve("/ok.zip", GOOD)), "gone": ModelSource(url=files.url("/gone.zip")),
-              "bad": ModelSource(url=files.serve("/bad.zip", GOOD), sha256="1" * 64)}
+    models = {"ok": plain(url=files.serve("/ok.zip", GOOD)), "gone": plain(url=files.url("/gone.zip")),
+              "bad": plain(url=files.serve("/bad.zip", GOOD), sha256="1" * 64)}
     out = fetch_all(models, tmp_path, FAST)
     assert isinstance(out["ok"], Path) and (out["ok"] / "index.py").is_file()
     assert isinstance(out["gone"], ModelLoadError) and "HTTP 404" in str(out["gone"])
@@ -427,9 +436,9 @@ def test_fetch_all_reports_each_model(files, tmp_path):
 
 @pytest.mark.parametrize(("source", "reason"), [
     (ModelSource(), "neither a path, a url nor urls"),
-    (ModelSource(url="ftp://x/m.zip"), "only http:// and https://"),
-    (ModelSource(url="http://x/m.zip", md5="not-a-digest"), "neither 32 hex digits nor the base64"),
-    (ModelSource(url="http://x/m.zip", sha256="abc"), "not 64 hex digits"),
+    (plain(url="ftp://x/m.zip"), "only http:// and https://"),
+    (plain(url="http://x/m.zip", md5="not-a-digest"), "neither 32 hex digits nor the base64"),
+    (plain(url="http://x/m.zip", sha256="abc"), "not 64 hex digits"),
 ])
 def test_bad_sources_are_refused_before_any_download(tmp_path, source, reason):
     with pytest.raises(ModelLoadError, match=reason):
@@ -438,7 +447,7 @@ def test_bad_sources_are_refused_before_any_download(tmp_path, source, reason):
 
 def test_a_model_name_cannot_leave_the_cache(tmp_path):
     with pytest.raises(ModelLoadError, match="a model name is"):
-        resolve("../x", ModelSource(url="http://x/m.zip"), tmp_path, FAST)
+        resolve("../x", plain(url="http://x/m.zip"), tmp_path, FAST)
 
 
 def test_executable_bits_are_kept(files, tmp_path):
@@ -448,7 +457,7 @@ def test_executable_bits_are_kept(files, tmp_path):
         info = zipfile.ZipInfo("bin/tool")
         info.external_attr = (stat.S_IFREG | 0o755) << 16
         z.writestr(info, b"#!/bin/sh\n")
-    folder = resolve("m", ModelSource(url=files.serve("/x.zip", out.getvalue())), tmp_path, FAST)
+    folder = resolve("m", plain(url=files.serve("/x.zip", out.getvalue())), tmp_path, FAST)
     assert os.access(folder / "bin" / "tool", os.X_OK) and not os.access(folder / "index.py", os.X_OK)
 
 
@@ -460,8 +469,8 @@ class Terminal(io.StringIO):
 def test_a_progress_bar_is_drawn_on_a_terminal_only(files, tmp_path, monkeypatch):
     url = files.serve("/bar.zip", GOOD)
     monkeypatch.setattr("sys.stderr", Terminal())
-    resolve("m", ModelSource(url=url), tmp_path / "a", FAST, progress=True)
+    resolve("m", plain(url=url), tmp_path / "a", FAST, progress=True)
     assert "bar.zip" in sys.stderr.getvalue()
     monkeypatch.setattr("sys.stderr", io.StringIO())
-    resolve("m", ModelSource(url=url), tmp_path / "b", FAST, progress=True)
+    resolve("m", plain(url=url), tmp_path / "b", FAST, progress=True)
     assert sys.stderr.getvalue() == ""

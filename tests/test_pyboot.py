@@ -30,6 +30,7 @@ ROOT = Path(__file__).parent.parent
 EXAMPLES = ("v1-readme", "v2-device", "v3-devices", "v3-single-address")
 NAME = '== data_to_dict["deviceInfo"]["deviceName"]'
 PLACEHOLDER = "1B2M2Y8AsgTpgAmY7PhCfg=="  # the examples' modelMd5: the MD5 of an empty file
+CONVERTED = {"md5": PLACEHOLDER, "insecure": True}  # an http url with an md5: kept working, with insecure
 
 
 def example(name: str) -> dict[str, Any]:
@@ -54,8 +55,8 @@ V3_DEVICES = {
     "models": {
         "multivariate": {"urls": {"amd64": "http://127.0.0.1:8080/models/multivariate-amd64.zip",
                                   "arm64": "http://127.0.0.1:8080/models/multivariate-arm64.zip"},
-                         "md5": PLACEHOLDER},
-        "trend_detection": {"urls": {"amd64": "http://127.0.0.1:8080/models/trend_detection.zip"}},
+                         "md5": PLACEHOLDER, "insecure": True},
+        "trend_detection": {"urls": {"amd64": "http://127.0.0.1:8080/models/trend_detection.zip"}, "insecure": True},
     },
     "rules": [
         {"name": "r0-f0-multivariate", "sub": {"broker": BROKER, "topic": IN, "qos": 0}, "model": "multivariate",
@@ -77,11 +78,11 @@ def test_version_3_converts_to_the_native_config():
 
 @pytest.mark.parametrize(("name", "version", "rule", "model", "filter"), [
     ("v1-readme", "1", "r0-f0-threshold_check",
-     {"url": "http://127.0.0.1:8080/group1/M00/00/01/threshold.zip", "md5": PLACEHOLDER}, device("泵站-1", "出口温度")),
+     {"url": "http://127.0.0.1:8080/group1/M00/00/01/threshold.zip", **CONVERTED}, device("泵站-1", "出口温度")),
     ("v2-device", "2", "r0-f0-TYPE_TREND_WARNING1700000000000",
-     {"url": "http://127.0.0.1:8080/group1/M00/00/02/trend.zip", "md5": PLACEHOLDER}, device("泵站-2", "振动")),
+     {"url": "http://127.0.0.1:8080/group1/M00/00/02/trend.zip", **CONVERTED}, device("泵站-2", "振动")),
     ("v3-single-address", "3", "r0-f0-industry",
-     {"url": "http://127.0.0.1:8080/models/industry.zip", "md5": PLACEHOLDER}, device("boiler-7")),
+     {"url": "http://127.0.0.1:8080/models/industry.zip", **CONVERTED}, device("boiler-7")),
 ])
 def test_versions_1_2_and_single_address_convert(name, version, rule, model, filter):
     conversion = convert(example(name), DATA / f"{name}.yaml")
@@ -257,6 +258,22 @@ def test_warnings_qos_2_and_one_checksum_for_two_archives():
     assert "mqtts[0].qos: 2 becomes 1 here (at least once: a message may come twice)" in conversion.warnings
     assert any(w.startswith("funcs[0].modelMd5: one checksum for two archives") for w in conversion.warnings)
     assert conversion.native["rules"][0]["sub"]["qos"] == 1
+
+
+def test_http_and_missing_checksums_convert_with_insecure_and_a_warning_each():
+    conversion = convert(example("v3-devices"))  # funcs[0]: http with an md5; funcs[1]: http without one
+    assert [w for w in conversion.warnings if "insecure" in w or "md5 is weak" in w] == [
+        "funcs[0].modelMd5: md5 is weak (archives with the same MD5 can be made): convert the file and give sha256",
+        "funcs[0].modelAmd64Address: plain http: converted with insecure: true so that it is fetched as before; "
+        "serve it over https",
+        "funcs[1].modelAmd64Address: plain http: converted with insecure: true so that it is fetched as before; "
+        "serve it over https",
+        "funcs[1]: no modelMd5: converted with insecure: true, the model is fetched unchecked as before; add "
+        "modelMd5 (the archive's: openssl md5 -binary ARCHIVE | base64), or convert the file and give sha256"]
+    raw = example("v3-single-address")
+    raw["funcs"][0]["modelAddress"] = "https://files.example/models/industry.zip"
+    assert convert(raw).native["models"]["industry"] == {"url": "https://files.example/models/industry.zip",
+                                                         "md5": PLACEHOLDER}  # https and a checksum: not insecure
 
 
 # --------------------------------------------------------------------------------------------- refusals
@@ -506,7 +523,8 @@ def test_an_old_style_zip_runs_through_an_old_format_config(tmp_path, isolated_i
     try:
         native = convert(raw).native
         spec = native["models"]["threshold_check"]
-        folder = resolve("threshold_check", ModelSource(url=spec["url"], md5=spec["md5"]), tmp_path / "data", FAST)
+        source = ModelSource(url=spec["url"], md5=spec["md5"], insecure=spec["insecure"])  # as converted: http, md5
+        folder = resolve("threshold_check", source, tmp_path / "data", FAST)
     finally:
         files.stop()
     assert folder.name == "threshold" and files.hits == ["/group1/M00/00/01/threshold.zip"]

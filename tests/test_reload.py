@@ -247,7 +247,7 @@ def test_protect_reads(tmp_path):
 
 def test_models_document_shows_sources_workers_and_the_last_reload(tmp_path):
     run_dir = tmp_path / "run"
-    c = client(tmp_path, run_dir=run_dir, remote={"url": "http://user:pw@files/r.zip"})
+    c = client(tmp_path, run_dir=run_dir, remote={"url": "http://user:pw@files/r.zip", "insecure": True})
     by_name = {m["name"]: m for m in c.simulate_get("/models").json["models"]}
     versioned, remote = by_name["versioned"], by_name["remote"]
     assert versioned["workers"] == [{"pid": 7, "rule": "live", "model": "versioned", "sha256": "abc",
@@ -280,7 +280,7 @@ def test_a_reload_with_a_bad_checksum_names_model_url_and_digests(tmp_path):
     try:
         archive = zip_bytes({"index.py": b"def handler(e, c):\n    return e\n"})
         url = files.serve("/v2.zip", archive)
-        r = reloader(tmp_path, remote={"url": url, "sha256": "3" * 64})
+        r = reloader(tmp_path, remote={"url": url, "sha256": "3" * 64, "insecure": True})
         cfg = yaml.safe_load((tmp_path / "pipeline.yaml").read_text())
         cfg["rules"][0]["model"] = "remote"
         (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(cfg))

@@ -20,19 +20,21 @@ if TYPE_CHECKING:
     from pipeline.packages.sources import (
         Limits,
         ModelSource,
+        check_integrity,
         choose_url,
         machine_arch,
         parse_md5,
         parse_sha256,
         redact,
+        uncovered,
     )
 
 # Loaded on first use: the configuration needs only `sources`, and download/cache/archive pull in
 # urllib.request, http.client, ssl, tarfile, zipfile... (~8 MiB in every stage that never downloads).
 _WHERE = {"model_root": "archive", "unpack": "archive", "RECORD": "cache", "fetch_all": "cache", "resolve": "cache",
           "source_info": "cache", "version_of": "cache", "download": "download", "Limits": "sources",
-          "ModelSource": "sources", "choose_url": "sources", "machine_arch": "sources", "parse_md5": "sources",
-          "parse_sha256": "sources", "redact": "sources"}
+          "ModelSource": "sources", "check_integrity": "sources", "choose_url": "sources", "machine_arch": "sources",
+          "parse_md5": "sources", "parse_sha256": "sources", "redact": "sources", "uncovered": "sources"}
 
 
 def __getattr__(name: str) -> Any:
@@ -47,6 +49,7 @@ __all__ = [
     "RECORD",
     "Limits",
     "ModelSource",
+    "check_integrity",
     "choose_url",
     "download",
     "fetch_all",
@@ -57,6 +60,7 @@ __all__ = [
     "redact",
     "resolve",
     "source_info",
+    "uncovered",
     "unpack",
     "version_of",
 ]

@@ -5,7 +5,10 @@ links that resolve outside the unpacked tree (checked when created, before every
 end, so a chain of links cannot escape), device files and fifos, duplicate entries, and archives that pass
 `Limits.max_files` entries or `Limits.max_bytes` unpacked bytes. Sizes are checked twice: the declared ones
 before writing anything (zip) or as entries arrive (tar), and the bytes actually written, since headers can
-lie. Nothing is written outside `dest`; the caller removes `dest` when this raises."""
+lie. A tar archive's headers are checked first (pipeline.packages.tarheaders), so that tarfile never reads a
+header of a size the limits refuse. Nothing is written outside `dest`; the caller removes `dest` when this
+raises. What is unpacked is private to the user: folders 0700, files 0600 (0700 when executable), whatever
+the umask."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from typing import BinaryIO
 
 from pipeline.errors import ModelLoadError
 from pipeline.packages.sources import Limits
+from pipeline.packages.tarheaders import check_headers
 
 
 class _Budget:
@@ -35,8 +39,9 @@ class _Budget:
             raise ModelLoadError(f"archive refused: unpacks to more than {self.limits.max_bytes} bytes (max_bytes)")
 
     def copy(self, src: BinaryIO, target: Path, mode: int = 0) -> None:
-        """Copy a member's content, counting the bytes; keep its executable bits (`mode`)."""
-        with open(target, "xb") as out:
+        """Copy a member's content, counting the bytes; 0700 when `mode` is executable, else 0600."""
+        with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+            os.fchmod(out.fileno(), 0o700 if mode & 0o111 else 0o600)
             while chunk := src.read(1 << 16):
                 self.written += len(chunk)
                 if self.written > self.limits.max_bytes:
@@ -44,21 +49,18 @@ class _Budget:
                         f"archive refused: unpacks to more than {self.limits.max_bytes} bytes (max_bytes), "
                         "more than its headers declare")
                 out.write(chunk)
-        if mode & 0o111:
-            target.chmod(0o755)
 
 
 def unpack(archive: Path, dest: Path, limits: Limits) -> None:
     """Unpack a zip or tar (plain, gz, bz2, xz) archive into the new folder `dest`."""
-    dest.mkdir()
+    private_dir(dest)
     budget = _Budget(limits)
     try:
         if zipfile.is_zipfile(archive):
             _unzip(archive, dest, budget)
-        elif tarfile.is_tarfile(archive):
-            _untar(archive, dest, budget)
         else:
-            raise ModelLoadError("not a zip or tar archive")
+            check_headers(archive, limits)  # before tarfile reads any of it
+            _untar(archive, dest, budget)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, zlib.error, EOFError) as e:
         raise ModelLoadError(f"damaged archive: {e}") from None
     except (NotImplementedError, RuntimeError) as e:  # unsupported compression, encrypted zip
@@ -89,8 +91,21 @@ def _target(dest: Path, rel: PurePosixPath, name: str) -> Path:
     target = dest.joinpath(*rel.parts)
     if not _inside(target.parent, Path(os.path.realpath(dest))):
         raise ModelLoadError(f"archive refused: {name!r} would be written through a link leading outside")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    for folder in [dest.joinpath(*rel.parts[:i]) for i in range(1, len(rel.parts))]:
+        if not folder.is_dir():
+            private_dir(folder)
     return target
+
+
+def private_dir(path: Path) -> None:
+    """Create the folder `path` (its parent exists) for the user only, whatever the umask; keep one that exists."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    path.chmod(0o700)
 
 
 def _unzip(archive: Path, dest: Path, budget: _Budget) -> None:
@@ -109,7 +124,7 @@ def _unzip(archive: Path, dest: Path, budget: _Budget) -> None:
                 continue
             target = _target(dest, rel, info.filename)
             if info.is_dir() or kind == stat.S_IFDIR:
-                target.mkdir(exist_ok=True)
+                private_dir(target)
                 continue
             with z.open(info) as src:
                 budget.copy(src, target, info.external_attr >> 16)
@@ -134,7 +149,7 @@ def _tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, root:
         return
     target = _target(dest, rel, member.name)
     if member.isdir():
-        target.mkdir(exist_ok=True)
+        private_dir(target)
     elif member.issym():
         _symlink(member, target, root)
     elif member.islnk():

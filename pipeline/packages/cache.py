@@ -8,11 +8,13 @@ digests, unpacked into a temporary folder, checked for safety and for index.py, 
 folder with `.source.json` is therefore complete and verified, and is reused without network when it matches
 what the source expects: the sha256 and/or md5 when given, otherwise the same url (or the same archive for a
 local path). The unpacked files sit in `model/`, apart from `.source.json`, because old models list their own
-folder to find their files."""
+folder to find their files. Everything this module creates is the user's only: folders 0700, files 0600,
+whatever the umask; a refusal leaves no temporary file or folder behind."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -22,8 +24,16 @@ from typing import Any
 
 from pipeline.errors import ModelLoadError
 from pipeline.model import sha256_of
-from pipeline.packages.archive import model_root, unpack
-from pipeline.packages.sources import Limits, ModelSource, choose_url, expected, md5_text, redact
+from pipeline.packages.archive import model_root, private_dir, unpack
+from pipeline.packages.sources import (
+    Limits,
+    ModelSource,
+    check_integrity,
+    choose_url,
+    expected,
+    md5_text,
+    redact,
+)
 
 RECORD = ".source.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -92,12 +102,13 @@ def _from_path(name: str, source: ModelSource, data_dir: Path, limits: Limits) -
 
 def _from_url(name: str, source: ModelSource, data_dir: Path, limits: Limits, progress: bool) -> Path:
     url = choose_url(source)
+    check_integrity(source, url)
     shown = redact(url)
     folder = data_dir / "models" / name
     cached = _cached(folder, source, shown)
     if cached is not None:
         return model_root(cached / "model")
-    folder.mkdir(parents=True, exist_ok=True)
+    _private_folder(folder)
     _sweep(folder)
     from pipeline.packages.download import download  # urllib.request, http.client: only to download
 
@@ -151,13 +162,13 @@ def _install(archive: Path, folder: Path, record: dict[str, Any], limits: Limits
     final = folder / record["sha256"]
     if (final / RECORD).is_file():
         return model_root(final / "model")
-    folder.mkdir(parents=True, exist_ok=True)
+    _private_folder(folder)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".unpack-"))
     try:
-        tmp.chmod(0o755)
+        tmp.chmod(0o700)
         unpack(archive, tmp / "model", limits)
         model_root(tmp / "model")  # refuse an archive without index.py before it is installed
-        (tmp / RECORD).write_text(json.dumps({**record, "fetched_at": time.time()}, indent=1) + "\n")
+        _write_private(tmp / RECORD, json.dumps({**record, "fetched_at": time.time()}, indent=1) + "\n")
         try:
             tmp.rename(final)
         except OSError:
@@ -168,6 +179,19 @@ def _install(archive: Path, folder: Path, record: dict[str, Any], limits: Limits
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return model_root(final / "model")
+
+
+def _private_folder(folder: Path) -> None:
+    """`<data dir>/models/<name>`, its two levels created for the user only (the data dir as the umask says)."""
+    folder.parent.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(folder.parent)
+    private_dir(folder)
+
+
+def _write_private(path: Path, text: str) -> None:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write(text)
 
 
 def _read(record: Path) -> dict[str, Any] | None:

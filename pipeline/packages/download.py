@@ -1,7 +1,8 @@
 """Downloading one archive with urllib: connect and read timeouts, an HTTP status check, retries with
 exponential backoff on failures that may pass (network errors, HTTP 5xx, 408, 429, a cut-off body), a size
 cap, and a rich progress bar when stderr is a terminal. Credentials in the url (`user:pass@host`) are sent
-as HTTP basic auth (not to redirect targets) and never appear in a message."""
+as HTTP basic auth (not to redirect targets) and never appear in a message. Redirects are followed only to
+http:// and https:// urls, and never from https:// to http://."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from pipeline.errors import ModelLoadError
 from pipeline.packages.sources import Limits, redact
@@ -143,4 +144,30 @@ def _opener(read_timeout: float) -> urllib.request.OpenerDirector:
     class HTTPS(ReadTimeout, urllib.request.HTTPSHandler):
         pass
 
-    return urllib.request.build_opener(HTTP(), HTTPS())
+    return urllib.request.build_opener(HTTP(), HTTPS(), _Redirects())
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Refuses a redirect to anything but http(s), and from https to http, naming both urls."""
+
+    def http_error_302(self, req: Any, fp: Any, code: int, msg: str, headers: Any) -> Any:
+        location = headers.get("location") or headers.get("uri")
+        if location:
+            target = urljoin(req.full_url, location.strip())
+            reason = _redirect_refused(req.full_url, target)
+            if reason:
+                fp.close()
+                raise ModelLoadError(f"redirect from {redact(req.full_url)} to {redact(target)} refused: {reason}")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def _redirect_refused(source: str, target: str) -> str:
+    """Why a redirect from `source` to `target` is refused; '' when it may be followed."""
+    scheme = urlsplit(target).scheme.lower()
+    if scheme not in ("http", "https"):
+        return f"a model is downloaded only over http(s), not {scheme or 'a url without a scheme'}"
+    if urlsplit(source).scheme.lower() == "https" and scheme == "http":
+        return "from https to plain http"
+    return ""

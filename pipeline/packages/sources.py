@@ -1,6 +1,10 @@
 """What a model source is (`ModelSource`), the limits that apply to it (`Limits`), and the small pure helpers
-around them: choosing the url for this machine, reading checksums as the old configs write them, and showing
-a url without the credentials it may carry."""
+around them: choosing the url for this machine, reading checksums as the old configs write them, refusing a
+url source that is not integrity-protected, and showing a url without the credentials it may carry.
+
+A url source is fetched only over https:// and with a checksum for this machine's archive, unless it says
+`insecure` (which allows plain http:// and a missing checksum). A checksum mapping must name this machine's
+architecture; without `insecure`, a missing entry refuses the source instead of skipping the check."""
 
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ class ModelSource:
     urls: dict[str, str] | None = None
     sha256: str | dict[str, str] | None = None
     md5: str | dict[str, str] | None = None
+    insecure: bool = False  # allow plain http:// and no checksum
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,37 @@ def parse_sha256(value: str) -> str:
     return text
 
 
-def expected(source: ModelSource, machine: str | None = None) -> tuple[str | None, str | None]:
-    """(sha256 hex, md5 hex) the archive for this machine must have; None where nothing is expected."""
+def uncovered(source: ModelSource, machine: str | None = None) -> list[str]:
+    """The checksum keys given as a mapping without an entry for this machine's architecture."""
     arch = machine_arch(machine) or ""
+    return [key for key in ("sha256", "md5") if isinstance(getattr(source, key), dict)
+            and arch not in getattr(source, key)]
+
+
+def check_integrity(source: ModelSource, url: str, machine: str | None = None) -> None:
+    """Raise ModelLoadError unless downloading `url` for `source` is integrity-protected (or `insecure`)."""
+    if source.insecure:
+        return
+    shown = redact(url)
+    if urlsplit(url).scheme == "http":
+        raise ModelLoadError(f"{shown} refused: plain http (give an https:// url, or insecure: true)")
+    if not (source.sha256 or source.md5):
+        raise ModelLoadError(f"{shown} refused: no checksum (give sha256, or insecure: true)")
+    try:
+        expected(source, machine)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{shown} refused: {e}") from None
+
+
+def expected(source: ModelSource, machine: str | None = None) -> tuple[str | None, str | None]:
+    """(sha256 hex, md5 hex) the archive for this machine must have; None where nothing is expected. A checksum
+    mapping without this machine's architecture raises ModelLoadError unless the source is `insecure`."""
+    arch = machine_arch(machine) or ""
+    missing = uncovered(source, machine)
+    if missing and not source.insecure:
+        names = ", ".join(sorted(getattr(source, missing[0])))
+        raise ModelLoadError(f"{missing[0]} has no entry for this machine ({machine or platform.machine()}; "
+                             f"given for: {names}): give one, or insecure: true to fetch it unchecked")
     sha = source.sha256.get(arch) if isinstance(source.sha256, dict) else source.sha256
     md5 = source.md5.get(arch) if isinstance(source.md5, dict) else source.md5
     try:

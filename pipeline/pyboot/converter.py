@@ -245,7 +245,25 @@ class Converter:
         md5 = func.get(md5_key)
         if md5 not in (None, ""):
             spec["md5"] = self._md5(md5, f"{at}.{md5_key}", len(urls) > 1)
+        if "path" not in spec:
+            self._integrity(spec, at, md5_key, [(key, urls[arch]) for arch, key in per_machine.items() if arch in urls]
+                            + ([(one, spec["url"])] if "url" in spec else []))
         return spec
+
+    def _integrity(self, spec: dict[str, Any], at: str, md5_key: str, urls: list[tuple[str, Any]]) -> None:
+        """A url model keeps working as the old runtime fetched it: over plain http and without a checksum it is
+        converted with `insecure: true`, with a warning saying how to protect it."""
+        for key, url in urls:
+            if urlsplit(str(url).strip()).scheme == "http":
+                self.report.warnings.append(f"{at}.{key}: plain http: converted with insecure: true so that it is "
+                                            "fetched as before; serve it over https")
+                spec["insecure"] = True
+                break
+        if "md5" not in spec:
+            self.report.warnings.append(
+                f"{at}: no {md5_key}: converted with insecure: true, the model is fetched unchecked as before; add "
+                f"{md5_key} (the archive's: openssl md5 -binary ARCHIVE | base64), or convert the file and give sha256")
+            spec["insecure"] = True
 
     def _address(self, address: Any, at: str) -> dict[str, Any]:
         """A model address as a native source: an http(s) url, or a local file:// url or absolute path (the
@@ -271,6 +289,8 @@ class Converter:
         except ValueError as e:
             self.report.problems.append(f"{at}: {e}")
             return text
+        self.report.warnings.append(f"{at}: md5 is weak (archives with the same MD5 can be made): convert the file "
+                                    "and give sha256")
         if digest == EMPTY_MD5:
             self.report.warnings.append(f"{at}: {text} is the MD5 of an empty file, not of any model archive: the "
                                         "model will be refused when fetched (the old runtime never checked it)")

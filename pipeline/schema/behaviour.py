@@ -45,7 +45,7 @@ class ModelMixin:
         from pipeline.packages.sources import ModelSource
 
         copy = (lambda d: dict(d) if isinstance(d, dict) else d)  # noqa: E731
-        return ModelSource(self.path, self.url, copy(self.urls), copy(self.sha256), copy(self.md5))
+        return ModelSource(self.path, self.url, copy(self.urls), copy(self.sha256), copy(self.md5), self.insecure)
 
     @property
     def where(self) -> str:

@@ -97,13 +97,18 @@ class Model(ModelMixin, _Strict):  # source, where
     """Exactly one source: `path` (a folder, .zip, .tar.gz or .tgz; relative to the config file), or `url` and/or
     `urls` (per machine; `url` serves the others). `sha256` / `md5` (hex; md5 also as base64 of the raw digest, as
     the old configs write it) are checked when the archive is fetched (workers, `pipeline up`, `models fetch`,
-    `check --fetch`), never when the file is loaded: loading stays offline."""
+    `check --fetch`), never when the file is loaded: loading stays offline.
+
+    A url model needs a checksum and https:// urls; `insecure: true` allows both plain http:// and no checksum,
+    nothing else. Whether a checksum mapping names this machine's architecture is checked when fetching (the
+    file may be checked on another machine)."""
 
     path: Path | None = None
     url: str | None = None
     urls: dict[Literal["amd64", "arm64"], str] | None = None
     sha256: str | dict[Literal["amd64", "arm64"], str] | None = None
     md5: str | dict[Literal["amd64", "arm64"], str] | None = None
+    insecure: bool = False  # a url model: accept plain http:// and no checksum
     params: dict[str, Any] = {}
 
     @field_validator("path")
@@ -150,6 +155,25 @@ class Model(ModelMixin, _Strict):  # source, where
         if self.path is not None and self.path.is_dir() and (self.sha256 or self.md5):
             raise PydanticCustomError("model_source", "a checksum applies to an archive, and path is a folder",
                                       {"at": "sha256" if self.sha256 else "md5"})
+        if self.path is not None and self.insecure:
+            raise PydanticCustomError("model_source", "insecure applies to url models, and this one has a path",
+                                      {"at": "insecure", "value": True})
+        return self
+
+    @model_validator(mode="after")
+    def _integrity(self) -> Model:
+        if self.path is not None or self.insecure:
+            return self
+        urls = [("url", self.url)] if self.url else []
+        for at, url in [*urls, *((f"urls.{arch}", u) for arch, u in (self.urls or {}).items())]:
+            if urlsplit(url).scheme == "http":
+                raise PydanticCustomError(
+                    "insecure", "plain http: anyone on the way can change the archive; give an https:// url, or "
+                    "insecure: true to accept it", {"at": at, "value": redact(url)})
+        if not (self.sha256 or self.md5):
+            raise PydanticCustomError(
+                "insecure", "a url model needs a checksum: give sha256 (the archive's, in hex), or insecure: true "
+                "to run whatever the server sends", {"at": "sha256"})
         return self
 
 
