@@ -23,6 +23,7 @@ from gunicorn.config import Config as GunicornConfig
 from gunicorn.workers import gthread
 from test_tls import make_certs
 
+from pipeline import config, reload, status
 from pipeline.control import worker
 
 CONFIG = """
@@ -218,6 +219,9 @@ def test_https_with_the_ca_and_plain_http_to_that_port_fails(control_factory, ce
     with pytest.raises((http.client.HTTPException, ConnectionError)):
         c.get("/healthz")
     assert "without TLS" not in c.log.read_text()
+    cfg = config.load(tmp_path / "pipeline.yaml")
+    assert status.base_url(None, str(cfg.source)) == f"https://127.0.0.1:{c.port}"
+    assert reload.http_workers(cfg)() == []  # what SIGHUP reloads read, over HTTPS, trusting control.tls.cert
 
 
 def test_a_stalled_tls_handshake_does_not_starve_healthz(control_factory, certs):

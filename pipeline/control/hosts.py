@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -99,3 +100,21 @@ def exposure(control: Any) -> list[str]:
         out.append(f"control listens on {control.listen} with protect_reads: false: anyone who reaches it reads "
                    "/rules, /models, /stages, /metrics; set control.protect_reads: true")
     return out
+
+
+def local_url(control: Any) -> str:
+    """The control API's base URL from this box: https with control.tls; 0.0.0.0 and :: as loopback."""
+    host, port = control.listen.rsplit(":", 1)
+    host = {"0.0.0.0": "127.0.0.1", "*": "127.0.0.1", "::": "[::1]", "[::]": "[::1]"}.get(host, host)
+    return f"{'https' if control.tls is not None else 'http'}://{host}:{port}"
+
+
+def pinned_context(control: Any) -> ssl.SSLContext | None:
+    """For a client on this box: trusts exactly control.tls.cert (self-signed or not), whatever name it bears;
+    None without TLS."""
+    if control.tls is None:
+        return None
+    ctx = ssl.create_default_context(cafile=str(control.tls.cert))
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    ctx.check_hostname = False
+    return ctx
