@@ -149,7 +149,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def summary(cfg: Config) -> str:
-    """One screen: brokers, models, rules. Never shows a password."""
+    """One screen: brokers, models, rules, and a warning when control is exposed. Never shows a password."""
     out = [f"{cfg.source}: OK (stack '{cfg.instance}', control on {cfg.control.listen})", "brokers:"]
     for n, b in cfg.brokers.items():
         auth = f" as {b.username}" if b.username else ""
@@ -161,6 +161,9 @@ def summary(cfg: Config) -> str:
         out.append(f"  {r.name:<16} {r.sub.broker}:{r.sub.topic} (qos {r.sub.qos}) -> {r.model} x{r.workers} "
                    f"-> {r.pub.broker}:{r.pub.topic} (qos {r.pub.qos}{', retain' if r.pub.retain else ''}); "
                    f"errors -> {r.error_topic}; timeout {r.timeout:g}s")
+    from pipeline.control.hosts import exposure
+
+    out += [f"warning: {line}" for line in exposure(cfg.control)]
     return "\n".join(out)
 
 

@@ -25,11 +25,11 @@ from pipeline import pyboot
 from pipeline.errors import ConfigError
 from pipeline.schema.behaviour import ConfigMixin
 from pipeline.schema.common import Name, _Strict
-from pipeline.schema.rules import Control, Endpoints, Errors, Outbox, Pub, Rule, Sub
+from pipeline.schema.rules import Control, ControlTls, Endpoints, Errors, Outbox, Pub, Rule, Sub
 from pipeline.schema.sources import Broker, Model, Packages
 
-__all__ = ["Broker", "Config", "Control", "Endpoints", "Errors", "Loaded", "Model", "Outbox", "Packages", "Pub",
-           "Rule", "Sub", "load", "load_file", "parse"]
+__all__ = ["Broker", "Config", "Control", "ControlTls", "Endpoints", "Errors", "Loaded", "Model", "Outbox", "Packages",
+           "Pub", "Rule", "Sub", "load", "load_file", "parse"]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 

@@ -117,6 +117,7 @@ class Sub(Value): pass  # noqa: E701
 class Pub(Value): pass  # noqa: E701
 class Errors(Value): pass  # noqa: E701
 class Control(Value): pass  # noqa: E701
+class ControlTls(Value): pass  # noqa: E701
 class Outbox(Value): pass  # noqa: E701
 class Endpoints(Value): pass  # noqa: E701
 class Remote(Value): pass  # noqa: E701
@@ -127,8 +128,8 @@ class Packages(PackagesMixin, Value): pass  # noqa: E701
 class Config(ConfigMixin, Value): pass  # noqa: E701
 
 
-_CLASSES = {c.__name__: c for c in (Sub, Pub, Errors, Control, Outbox, Endpoints, Remote, Rule, Broker, Model,
-                                    Packages, Config)}
+_CLASSES = {c.__name__: c for c in (Sub, Pub, Errors, Control, ControlTls, Outbox, Endpoints, Remote, Rule, Broker,
+                                    Model, Packages, Config)}
 
 
 # -- the file --

@@ -222,15 +222,17 @@ class Reloader:
 
 def http_workers(cfg: Config) -> Workers:
     """Worker snapshots read from the control API's GET /models (for `pipeline up`, which has no board)."""
-    host, port = cfg.control.listen.rsplit(":", 1)
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '*') else host}:{port}/models"
+    from pipeline.control.hosts import local_url, pinned_context
+
+    url = f"{local_url(cfg.control)}/models"
+    context = pinned_context(cfg.control)
     token = cfg.control.token.get_secret_value() if cfg.control.token else None
     headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def fetch() -> list[dict[str, Any]]:
         import urllib.request
 
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5, context=context) as r:
             doc = json.loads(r.read())
         return [{"stage": "rule", **w} for m in doc["models"] for w in m.get("workers", [])]
 

@@ -34,10 +34,9 @@ def base_url(url: str | None, config_file: str | None) -> str:
         return url.rstrip("/") if "://" in url else f"http://{url.rstrip('/')}"
     if config_file:
         from pipeline import config
+        from pipeline.control.hosts import local_url
 
-        host, port = config.load(config_file).control.listen.rsplit(":", 1)
-        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "[::]": "[::1]"}.get(host, host)
-        return f"http://{host}:{port}"
+        return local_url(config.load(config_file).control)
     return DEFAULT_URL
 
 

@@ -104,8 +104,8 @@ class Stack:
                                      start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.copier = threading.Thread(target=_copy, args=(self.proc.stdout,), daemon=True, name="logs")
         self.copier.start()
-        log.info("stack %s starting (run dir %s, control on http://%s)", self.cfg.instance, self.run_dir,
-                 self.cfg.control.listen)
+        log.info("stack %s starting (run dir %s, control on %s://%s)", self.cfg.instance, self.run_dir,
+                 "https" if self.cfg.control.tls is not None else "http", self.cfg.control.listen)
 
     def hand_over(self) -> tuple[str, ...]:
         """Write the validated config for the stages and put its run id and secrets in the environment

@@ -85,7 +85,7 @@ def cfg(tmp_path: Path) -> config.Config:
 
 
 def client(cfg: config.Config, procs: list[dict]) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(cfg, Fake(procs)))
+    return falcon.testing.TestClient(create_app(cfg, Fake(procs)), headers={"Host": "localhost"})
 
 
 def test_stages_sum_dead_and_live_pids_in_flow_order(cfg):

@@ -162,3 +162,40 @@ def test_dashboard_draws_the_flow_and_its_numbers_move_under_load(broker, probe_
     assert later["ingress"]["spark"].count("L") >= 3
     final = wait_until(lambda: drained(browser, n), 60, "the page showing the drained stack")
     assert final["egress"]["fields"]["counts"].startswith(f"published {2 * n:,}")
+
+
+TOKEN = "tok-dashboard-0123456789abcdef"
+LOGIN = """JSON.stringify({shown: !!document.getElementById('login') && !document.getElementById('login').hidden,
+  error: document.getElementById('login-error') ? document.getElementById('login-error').textContent : '',
+  stored: sessionStorage.getItem('pipeline-control-token')})"""
+
+
+def enter_token(browser: Browser, token: str) -> None:
+    browser.evaluate(f"document.getElementById('token').value = {orjson.dumps(token).decode()}; "
+                     "document.getElementById('login').requestSubmit(); true")
+
+
+def login(browser: Browser) -> dict:
+    return orjson.loads(browser.evaluate(LOGIN))
+
+
+def test_with_protect_reads_the_page_asks_for_the_token_once_and_then_shows_data(broker, stack_factory, browser):
+    protected = STACK.replace("control: {listen: CONTROL}",
+                              f"control: {{listen: CONTROL, token: {TOKEN}, protect_reads: true}}")
+    up = stack_factory(protected.replace("BROKER", broker.url), "--workers", "slow=1")
+    browser.call("Page.navigate", url=f"http://{up.control}/")
+    first = wait_until(lambda: (x := login(browser))["shown"] and x, 30, "the token field")
+    assert first["error"] == "" and first["stored"] is None
+    assert browser.boxes() == {}
+    assert browser.evaluate("document.getElementById('state').dataset.state") == "locked"
+    enter_token(browser, "not-the-token-0123456789")
+    refused = wait_until(lambda: (x := login(browser))["shown"] and x["error"] and x, 30, "the refusal")
+    assert "refused" in refused["error"] and refused["stored"] is None
+    enter_token(browser, TOKEN)
+    boxes = wait_until(lambda: four_live_boxes(browser), 30, "four live boxes after the token")
+    assert boxes["rule:fast"]["fields"]["workers"] == "2/2 workers"
+    after = login(browser)
+    assert after["shown"] is False and after["stored"] == TOKEN
+    browser.call("Page.reload")  # the same tab: the token is kept for the session, not asked again
+    wait_until(lambda: four_live_boxes(browser), 30, "four live boxes after a reload")
+    assert login(browser)["shown"] is False

@@ -214,7 +214,7 @@ WORKER = {"stage": "rule", "rule": "live", "pid": 7, "started": 1.0, "time": 10.
 
 def client(tmp_path: Path, control: dict | None = None, run_dir: Path | None = None, **models: dict):
     cfg = config.load(unit_config(tmp_path, control, **models))
-    return testing.TestClient(create_app(cfg, Snapshots([WORKER]), run_dir))
+    return testing.TestClient(create_app(cfg, Snapshots([WORKER]), run_dir), headers={"Host": "localhost"})
 
 
 def bearer(token: str) -> dict[str, str]:

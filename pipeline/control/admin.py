@@ -3,7 +3,8 @@ POST /models/{name}/reload.
 
 Every request but GET/HEAD/OPTIONS needs `Authorization: Bearer <control.token>`; without a token configured,
 such endpoints are disabled. With `control.protect_reads` the reads need it too, except /healthz and /readyz
-(probes). Both refusals are 403 with a JSON body that says which case it is.
+(probes) and the dashboard's page and files (/ and /static/: no data; the page asks for the token and sends it
+with each read). Both refusals are 403 with a JSON body that says which case it is.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pipeline.control.http import send_json as _json
 if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
     from pipeline.config import Config, Control
 
-OPEN = frozenset({"/healthz", "/readyz"})
+OPEN = frozenset({"/healthz", "/readyz", "/"})
+STATIC = "/static/"
 
 
 class Guard:
@@ -32,7 +34,8 @@ class Guard:
         self.reads = control.protect_reads
 
     def process_request(self, req: falcon.Request, _resp: falcon.Response) -> None:
-        if req.method in ("GET", "HEAD", "OPTIONS") and (not self.reads or req.path in OPEN):
+        if req.method in ("GET", "HEAD", "OPTIONS") and (
+                not self.reads or req.path in OPEN or req.path.startswith(STATIC)):
             return
         if self.token is None:
             raise falcon.HTTPForbidden(

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import falcon
 import orjson
 
-from pipeline.control import admin, catalog, views
+from pipeline.control import admin, catalog, gate, views
 from pipeline.control.http import send_json as _json
 
 if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
@@ -83,7 +83,7 @@ class Dashboard:
 
 def create_app(cfg: Config, source: Source, run_dir: Path | None = None) -> falcon.App:
     """`run_dir`: the stack's run directory (reloads need it; without it POST /models/{name}/reload is 503)."""
-    app = falcon.App(middleware=[admin.Guard(cfg.control)])
+    app = falcon.App(middleware=[gate.Gate(cfg.control), admin.Guard(cfg.control)])
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Ready(cfg, source))
     app.add_route("/stages", Document(cfg, source, views.stages))

@@ -1,9 +1,14 @@
 """gunicorn wiring: gunicorn's threaded worker run in this process, without an arbiter, so control is one
 process (a second, the arbiter, would hold another ~40 MiB to restart a worker that supervisord restarts
-anyway). The stats board is made when the worker loads the app."""
+anyway). The stats board is made when the worker loads the app.
+
+The worker is pipeline.control.worker's (slow clients hold no thread), with gunicorn's request limits tightened
+to what our requests need, HTTPS when control.tls is set, and a warning logged at start when control listens
+beyond loopback without TLS or token."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -15,11 +20,35 @@ from gunicorn.app.base import BaseApplication
 
 from pipeline.control.app import create_app
 from pipeline.control.board import Board
+from pipeline.control.hosts import exposure
+from pipeline.control.worker import Worker
 from pipeline.endpoints import Endpoints
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
     from pipeline.config import Config
+
+log = logging.getLogger("pipeline.control")
+
+THREADS = 8
+LIMITS = {  # gunicorn answers 400 naming the limit; every request of ours fits in a fraction of these
+    "limit_request_line": 2048,
+    "limit_request_fields": 32,
+    "limit_request_field_size": 4096,
+    "keepalive": 2,
+}
+
+
+def tls_options(control: Any) -> dict[str, str]:
+    """gunicorn's settings for control.tls (none without it)."""
+    if control.tls is None:
+        return {}
+    return {"certfile": str(control.tls.cert), "keyfile": str(control.tls.key)}
+
+
+def warn_exposure(control: Any) -> None:
+    for line in exposure(control):
+        log.warning("%s", line)
 
 
 def get_app(cfg: Config, run_dir: Path) -> falcon.App:
@@ -36,12 +65,14 @@ class ControlServer(BaseApplication):
         self.options: dict[str, Any] = {
             "bind": pipeline.control.listen,
             "workers": 1,
-            "threads": 4,
-            "worker_class": "gthread",
+            "threads": THREADS,
+            "worker_class": Worker,
             "accesslog": None,
             "loglevel": log_level.lower(),
             "graceful_timeout": 3,
             "proc_name": "pipeline-control",
+            **LIMITS,
+            **tls_options(pipeline.control),
         }
         super().__init__()
 
@@ -63,6 +94,7 @@ class ControlServer(BaseApplication):
         from gunicorn import sock
         from gunicorn.glogging import Logger
 
+        warn_exposure(self.pipeline.control)
         log: Logger = self.cfg.logger_class(self.cfg)
         listeners = sock.create_sockets(self.cfg, log)  # exits 1 after its retries when the port stays taken
         log.info("Listening at: %s (%s)", ",".join(str(s) for s in listeners), os.getpid())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +19,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipeline import topics
+from pipeline.control.hosts import name_problem, normal
 from pipeline.filters import filter_problems
 from pipeline.schema.behaviour import RuleMixin
 from pipeline.schema.common import Name, Seconds, _known, _Strict
@@ -97,10 +100,48 @@ class Rule(RuleMixin, _Strict):  # error_topic
         return self
 
 
+class ControlTls(_Strict):
+    """HTTPS for the control API: PEM files, relative to the config file; both are read at `pipeline check`."""
+
+    cert: Path  # the server certificate (and its chain), PEM
+    key: Path  # its private key, PEM, unencrypted
+
+    @field_validator("cert", "key")
+    @classmethod
+    def _file(cls, v: Path, info: ValidationInfo) -> Path:
+        p = (v if v.is_absolute() else Path((info.context or {}).get("base", ".")) / v).resolve()
+        if not p.is_file():
+            raise ValueError(f"no such file: {p}")
+        if not os.access(p, os.R_OK):
+            raise ValueError(f"not readable by this user: {p}")
+        return p
+
+    @model_validator(mode="after")
+    def _pair(self) -> ControlTls:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert, self.key)
+        except (ssl.SSLError, OSError) as e:
+            raise PydanticCustomError("tls", "cert {cert} and key {key} do not load as a pair: {why}",
+                                      {"cert": str(self.cert), "key": str(self.key), "why": str(e)}) from None
+        return self
+
+
 class Control(_Strict):
     listen: str = Field("127.0.0.1:5888", pattern=r"^[^:\s]+:\d{1,5}$")
     token: SecretStr | None = None  # mutating endpoints need "Authorization: Bearer <token>"; without: disabled
-    protect_reads: bool = False  # the token is needed by every endpoint but /healthz and /readyz
+    protect_reads: bool = False  # the token is needed by every read too, but /healthz, /readyz and the dashboard page
+    allowed_hosts: list[str] = []  # DNS names the API answers to besides IP addresses, localhost and listen's host
+    tls: ControlTls | None = None  # HTTPS; without it the token crosses the network in clear
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        for i, name in enumerate(v):
+            why = name_problem(name)
+            if why is not None:
+                raise PydanticCustomError("host", "allowed_hosts[{i}] is '{name}': {why}",
+                                          {"i": i, "name": name, "why": why})
+        return [normal(n) for n in v]
 
     @field_validator("token", mode="before")
     @classmethod

@@ -1,10 +1,13 @@
 // Live dashboard: polls ./stages every second and draws ingress -> rules -> egress.
+// With control.protect_reads the first read answers 403 "token required": the page asks for the token once,
+// keeps it in sessionStorage and sends it as "Authorization: Bearer" with every read; polling waits meanwhile.
 // Plain DOM, no dependencies. Every number sits in an element with data-field, inside a box with
 // data-stage="<stage name>", so the page can be read by tests and scripts.
 "use strict";
 
 const POLL_MS = 1000;
 const SPARK_POINTS = 60;
+const TOKEN_KEY = "pipeline-control-token"; // sessionStorage: kept for this tab only, sent as Authorization
 const history = new Map(); // stage name -> recent rate_per_s values
 
 function fmt(value, digits) {
@@ -157,9 +160,34 @@ function setState(state, text) {
   node.textContent = text;
 }
 
+function askToken(message) {
+  const form = document.getElementById("login");
+  document.getElementById("login-error").textContent = message;
+  form.hidden = false;
+  document.getElementById("token").focus();
+  setState("locked", "token required");
+}
+
+async function tokenRefused(resp) {
+  // 403 "token required" (protect_reads): ask once; a token that was sent and refused is forgotten
+  if (resp.status !== 403) return false;
+  const doc = await resp.json().catch(() => ({}));
+  if (doc.title !== "token required") return false;
+  const sent = sessionStorage.getItem(TOKEN_KEY) !== null;
+  sessionStorage.removeItem(TOKEN_KEY);
+  askToken(sent ? "that token was refused: enter control.token again" : "");
+  return true;
+}
+
+function authorized() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token === null ? {} : {Authorization: `Bearer ${token}`};
+}
+
 async function poll() {
   try {
-    const resp = await fetch("stages", {cache: "no-store"});
+    const resp = await fetch("stages", {cache: "no-store", headers: authorized()});
+    if (await tokenRefused(resp)) return;
     if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
     const doc = await resp.json();
     render(doc);
@@ -169,9 +197,19 @@ async function poll() {
   } catch (err) {
     setState("unreachable", `control API unreachable (${err.message})`);
   } finally {
-    setTimeout(poll, POLL_MS);
+    if (document.getElementById("login").hidden) setTimeout(poll, POLL_MS); // submitting the token polls again
   }
 }
 
+document.getElementById("login").addEventListener("submit", event => {
+  event.preventDefault();
+  const input = document.getElementById("token");
+  if (!input.value.trim()) return;
+  sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+  input.value = "";
+  event.target.hidden = true;
+  setState("connecting", "connecting");
+  poll();
+});
 window.addEventListener("resize", drawWires);
 poll();
