@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import signal
+import ssl
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:5888"
@@ -40,13 +42,37 @@ def base_url(url: str | None, config_file: str | None) -> str:
     return DEFAULT_URL
 
 
-def fetch(base: str, timeout: float = 3.0) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """Where and how to read /stages: with -c FILE, the config's token and its control.tls certificate."""
+
+    base: str
+    headers: dict[str, str] = field(default_factory=dict)
+    context: ssl.SSLContext | None = None
+
+
+def target(url: str | None, config_file: str | None) -> Target:
+    """`base_url`, plus the token and the pinned certificate when they come from the config file."""
+    if url or not config_file:
+        return Target(base=base_url(url, config_file))
+    from pipeline import config
+    from pipeline.control.hosts import local_url, pinned_context
+
+    control = config.load(config_file).control
+    token = control.token.get_secret_value() if control.token else None
+    return Target(base=local_url(control), headers={"Authorization": f"Bearer {token}"} if token else {},
+                  context=pinned_context(control))
+
+
+def fetch(to: Target | str, timeout: float = 3.0) -> dict[str, Any]:
     """GET /stages as a dict; OSError (URLError included) when the control API cannot be reached."""
     import urllib.request
 
     import orjson
 
-    with urllib.request.urlopen(f"{base}/stages", timeout=timeout) as resp:
+    to = Target(base=to) if isinstance(to, str) else to
+    req = urllib.request.Request(f"{to.base}/stages", headers=to.headers)
+    with urllib.request.urlopen(req, timeout=timeout, context=to.context) as resp:
         return orjson.loads(resp.read())
 
 
@@ -87,17 +113,17 @@ def table(doc: dict[str, Any], source: str = "") -> Any:
     return t
 
 
-def _snapshot(base: str) -> tuple[Any, bool]:
+def _snapshot(to: Target) -> tuple[Any, bool]:
     """(what to show, whether /stages was read)."""
     from rich.text import Text
 
     try:
-        return table(fetch(base), base), True
+        return table(fetch(to), to.base), True
     except (OSError, ValueError) as e:
-        return Text(f"cannot read {base}/stages: {e}", style="bold red"), False
+        return Text(f"cannot read {to.base}/stages: {e}", style="bold red"), False
 
 
-def _watch(console: Any, base: str, interval: float, stop: threading.Event) -> None:
+def _watch(console: Any, base: Target, interval: float, stop: threading.Event) -> None:
     """Redraw in place on a terminal; print one table per refresh into a pipe or a file; until `stop` is set."""
     from rich.live import Live
 
@@ -120,7 +146,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # piped or captured: do not squeeze twelve columns into 80
         console = Console(width=max(console.width, 160))
     try:
-        base = base_url(args.url, args.config)
+        base = target(args.url, args.config)
     except PipelineError as e:
         print(e, file=sys.stderr)
         return e.exit_code

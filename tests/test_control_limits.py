@@ -23,7 +23,7 @@ from gunicorn.config import Config as GunicornConfig
 from gunicorn.workers import gthread
 from test_tls import make_certs
 
-from pipeline import config, reload, status
+from pipeline import cli, config, reload, status
 from pipeline.control import worker
 
 CONFIG = """
@@ -222,6 +222,7 @@ def test_https_with_the_ca_and_plain_http_to_that_port_fails(control_factory, ce
     cfg = config.load(tmp_path / "pipeline.yaml")
     assert status.base_url(None, str(cfg.source)) == f"https://127.0.0.1:{c.port}"
     assert reload.http_workers(cfg)() == []  # what SIGHUP reloads read, over HTTPS, trusting control.tls.cert
+    assert cli.main(["status", "-c", str(cfg.source)]) == 0  # with the config's token and certificate
 
 
 def test_a_stalled_tls_handshake_does_not_starve_healthz(control_factory, certs):
