@@ -68,7 +68,7 @@ class Mosquitto:
 
     def __init__(self, workdir: Path, persistence: bool = False, extra: tuple[str, ...] = ()) -> None:
         if not shutil.which("mosquitto"):
-            pytest.fail("mosquitto is not installed (bash .ci/run installs it with apt-get)")
+            pytest.fail("mosquitto is not installed (bash scripts/test.sh installs it with apt-get)")
         self.port = free_port()
         self.workdir = workdir
         self.conf = workdir / "mosquitto.conf"

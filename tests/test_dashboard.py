@@ -1,6 +1,6 @@
 """The dashboard (GET /) in real headless Chromium, driven over the DevTools protocol, against a real stack.
 
-Chromium is a system package (`.ci/run` installs it with apt-get); without it this test fails, not skips.
+Chromium is a system package (`scripts/test.sh`, the README's test command, installs it with apt-get); without it this test fails, not skips.
 The screenshot goes to the test's tmp dir and to tests/artifacts/dashboard.png.
 """
 
@@ -55,7 +55,7 @@ class Browser:
 
     def __init__(self, profile: Path) -> None:
         if not Path(CHROMIUM).exists():
-            pytest.fail(f"{CHROMIUM} is not installed (bash .ci/run installs the chromium package)")
+            pytest.fail(f"{CHROMIUM} is not installed (bash scripts/test.sh installs the chromium package)")
         self.log = (profile.parent / "chromium.log").open("wb")
         self.proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
                                      stdout=self.log, stderr=subprocess.STDOUT)

@@ -47,7 +47,7 @@ def make_certs(d: Path) -> None:
 class TlsMosquitto:
     def __init__(self, d: Path) -> None:
         if not shutil.which("mosquitto"):
-            pytest.fail("mosquitto is not installed (bash .ci/run installs it with apt-get)")
+            pytest.fail("mosquitto is not installed (bash scripts/test.sh installs it with apt-get)")
         self.dir, self.port_in, self.port_out = d, free_port(), free_port()
         make_certs(d)
         subprocess.run(["mosquitto_passwd", "-b", "-c", str(d / "passwd"), "edge", PASSWORD], check=True)
