@@ -10,7 +10,9 @@ import pytest
 from test_control import Fake, healthy, make_cfg
 from test_tls import make_certs
 
-from pipeline import cli, config, frozen
+from pipeline.commands import cli
+from pipeline.config import load as config
+from pipeline.config import snapshot as frozen
 from pipeline.control.app import create_app
 from pipeline.errors import ConfigError
 
@@ -99,13 +101,14 @@ def test_bad_allowed_hosts_name_the_file_key_and_value(tmp_path, entry, why):
     assert why in str(e.value)
 
 
-def test_tls_files_are_relative_to_the_config_checked_and_survive_freezing(tmp_path):
+def test_tls_files_are_relative_to_the_config_checked_and_survive_freezing(tmp_path, monkeypatch):
     (tmp_path / "tls").mkdir()
     make_certs(tmp_path / "tls")
     cfg = config.load(write(tmp_path, "{tls: {cert: tls/server.pem, key: tls/server.key}}"))
     assert cfg.control.tls.cert == tmp_path / "tls" / "server.pem"
     (tmp_path / "run").mkdir()
-    assert frozen.write(tmp_path / "run", cfg.source)
+    assert frozen.write(tmp_path / "run", cfg, "run-1") is not None
+    monkeypatch.setenv(frozen.RUN, "run-1")
     back = frozen.read(tmp_path / "run", cfg.source)
     assert back.control.tls.key == tmp_path / "tls" / "server.key"
     assert type(back.control.tls).__name__ == "ControlTls"

@@ -23,8 +23,10 @@ from gunicorn.config import Config as GunicornConfig
 from gunicorn.workers import gthread
 from test_tls import make_certs
 
-from pipeline import cli, config, reload, status
+from pipeline.commands import cli, status
+from pipeline.config import load as config
 from pipeline.control import worker
+from pipeline.supervision import reload
 
 CONFIG = """
 brokers:

@@ -1,4 +1,4 @@
-"""Loading model packages: folders, zips (flat or with one top folder) unpacked by `pipeline.packages` as a
+"""Loading model packages: folders, zips (flat or with one top folder) unpacked by `pipeline.models.packages` as a
 worker's are, and every way loading can fail."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import model
 from pipeline.errors import ModelLoadError
-from pipeline.packages import ModelSource, resolve
+from pipeline.models import loader as model
+from pipeline.models.packages import ModelSource, resolve
 
 MODELS = Path(__file__).parent / "models"
 ECHO = "def handler(event, context):\n    return event\n"

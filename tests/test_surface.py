@@ -17,7 +17,7 @@ import pytest
 from conftest import HERE
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.cli import parser
+from pipeline.commands.cli import parser
 
 SURFACE = HERE / "data" / "surface"
 CAPTURE = os.environ.get("PIPELINE_CAPTURE_SURFACE") == "1"

@@ -16,8 +16,8 @@ import orjson
 from pipeline.control import admin, catalog, gate, views
 from pipeline.control.http import send_json as _json
 
-if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
-    from pipeline.config import Config
+if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
+    from pipeline.config.load import Config
 
 STATIC = Path(__file__).parent / "static"
 

@@ -18,9 +18,9 @@ from typing import Any
 import msgpack
 import zmq
 
-from pipeline.control.figures import LEVELS, add
-from pipeline.endpoints import Endpoints
 from pipeline.errors import PipelineError
+from pipeline.telemetry.aggregation import LEVELS, add
+from pipeline.wire.endpoints import Endpoints
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from pipeline.control import figures as fig
 from pipeline.control import views
-from pipeline.control.figures import LEVELS, Proc
-from pipeline.stats import BUCKETS
+from pipeline.telemetry import aggregation as fig
+from pipeline.telemetry.aggregation import LEVELS, Proc
+from pipeline.telemetry.reporter import BUCKETS
 
-if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
-    from pipeline.config import Config
+if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
+    from pipeline.config.load import Config
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STAGE = ("stage", "rule")

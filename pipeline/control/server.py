@@ -22,11 +22,11 @@ from pipeline.control.app import create_app
 from pipeline.control.board import Board
 from pipeline.control.hosts import exposure
 from pipeline.control.worker import Worker
-from pipeline.endpoints import Endpoints
 from pipeline.errors import PipelineError
+from pipeline.wire.endpoints import Endpoints
 
-if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
-    from pipeline.config import Config
+if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
+    from pipeline.config.load import Config
 
 log = logging.getLogger("pipeline.control")
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from pipeline.control import figures as fig
-from pipeline.control.figures import Proc
+from pipeline.telemetry import aggregation as fig
+from pipeline.telemetry.aggregation import Proc
 
-if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
-    from pipeline.config import Config, Rule
+if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
+    from pipeline.config.load import Config, Rule
 
 
 class Groups:
