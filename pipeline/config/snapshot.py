@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.schema.behaviour import BrokerMixin, ConfigMixin, ModelMixin, PackagesMixin, RuleMixin
+from pipeline.supervision import run_dir as rundir
 
-FILE = "config.json"
+FILE = rundir.CONFIG_FILE
 RUN = "PIPELINE_RUN"  # the run id naming this `pipeline up`'s config.json: every stage has it
 SECRETS = "PIPELINE_SECRETS"  # the secrets' values, a JSON list: only the stages that need them have it
 FORMAT = 2
@@ -176,8 +177,6 @@ def write(run_dir: Path, cfg: Any, run: str) -> list[str] | None:
     """Write the validated `cfg` for the stages of the run `run`; return the values of its secrets (for the
     environment of the stages that need them), or None (and no file) when it cannot be written faithfully:
     then every stage validates the file itself."""
-    from pipeline.supervision import run_dir as rundir
-
     (run_dir / FILE).unlink(missing_ok=True)
     secrets: list[str] = []
     try:

@@ -68,7 +68,7 @@ def leave_reason(run_dir: Path, program: str, e: PipelineError) -> None:
     """The fatal reason file of `program` for `pipeline up`; an unsafe run dir gets nothing written in it."""
     try:
         rundir.prepare(run_dir)
-        rundir.write_private(rundir.fatal_file(run_dir, program), rundir.fatal_text(e.exit_code, str(e)))
+        rundir.leave_fatal(run_dir, program, e.exit_code, str(e))
     except (PipelineError, OSError) as why:
         log.error("could not leave the reason in %s: %s", run_dir, why)
 

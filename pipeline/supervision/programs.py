@@ -2,7 +2,7 @@
 
 supervisord restarts any stage that crashes. A stage that exits with one of FATAL_EXIT_CODES (bad config,
 model that will not import, port taken) is not restarted; `pipeline up` notices it through supervisord's
-XML-RPC interface, prints the reason the stage left in `<run dir>/fatal/`, stops the stack and exits with
+XML-RPC interface, prints the reason the stage left in the run directory, stops the stack and exits with
 that code.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline import errors
+from pipeline.supervision import run_dir as rundir
 
 if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
     from pipeline.config.load import Config
@@ -37,15 +38,6 @@ class Program:
     withheld: tuple[str, ...] = ()  # environment variables the process is started without
 
 
-def spare(rule: str) -> str:
-    """The program of a rule's spare worker: started only by a hot reload (see pipeline.supervision.reload)."""
-    return f"spare-{rule}"  # not rule-<name>-spare: a rule may be named "<name>-spare"
-
-
-def is_spare(group: str) -> bool:
-    return group.startswith("spare-")
-
-
 def programs(cfg: Config, run_dir: Path, log_level: str, withheld: tuple[str, ...] = ()) -> list[Program]:
     """Every program of the stack, in start order; worker counts as in `cfg` (overrides applied). The workers
     and the embedded brokers, which need no secret, are started without the variables in `withheld`."""
@@ -61,12 +53,13 @@ def programs(cfg: Config, run_dir: Path, log_level: str, withheld: tuple[str, ..
         # workers: startsecs=0, so a message that kills a fresh worker is a crash to restart from, not a failed
         # start that ends in FATAL; max_attempts bounds how often one message can do that
         env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        args = ["worker", "--rule", rule.name, *common]
+        stop_wait = int(rule.timeout) + STOP_WAIT
         if rule.workers:  # 0: served by workers on other boxes only (endpoints.remote)
-            progs.append(Program(f"rule-{rule.name}", ["worker", "--rule", rule.name, *common], 40, rule.workers,
-                                 env, stop_wait=int(rule.timeout) + STOP_WAIT, start_secs=0, withheld=withheld))
-        progs.append(Program(spare(rule.name), ["worker", "--rule", rule.name, *common], 40, 1, env,
-                             stop_wait=int(rule.timeout) + STOP_WAIT, start_secs=0, autostart=False,
-                             withheld=withheld))
+            progs.append(Program(rundir.worker_program(rule.name), args, 40, rule.workers, env, stop_wait=stop_wait,
+                                 start_secs=0, withheld=withheld))
+        progs.append(Program(rundir.spare_program(rule.name), args, 40, 1, env, stop_wait=stop_wait, start_secs=0,
+                             autostart=False, withheld=withheld))
     progs.append(Program("ingress", ["ingress", *common], 50, stop_wait=drain))
     return progs
 
@@ -85,13 +78,13 @@ def _without(names: tuple[str, ...]) -> list[str]:
 def render(progs: list[Program], run_dir: Path, log_dir: Path | None) -> str:
     """The supervisord.conf text."""
     lines = [
-        "[supervisord]", "nodaemon=true", f"logfile={_esc(str(run_dir / 'supervisord.log'))}",
-        "logfile_maxbytes=5MB", "logfile_backups=2", f"pidfile={_esc(str(run_dir / 'supervisord.pid'))}",
+        "[supervisord]", "nodaemon=true", f"logfile={_esc(str(run_dir / rundir.SUPERVISORD_LOG))}",
+        "logfile_maxbytes=5MB", "logfile_backups=2", f"pidfile={_esc(str(run_dir / rundir.SUPERVISORD_PID))}",
         f"childlogdir={_esc(str(run_dir))}", "",
-        "[unix_http_server]", f"file={_esc(str(run_dir / 'supervisor.sock'))}", "chmod=0700", "",
+        "[unix_http_server]", f"file={_esc(str(run_dir / rundir.SUPERVISOR_SOCKET))}", "chmod=0700", "",
         "[rpcinterface:supervisor]",
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
-        "[supervisorctl]", f"serverurl=unix://{_esc(str(run_dir / 'supervisor.sock'))}", "",
+        "[supervisorctl]", f"serverurl=unix://{_esc(str(run_dir / rundir.SUPERVISOR_SOCKET))}", "",
     ]
     fatal = ",".join(str(c) for c in (errors.OK, *errors.FATAL_EXIT_CODES))
     for p in progs:

@@ -2,7 +2,7 @@
 using it one at a time, each new worker serving (new version loaded, `init` done) before an old one stops.
 
 `POST /models/{name}/reload` (the control process) and SIGHUP to `pipeline up` both end in `Reloader.reload`.
-Workers are replaced through supervisord's XML-RPC interface: the rule's spare program (`stack.spare`, not
+Workers are replaced through supervisord's XML-RPC interface: the rule's spare program (`spare_program`, not
 started by default) starts first with the new version; once it serves, each regular worker is stopped (SIGTERM:
 it finishes its frame; ingress sends what it still held again) and started again (it loads the new version),
 each serving before the next one stops; then the spare stops. "Serving" = the new process reports to the stats
@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config import snapshot as frozen
 from pipeline.errors import PipelineError
 from pipeline.models import packages
-from pipeline.supervision import programs as stack
 from pipeline.supervision import run_dir as rundir
+from pipeline.supervision.rpc import Supervisor, SupervisorError
 
 if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
     from pipeline.config.load import Config
@@ -40,48 +40,17 @@ POLL = 0.2
 Workers = Callable[[], list[dict[str, Any]]]  # worker snapshots: stage, rule, model, pid, alive, sha256, loaded_at
 
 
-class ReloadError(Exception):
+class ReloadError(PipelineError):
     """The reload failed; the message says why."""
 
 
-class Busy(Exception):
+class Busy(PipelineError):
     """Another reload is running on this stack."""
-
-
-class Supervisor:
-    """The few supervisord XML-RPC calls a reload makes; a failure becomes a ReloadError."""
-
-    def __init__(self, run_dir: Path) -> None:
-        import xmlrpc.client  # with supervisor.xmlrpc, ~3 MiB the control process needs only during a reload
-
-        from supervisor.xmlrpc import SupervisorTransport
-
-        transport = SupervisorTransport(None, None, serverurl=f"unix://{run_dir / 'supervisor.sock'}")
-        self.rpc = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
-
-    def call(self, method: str, *args: Any) -> Any:
-        """Call supervisor.<method>; starting a started or stopping a stopped process is not an error."""
-        import http.client
-        import xmlrpc.client
-
-        from supervisor.xmlrpc import Faults
-
-        try:
-            return getattr(self.rpc, method)(*args)
-        except xmlrpc.client.Fault as e:
-            if e.faultCode in (Faults.ALREADY_STARTED, Faults.NOT_RUNNING):
-                return None
-            raise ReloadError(f"supervisord refused {method} {args[0] if args else ''}: {e.faultString}") from None
-        except (OSError, http.client.HTTPException, xmlrpc.client.Error) as e:
-            raise ReloadError(f"supervisord did not answer {method}: {e}") from None
-
-    def members(self, group: str) -> list[str]:
-        return [f"{p['group']}:{p['name']}" for p in self.call("getAllProcessInfo") if p["group"] == group]
 
 
 @contextmanager
 def _lock(run_dir: Path) -> Iterator[None]:
-    fd = rundir.open_lock(rundir.prepare(run_dir) / "reload.lock")
+    fd = rundir.open_lock(rundir.prepare(run_dir) / rundir.RELOAD_LOCK)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -93,14 +62,15 @@ def _lock(run_dir: Path) -> Iterator[None]:
 
 
 def save(run_dir: Path, record: dict[str, Any]) -> None:
-    folder = rundir.private_folder(run_dir / "reloads")
-    rundir.write_private(folder / f"{record['model']}.json", json.dumps(record, indent=1) + "\n")
+    """Keep the result of a reload for GET /models."""
+    path = rundir.reload_record(run_dir, record["model"])
+    rundir.write_private(rundir.private_folder(path.parent) / path.name, json.dumps(record, indent=1) + "\n")
 
 
 def last(run_dir: Path | None, name: str) -> dict[str, Any] | None:
     """The result of the last reload of a model on this stack; None when there was none."""
     try:
-        return json.loads((run_dir / "reloads" / f"{name}.json").read_text()) if run_dir else None
+        return json.loads(rundir.reload_record(run_dir, name).read_text()) if run_dir else None
     except (OSError, ValueError):
         return None
 
@@ -117,7 +87,7 @@ class Reloader:
         with _lock(self.run_dir):
             try:
                 record.update(self._reload(name, only_if_changed), ok=True)
-            except (PipelineError, ReloadError) as e:
+            except PipelineError as e:
                 record["error"] = f"{e}".strip()
                 record["running"] = sorted(self._versions(name))  # what still serves
             record["finished_at"] = time.time()
@@ -168,11 +138,11 @@ class Reloader:
 
     def _replace(self, sup: Supervisor, rule: str) -> int:
         """Spare first, then each regular worker of the rule; return how many regular workers were replaced."""
-        spare = f"{stack.spare(rule)}:{stack.spare(rule)}-0"
+        spare = f"{rundir.spare_program(rule)}:{rundir.spare_program(rule)}-0"
         sup.call("stopProcess", spare, True)  # one left running by an interrupted reload has the old version
         try:
             self._start(sup, spare, rule)
-            workers = sup.members(f"rule-{rule}")
+            workers = sup.members(rundir.worker_program(rule))
             for proc in workers:
                 sup.call("stopProcess", proc, True)
                 self._start(sup, proc, rule)
@@ -180,14 +150,14 @@ class Reloader:
         finally:
             try:
                 sup.call("stopProcess", spare, True)
-            except ReloadError as e:
+            except SupervisorError as e:
                 log.warning("could not stop the spare worker of rule %s: %s", rule, e)
 
     def _start(self, sup: Supervisor, proc: str, rule: str) -> None:
         """Start a worker process and wait until it serves (reports to the stats board)."""
         try:
             sup.call("startProcess", proc, True)
-        except ReloadError:
+        except SupervisorError:
             pass  # it ended at once: its state below says how
         deadline, pid = time.monotonic() + SERVE_TIMEOUT, 0
         while time.monotonic() < deadline:
@@ -202,11 +172,11 @@ class Reloader:
 
     def _why(self, rule: str, info: dict[str, Any]) -> str:
         """The reason a worker left in <run dir>/fatal (removed: it was not a stage of the stack failing)."""
-        fatal = self.run_dir / "fatal" / f"rule-{rule}.txt"
+        fatal = rundir.fatal_file(self.run_dir, rundir.worker_program(rule))
         try:
-            reason = fatal.read_text().partition("\n")[2].strip()
+            reason = rundir.read_fatal(fatal)[1]
             fatal.unlink()
-        except OSError:
+        except (OSError, ValueError):
             reason = ""
         status = f"it exited with status {info.get('exitstatus')} (see its log)"
         return reason or info.get("spawnerr") or status

@@ -113,3 +113,56 @@ def private_folder(path: Path) -> Path:
     """`path` made as a 0700 folder inside the run directory (kept when it is there)."""
     path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     return path
+
+
+# The layout: every name in the run directory and every supervisord program name, spelled here only.
+CONFIG_FILE = "config.json"  # the validated configuration the stages read (pipeline.config.snapshot)
+SUPERVISORD_CONF = "supervisord.conf"
+SUPERVISORD_LOG = "supervisord.log"
+SUPERVISORD_PID = "supervisord.pid"
+SUPERVISOR_SOCKET = "supervisor.sock"
+RELOAD_LOCK = "reload.lock"
+FATAL = "fatal"  # <program>.txt: "<exit code>\n<reason>" left by a stage before a fatal exit
+RELOADS = "reloads"  # <model>.json: the last reload of each model
+
+
+def worker_program(rule: str) -> str:
+    """The supervisord program of a rule's workers."""
+    return f"rule-{rule}"
+
+
+def spare_program(rule: str) -> str:
+    """The program of a rule's spare worker: started only by a hot reload (see pipeline.supervision.reload)."""
+    return f"spare-{rule}"  # not rule-<name>-spare: a rule may be named "<name>-spare"
+
+
+def is_spare(group: str) -> bool:
+    """True for the program group of a spare worker."""
+    return group.startswith("spare-")
+
+
+def fatal_file(run_dir: Path, program: str) -> Path:
+    """Where `program` leaves the reason of its fatal exit for `pipeline up` and reloads."""
+    return run_dir / FATAL / f"{program}.txt"
+
+
+def leave_fatal(run_dir: Path, program: str, exit_code: int, reason: str) -> None:
+    """Write the fatal reason file of `program` (private, replaced whole)."""
+    write_private(private_folder(run_dir / FATAL) / f"{program}.txt", f"{exit_code}\n{reason}")
+
+
+def read_fatal(path: Path) -> tuple[int, str]:
+    """(exit code, reason) of a fatal reason file; OSError when there is none, ValueError when it is garbled."""
+    code, _, reason = path.read_text().partition("\n")
+    return int(code), reason.strip()
+
+
+def clear_fatal(run_dir: Path) -> None:
+    """Remove the reasons a previous run left."""
+    for old in private_folder(run_dir / FATAL).iterdir():
+        old.unlink()
+
+
+def reload_record(run_dir: Path, model: str) -> Path:
+    """The record of the last reload of `model`."""
+    return run_dir / RELOADS / f"{model}.json"

@@ -7,7 +7,6 @@ stops the stages in reverse priority (ingress first, so intake stops before the 
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
@@ -17,11 +16,8 @@ import subprocess
 import sys
 import threading
 import time
-import xmlrpc.client
 from pathlib import Path
 from typing import Any
-
-from supervisor.xmlrpc import SupervisorTransport
 
 from pipeline import errors
 from pipeline.commands.broker import port_in_use
@@ -32,6 +28,7 @@ from pipeline.errors import StartupError
 from pipeline.supervision import programs as stack
 from pipeline.supervision import reload
 from pipeline.supervision import run_dir as rundir
+from pipeline.supervision.rpc import Supervisor
 from pipeline.wire.endpoints import Endpoints
 
 log = logging.getLogger("pipeline.up")
@@ -50,7 +47,7 @@ def preflight(cfg: Config, run_dir: Path) -> None:
     if port_in_use(host, int(port)):
         raise StartupError(f"control.listen: {cfg.control.listen} is already in use (another stack?) in {cfg.source}")
     Endpoints.for_config(cfg, run_dir)  # the remote workers' key files, read now rather than by each stage
-    if (run_dir / "supervisor.sock").exists() and _rpc(run_dir).alive():
+    if (run_dir / rundir.SUPERVISOR_SOCKET).exists() and Supervisor(run_dir).alive():
         raise StartupError(f"a stack already runs (or is still stopping) with run directory {run_dir}: "
                            "stop it and wait, or pass another --run-dir")
 
@@ -60,27 +57,6 @@ def _copy(pipe: Any) -> None:
     for line in iter(pipe.readline, b""):
         out.write(line)
         out.flush()
-
-
-class _rpc:
-    def __init__(self, run_dir: Path) -> None:
-        transport = SupervisorTransport(None, None, serverurl=f"unix://{run_dir / 'supervisor.sock'}")
-        self.proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-
-    def alive(self) -> bool:
-        """True when a supervisord answers on this run directory's socket, running or still stopping."""
-        try:
-            return bool(self.proxy.supervisor.getState()["statename"])
-        except (OSError, xmlrpc.client.Error, http.client.HTTPException):
-            self.proxy("transport").close()  # a failed request leaves the connection unusable
-            return False
-
-    def processes(self) -> list[dict[str, Any]]:
-        try:
-            return self.proxy.supervisor.getAllProcessInfo()
-        except (OSError, xmlrpc.client.Error, http.client.HTTPException):
-            self.proxy("transport").close()  # supervisord still starting: try again on the next round
-            return []
 
 
 class Stack:
@@ -95,11 +71,10 @@ class Stack:
 
     def spawn(self) -> None:
         preflight(self.cfg, self.run_dir)
-        for old in rundir.private_folder(self.run_dir / "fatal").iterdir():
-            old.unlink()
+        rundir.clear_fatal(self.run_dir)
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-        conf = self.run_dir / "supervisord.conf"
+        conf = self.run_dir / rundir.SUPERVISORD_CONF
         progs = stack.programs(self.cfg, self.run_dir, self.log_level, self.hand_over())
         rundir.write_private(conf, stack.render(progs, self.run_dir, self.log_dir))
         # children log to supervisord's stdout: a pipe we copy to ours (reopening a redirected /dev/stdout
@@ -133,7 +108,7 @@ class Stack:
         signal.signal(signal.SIGHUP, lambda s, _f: self.hups.append(s))
         prefetch(self.cfg)  # every model once, before N workers would download it in parallel
         self.spawn()
-        rpc, announced = _rpc(self.run_dir), False
+        rpc, announced = Supervisor(self.run_dir), False
         while not self.signals:
             time.sleep(0.25)
             if self.proc is not None and self.proc.poll() is not None:
@@ -142,7 +117,7 @@ class Stack:
             if self.hups:
                 self.hups.clear()
                 reload.on_sighup(self.cfg, self.run_dir)
-            procs = [p for p in rpc.processes() if not stack.is_spare(p["group"])]  # spares: started by reloads
+            procs = [p for p in rpc.processes() if not rundir.is_spare(p["group"])]  # spares: started by reloads
             code = self.fatal(procs)
             if code:
                 self.stop()
@@ -157,7 +132,7 @@ class Stack:
         """Exit code of a stage that stopped for good (reported), else 0.
 
         supervisord forgets the exit status of a process that died within `startsecs` (BACKOFF), so stages
-        leave `<run dir>/fatal/<program>.txt` ("<exit code>\n<reason>") before a fatal exit.
+        leave a reason file in the run directory (`run_dir.fatal_file`) before a fatal exit.
         """
         for p in procs:
             if p["statename"] not in ("EXITED", "FATAL", "BACKOFF"):
@@ -174,11 +149,10 @@ class Stack:
         return 0
 
     def _left_reason(self, program: str) -> tuple[int, str]:
-        f = self.run_dir / "fatal" / f"{program}.txt"
+        f = rundir.fatal_file(self.run_dir, program)
         if not f.exists():
             return 0, ""
-        code, _, reason = f.read_text().partition("\n")
-        return int(code), reason.strip()
+        return rundir.read_fatal(f)
 
     def stop(self) -> None:
         """Stop supervisord (it stops every stage); kill the whole session if it takes too long."""
