@@ -10,7 +10,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from conftest import free_port
 
-from pipeline.wire.fastpaho import FastClient
+from pipeline.wire.fastpaho import PAHO_CHECKED, FastClient, missing_internals
 
 
 def _paho_publish(protocol: int, topic: str, payload: bytes, retain: bool) -> bytes:
@@ -276,3 +276,12 @@ def test_mqtt5_properties_that_run_past_the_packet_are_not_read_as_payload():
     assert c.read(lambda *m: got.append(m)) is False and got == []
     c = _connected_reader(mqtt.MQTTv5, b"\x32\x08\x00\x01a\x00\x01\x10XY")
     assert c.read(lambda *m: got.append(m)) is False and got == []
+
+
+def test_the_paho_internals_fastclient_relies_on_are_there():
+    from importlib.metadata import version
+
+    missing = missing_internals()
+    assert not missing, (f"paho-mqtt {version('paho-mqtt')} lacks {', '.join(missing)}, which FastClient "
+                         f"(pipeline/wire/fastpaho.py) overrides or reads: it was written for paho-mqtt "
+                         f"{PAHO_CHECKED}.x, the version setup.cfg pins")

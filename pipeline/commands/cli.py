@@ -96,7 +96,7 @@ STAGES = ("ingress", "egress", "control", "worker")  # what supervisord starts; 
 
 def parser(stages_only: bool = False) -> ArgumentParser:
     """The whole command line; with `stages_only`, the subcommands that run a stage and not the tools (bench,
-    status, deploy, models, keys), whose modules and parsers would cost every stage process ~2 MiB of RSS."""
+    status, deploy, models, keys), whose modules and parsers would cost every stage process memory."""
     p = argparse.ArgumentParser(prog="pipeline", description="Edge model runtime: MQTT -> Python models -> MQTT.")
     p.add_argument("--version", action="version", version=f"pipeline {__version__}")
     sub = p.add_subparsers(dest="command", required=True)

@@ -35,6 +35,9 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class Config(ConfigMixin, _Strict):  # instance, default_run_dir(), rule(), with_workers()...
+    """A validated configuration file: brokers, models, rules, control, outbox, endpoints. Immutable; its
+    secrets are `SecretStr`s."""
+
     name: Name | None = None
     brokers: dict[Name, Broker] = Field(min_length=1)
     models: dict[Name, Model] = Field(min_length=1)

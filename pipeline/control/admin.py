@@ -57,7 +57,7 @@ def models(cfg: Config, procs: list[Proc], run_dir: Path | None) -> dict[str, An
     """GET /models: catalog.models, plus the configured source (path or url, no credentials), the live
     workers with the version each loaded, and the last reload's result (null when there was none)."""
     from pipeline.supervision import (
-        reload,  # here and in Reload: loaded on first use, like prometheus_client (~0.4 MiB)
+        reload,  # here and in Reload: loaded on first use, like prometheus_client
     )
 
     doc = catalog.models(cfg, procs)
@@ -72,9 +72,9 @@ def models(cfg: Config, procs: list[Proc], run_dir: Path | None) -> dict[str, An
     return doc
 
 
-
-
 class Models:
+    """GET /models: every model, its source, version and the workers that loaded it."""
+
     def __init__(self, cfg: Config, source: Any, run_dir: Path | None) -> None:
         self.cfg, self.source, self.run_dir = cfg, source, run_dir
 

@@ -23,17 +23,21 @@ STATIC = Path(__file__).parent / "static"
 
 
 class Source(Protocol):
+    """What the resources read the stage snapshots from (a `Board`, or a fake in tests)."""
+
     def processes(self) -> list[dict[str, Any]]: ...
 
 
-
-
 class Health:
+    """GET /healthz: the control process answers."""
+
     def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
         _json(resp, {"status": "ok"})
 
 
 class Ready:
+    """GET /readyz: 200 when every stage reports and every broker is connected, else 503 with the reasons."""
+
     def __init__(self, cfg: Config, source: Source) -> None:
         self.cfg, self.source = cfg, source
 
@@ -53,6 +57,8 @@ class Document:
 
 
 class Rules:
+    """GET /rules: the rules as configured (no secret)."""
+
     def __init__(self, cfg: Config) -> None:
         self.doc = orjson.dumps(catalog.rules(cfg))
 
@@ -62,6 +68,8 @@ class Rules:
 
 
 class Metrics:
+    """GET /metrics: the Prometheus text of `Collector`."""
+
     def __init__(self, cfg: Config, source: Source) -> None:
         self.cfg, self.source = cfg, source
 

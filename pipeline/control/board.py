@@ -32,6 +32,10 @@ Snapshot = dict[str, Any]
 
 
 class Board:
+    """The stats board of the control process: owns the SUB socket (in its own thread) and the recent
+    snapshots of every stage process, keyed by (pid, started). Readers get copies under the lock, never the
+    live structures."""
+
     def __init__(self, endpoints: Endpoints | None = None) -> None:
         self.endpoints = endpoints  # where the stats socket binds (None: a board fed by put() only)
         self._lock = threading.Lock()

@@ -23,6 +23,8 @@ SHOWN = 200  # characters of a refused Host or Origin repeated in the answer
 
 
 class Gate:
+    """Falcon middleware: refuses a request whose Host or Origin is not a name of this control API."""
+
     def __init__(self, control: Control) -> None:
         self.allowed = Allowed(control.listen, control.allowed_hosts)
 

@@ -56,6 +56,8 @@ def _split(key: str, proc_rule: str | None) -> tuple[str, bool]:
 
 
 class Collector:
+    """Prometheus collector: the /metrics families computed from the stage snapshots on each scrape."""
+
     def __init__(self, cfg: Config, procs: list[Proc]) -> None:
         self.cfg, self.procs = cfg, procs
 

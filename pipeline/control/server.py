@@ -1,6 +1,6 @@
 """gunicorn wiring: gunicorn's threaded worker run in this process, without an arbiter, so control is one
-process (a second, the arbiter, would hold another ~40 MiB to restart a worker that supervisord restarts
-anyway). The stats board is made when the worker loads the app.
+process (a second, the arbiter, would hold a whole interpreter to restart a worker that supervisord
+restarts anyway). The stats board is made when the worker loads the app.
 
 The worker is pipeline.control.worker's (slow clients hold no thread), with gunicorn's request limits tightened
 to what our requests need, HTTPS when control.tls is set, and a warning logged at start when control listens

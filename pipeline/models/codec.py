@@ -7,16 +7,18 @@ from typing import Any
 
 import orjson
 
+from pipeline.errors import PipelineError
+
 MAX_RECORD_PAYLOAD = 64 * 1024
 MAX_ERROR_TEXT = 4096  # characters of an exception text kept in an error record (a traceback can be any size)
 _DUMP_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
-class BadPayload(ValueError):
+class BadPayload(PipelineError, ValueError):
     """The input payload is not UTF-8 JSON; the message says which."""
 
 
-class Unserialisable(TypeError):
+class Unserialisable(PipelineError, TypeError):
     """The model's return value cannot be published."""
 
 

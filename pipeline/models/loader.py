@@ -56,6 +56,8 @@ BatchHandler = Callable[[list[Any], Context], Any]
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """A model folder imported: its handler(s), its `init` and the sha256 of its version."""
+
     name: str
     folder: Path
     sha256: str
@@ -77,7 +79,7 @@ class _Alias:
     """Makes `<package>.helper` the very module `helper`, so relative and absolute imports of a model's
     helper give one module (one class object: isinstance and unpickled objects agree). A meta path finder and
     loader by protocol (find_spec, create_module, exec_module): subclassing importlib.abc's would load
-    importlib.resources, tempfile and shutil into every worker (~0.6 MiB)."""
+    importlib.resources, tempfile and shutil into every worker."""
 
     def __init__(self, package: str) -> None:
         self.prefix = package + "."

@@ -26,6 +26,8 @@ STOP_WAIT = 4  # seconds supervisord waits for a stage to stop before SIGKILL (i
 
 @dataclass(frozen=True)
 class Program:
+    """One supervisord program of the stack: its `pipeline` arguments, priority, process count and stop wait."""
+
     name: str
     args: list[str]
     priority: int  # supervisord starts low first and stops high first: producers stop before consumers

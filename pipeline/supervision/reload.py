@@ -75,6 +75,11 @@ def last(run_dir: Path | None, name: str) -> dict[str, Any] | None:
         return None
 
 
+def _rules_of(cfg: Config) -> list[dict[str, Any]]:
+    """The rules of a configuration as plain data, worker counts left out (they may be overridden)."""
+    return [r.model_dump(exclude={"workers"}) for r in cfg.rules]
+
+
 class Reloader:
     """Reloads the models of the stack running `running` (the config it started with) in `run_dir`."""
 
@@ -127,8 +132,7 @@ class Reloader:
         """The rules using the model; refuse a config whose rules changed (workers find their rule by index)."""
         if name not in cfg.models:
             raise ReloadError(f"model '{name}' is no longer defined in {cfg.source}")
-        dump = lambda c: [r.model_dump(exclude={"workers"}) for r in c.rules]  # noqa: E731
-        if dump(cfg) != dump(self.running):
+        if _rules_of(cfg) != _rules_of(self.running):
             raise ReloadError(f"the rules in {cfg.source} changed since the stack started: a reload only "
                               "replaces a model's version; restart the stack to apply the new rules")
         rules = [r.name for r in cfg.rules if r.model == name]

@@ -1,7 +1,7 @@
 """The one client of supervisord's XML-RPC interface, on the unix socket of a run directory.
 
-xmlrpc.client and supervisor.xmlrpc load with the first client (~3 MiB the control process needs only during a
-reload). A failed request leaves the connection unusable: it is closed, and the next request opens a new one.
+xmlrpc.client and supervisor.xmlrpc load with the first client: the control process needs them only during a
+reload. A failed request leaves the connection unusable: it is closed, and the next request opens a new one.
 """
 
 from __future__ import annotations

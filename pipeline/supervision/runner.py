@@ -60,6 +60,9 @@ def _copy(pipe: Any) -> None:
 
 
 class Stack:
+    """`pipeline up` for one configuration: owns the supervisord process, the run directory's files and the
+    signal handling. Runs until a signal or a stage that stopped for good, and always stops supervisord."""
+
     def __init__(self, cfg: Config, run_dir: Path, log_level: str, log_dir: Path | None = None) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.log_level = log_level

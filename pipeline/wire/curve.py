@@ -36,7 +36,7 @@ class Curve:
 def read_keys(path: Path, source: object, key: str = "", secret: bool = True) -> tuple[bytes, bytes]:
     """(public, secret) from a key file written by `pipeline keys` (secret b"" when `secret` is False);
     a ConfigError naming `source`, `key` and the file otherwise."""
-    import zmq.auth  # here and below, not at the top: a stack without remote workers never loads it (~0.3 MiB)
+    import zmq.auth  # here and below, not at the top: a stack without remote workers never loads it
 
     at = f"{key}: " if key else ""
     try:

@@ -37,6 +37,9 @@ REMOTE_BASE_PORT = 5900
 
 @dataclass(frozen=True)
 class Endpoints:
+    """The ZeroMQ addresses of one stack and how to open sockets on them. Immutable; `for_config` gives a
+    stack's own, `remote_worker` a worker's on another box (CURVE client)."""
+
     transport: str  # "ipc" | "tcp"
     run_dir: Path
     host: str = "127.0.0.1"

@@ -3,7 +3,8 @@
 paho reads each packet's header a byte at a time (two or three recv() calls per message) and writes each
 packet with its own send(). `FastClient` serves reads from one large recv() and gathers writes until the
 stage flushes them once per loop turn: on a busy link a single pair of syscalls then carries dozens of
-messages. It overrides paho's `_sock_recv`/`_sock_send`, so paho is pinned below 3 in setup.cfg.
+messages. It overrides and reads private names of paho (PAHO_INTERNALS), so setup.cfg pins paho-mqtt to the
+minor version they were checked on; tests/test_fastpaho.py fails naming any that an installed paho lacks.
 """
 
 from __future__ import annotations
@@ -19,8 +20,25 @@ QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 Deliver = Callable[[str, bytes, int, int, bool], None]  # (topic, payload, qos, mid, dup)
 Acked = Callable[[int, int], None]  # (mid, reason): reason 0 = success; MQTT 5 codes >= 0x80 = refused
 
+PAHO_CHECKED = "2.2"  # the paho-mqtt minor version whose internals FastClient was written against
+PAHO_INTERNALS = (  # private names of paho's Client that FastClient overrides, calls or reads
+    "_sock_recv", "_sock_send", "_mid_generate", "_handle_pubackcomp", "_update_inflight",  # methods
+    "_sock", "_in_packet", "_out_messages", "_inflight_messages", "_msgtime_mutex", "_last_bytes_received",
+)
+
+
+def missing_internals() -> list[str]:
+    """The names of PAHO_INTERNALS (and `time_func` of paho's client module) the installed paho lacks."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    missing = [name for name in PAHO_INTERNALS if not hasattr(client, name)]
+    return missing + ([] if callable(getattr(mqtt, "time_func", None)) else ["time_func"])
+
 
 class FastClient(mqtt.Client):
+    """A paho `Client` whose socket reads come from one buffer and whose writes wait for `flush()`. Owns the
+    read and write buffers and the encoded topics; the stage's loop must flush once per turn. Relies on paho's
+    private socket methods (see tests/test_fastpaho.py for the check of the paho version)."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rbuf: bytes = b""

@@ -27,6 +27,8 @@ NOTHING = 2  # the model returned None: nothing to publish, but the message is d
 
 
 class Message(NamedTuple):
+    """One MQTT message for one rule, ingress -> worker."""
+
     id: str  # unique per received MQTT message: "<ingress boot id>-<counter>"
     rule: str
     broker: str  # broker the message came from
@@ -39,6 +41,8 @@ class Message(NamedTuple):
 
 
 class Result(NamedTuple):
+    """The answer to exactly one `Message`, worker (or ingress for a dead letter) -> egress."""
+
     message_id: str
     rule: str
     kind: int  # PUBLISH | ERROR | NOTHING

@@ -36,6 +36,8 @@ Builder = Callable[[int, str, float], bytes]
 
 @dataclass
 class Options:
+    """What `pipeline loadgen` sends: broker, topic, devices, rate, count or duration, QoS, shape, size."""
+
     url: str = "mqtt://127.0.0.1:1883"
     topic: str = "plant/{device}/telemetry"
     devices: int = 100
@@ -50,6 +52,8 @@ class Options:
 
 @dataclass
 class Summary:
+    """What a load generation run sent, and how fast."""
+
     url: str
     qos: int
     shape: str
@@ -121,6 +125,8 @@ class Pacer:
 
 
 class LoadGen:
+    """Publishes a paced load of events to a broker on one MQTT connection."""
+
     def __init__(self, opts: Options, progress: Callable[[int], None] | None = None) -> None:
         self.opts = opts
         self.progress = progress or (lambda _sent: None)

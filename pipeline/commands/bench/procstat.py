@@ -21,6 +21,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 @dataclass
 class Usage:
+    """CPU and resident memory of a group of processes between two readings of /proc."""
+
     procs: int
     cpu_pct: float
     rss_mib: float

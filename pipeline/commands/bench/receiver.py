@@ -22,6 +22,8 @@ from pipeline.wire.mqtt import Hub, Link
 
 @dataclass
 class Report:
+    """What the receiver measured of one run: counts, losses, duplicates and latency."""
+
     sent: int
     delivered: int = 0  # distinct seqs received
     lost: int = 0  # sent - delivered

@@ -23,14 +23,17 @@ from pathlib import Path
 
 from pipeline.commands.bench.procstat import stack_processes
 from pipeline.config.load import Broker, Config
+from pipeline.errors import PipelineError
 
 
-class BenchError(Exception):
+class BenchError(PipelineError):
     """The benchmark cannot go on (no rule for a QoS, the stack does not start...)."""
 
 
 @dataclass(frozen=True)
 class Target:
+    """The stack a benchmark measures: started by the bench, or one already running."""
+
     qos: int
     rule: str
     in_url: str  # broker the load generator publishes to

@@ -13,7 +13,7 @@ top-level `funcs:` list; every rule runs every func. A func's model and devices 
 Converted: rule i crossed with func j is the native rule `r<i>-f<j>-<modelName>` (indexes from 0, as in the
 file's key paths): rule i's subscription, func j's model (one native model per distinct address and checksum,
 named after modelName) and devices (a `filter`, parsed, never evaluated: pipeline.config.pyboot.devices), rule i's
-publication and `pub.timeout` as the model-call timeout; results "{}" and "null" are not published, as before.
+publication and `pub.timeout` as the model-call timeout; results "{}" and "null" are not published, as pyboot did.
 Each mqtts entry a rule names becomes a broker (QoS 2 becomes 1). Keys the old runtime ignored (`expose:`, ...)
 and `clientId` are ignored and listed; keys that look like a misspelling of a read key are errors. Native
 sections (control:, data_dir:, ...) may be added to an old file and are kept. Where the file behaves

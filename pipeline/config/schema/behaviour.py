@@ -16,7 +16,14 @@ if TYPE_CHECKING:
     from pipeline.models.packages.sources import Limits, ModelSource
 
 
+def _plain(value: Any) -> Any:
+    """A copy of a dict (the ModelSource gets its own); anything else as it is."""
+    return dict(value) if isinstance(value, dict) else value
+
+
 class BrokerMixin:
+    """What a broker's fields tell: scheme, host, port, whether it is the embedded broker."""
+
     __slots__ = ()
 
     @property
@@ -38,6 +45,8 @@ class BrokerMixin:
 
 
 class ModelMixin:
+    """What a model's fields tell: its source and where it is."""
+
     __slots__ = ()
 
     @property
@@ -45,8 +54,8 @@ class ModelMixin:
         """What `pipeline.models.packages.resolve` takes."""
         from pipeline.models.packages.sources import ModelSource
 
-        copy = (lambda d: dict(d) if isinstance(d, dict) else d)  # noqa: E731
-        return ModelSource(self.path, self.url, copy(self.urls), copy(self.sha256), copy(self.md5), self.insecure)
+        return ModelSource(self.path, self.url, _plain(self.urls), _plain(self.sha256), _plain(self.md5),
+                           self.insecure)
 
     @property
     def where(self) -> str:
@@ -60,6 +69,8 @@ class ModelMixin:
 
 
 class PackagesMixin:
+    """What the `packages` fields tell: the limits of a download."""
+
     __slots__ = ()
 
     def limits(self) -> Limits:
@@ -69,6 +80,8 @@ class PackagesMixin:
 
 
 class RuleMixin:
+    """What a rule's fields tell: its error topic."""
+
     __slots__ = ()
 
     @property
@@ -77,6 +90,8 @@ class RuleMixin:
 
 
 class ConfigMixin:
+    """What a whole configuration can do: its instance name, default run directory, rule lookup, overrides."""
+
     __slots__ = ()
 
     @property

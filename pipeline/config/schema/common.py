@@ -32,6 +32,8 @@ Name = Annotated[str, Field(pattern=_NAME)]
 
 
 class _Strict(BaseModel):
+    """Base of the configuration's sections: unknown keys are errors, values are immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

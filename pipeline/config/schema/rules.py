@@ -26,6 +26,8 @@ from pipeline.models.filters import filter_problems
 
 
 class Sub(_Strict):
+    """`rules[].sub`: the broker and topic filter a rule subscribes to, and its QoS."""
+
     broker: str
     topic: str
     qos: Literal[0, 1] = 1
@@ -45,6 +47,8 @@ class Sub(_Strict):
 
 
 class Pub(_Strict):
+    """`rules[].pub`: the broker and topic template a rule publishes its results to."""
+
     broker: str
     topic: str
     qos: Literal[0, 1] = 1
@@ -54,10 +58,14 @@ class Pub(_Strict):
 
 
 class Errors(_Strict):
+    """`rules[].errors`: where a rule's error records go."""
+
     topic: str | None = None
 
 
 class Rule(RuleMixin, _Strict):  # error_topic
+    """One of `rules`: subscription, model, publication, workers and limits of one flow."""
+
     name: Name
     sub: Sub
     model: str
@@ -127,6 +135,8 @@ class ControlTls(_Strict):
 
 
 class Control(_Strict):
+    """`control`: where the control API listens and who may use it."""
+
     listen: str = Field("127.0.0.1:5888", pattern=r"^[^:\s]+:\d{1,5}$")
     token: SecretStr | None = None  # mutating endpoints need "Authorization: Bearer <token>"; without: disabled
     protect_reads: bool = False  # the token is needed by every read too, but /healthz, /readyz and the dashboard page
@@ -160,8 +170,9 @@ class Control(_Strict):
         return self
 
 
-
 class Outbox(_Strict):
+    """`outbox`: egress's store of results waiting for their broker."""
+
     max_bytes: ByteSize = ByteSize(256 << 20)  # full: egress stops taking results (backpressure), drops nothing
     drain_rate: int = Field(5000, ge=1)  # msg/s cap while catching up after the broker was unreachable
     synchronous: Literal["full", "normal"] = "full"  # SQLite's: full keeps every confirmed result through power loss
@@ -186,6 +197,8 @@ class Remote(_Strict):
 
 
 class Endpoints(_Strict):
+    """`endpoints`: the transport of the stack's ZeroMQ sockets (ipc or tcp), and remote workers."""
+
     transport: Literal["ipc", "tcp"] = "ipc"
     host: str = "127.0.0.1"
     base_port: int = Field(5800, ge=1024, le=65000)

@@ -23,6 +23,8 @@ from pipeline.models.packages.sources import parse_md5, parse_sha256, redact
 
 
 class Broker(BrokerMixin, _Strict):  # scheme, host, port, embedded
+    """One of `brokers`: an MQTT broker's URL, credentials and TLS."""
+
     url: str  # user:password@ in the url is moved to username / password (and never shown)
     username: str | None = None
     password: SecretStr | None = None

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     )
 
 # Loaded on first use: the configuration needs only `sources`, and download/cache/archive pull in
-# urllib.request, http.client, ssl, tarfile, zipfile... (~8 MiB in every stage that never downloads).
+# urllib.request, http.client, ssl, tarfile, zipfile... (in every stage that never downloads).
 _WHERE = {"model_root": "archive", "unpack": "archive", "RECORD": "cache", "fetch_all": "cache", "resolve": "cache",
           "source_info": "cache", "version_of": "cache", "download": "download", "Limits": "sources",
           "ModelSource": "sources", "check_integrity": "sources", "choose_url": "sources", "machine_arch": "sources",

@@ -27,6 +27,8 @@ from pipeline.models.packages.tarheaders import check_headers
 
 
 class _Budget:
+    """What unpacking one archive may still write (bytes, files)."""
+
     def __init__(self, limits: Limits) -> None:
         self.limits, self.entries, self.declared, self.written = limits, 0, 0, 0
 

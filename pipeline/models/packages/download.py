@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import unquote, urljoin, urlsplit
 
-from pipeline.errors import ModelLoadError
+from pipeline.errors import ModelLoadError, PipelineError
 from pipeline.models.packages.sources import Limits, redact
 
 _CHUNK = 1 << 16
 
 
-class _Retry(Exception):
+class _Retry(PipelineError):
     """A failure another attempt may not meet."""
 
 

@@ -38,6 +38,8 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class Limits:
+    """Bounds on what downloading and unpacking a model may take (bytes, files, time)."""
+
     max_bytes: int = 512 << 20  # unpacked total of one archive (and the most a download may carry)
     max_files: int = 10_000  # entries of one archive: files, folders and links
     connect_timeout: float = 10.0  # seconds to open the connection (TLS handshake included)

@@ -26,6 +26,8 @@ _INSERT = "INSERT INTO outbox (broker, topic, payload, qos, retain, rule, receiv
 
 
 class Row(NamedTuple):
+    """One stored result waiting for its broker: the publish and what confirming it needs."""
+
     id: int
     broker: str
     topic: str

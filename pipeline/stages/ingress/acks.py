@@ -12,6 +12,9 @@ from pipeline.wire.fastpaho import FastClient
 
 
 class AckWindow:
+    """The PUBACKs of one MQTT connection, released in arrival order once every rule of each message
+    confirmed it. Owns the window of open QoS 1 messages; `acked` counts what was released."""
+
     def __init__(self, client: FastClient) -> None:
         self.client = client
         self._order: deque[list] = deque()  # [mid, rules still to confirm], in arrival order

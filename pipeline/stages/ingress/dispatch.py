@@ -40,6 +40,9 @@ UNANSWERED = float("inf")  # the deadline of a message its worker has not answer
 
 @dataclass
 class Worker:
+    """A worker of a rule as ingress sees it: its credit (frames it may still take), when it was last heard
+    of, and the messages it holds, oldest first. Owned by one `RuleQueue`."""
+
     ident: bytes
     credit: int
     seen: float
@@ -52,6 +55,10 @@ class Worker:
 
 
 class RuleQueue:
+    """One rule's backlog and its workers: sends to workers with credit, tracks what each holds until egress
+    confirms it, sends again what a dead worker held (attempt + 1) and turns messages past `max_attempts` into
+    dead letters. Invariant: a QoS 1 message is in the backlog, at one worker, or awaiting its confirm; never two."""
+
     def __init__(self, rule: Rule, sock: zmq.Socket, stats: Reporter, dead_letter: Callable[[Result], None],
                  error_topic: Callable[[str], str]) -> None:
         self.rule, self.sock, self.stats = rule, sock, stats

@@ -70,6 +70,10 @@ def run(cfg: Config, eps: Endpoints, stop: threading.Event) -> None:
 
 
 class Ingress:
+    """The ingress stage of a stack: owns the MQTT links of every broker rules subscribe on, each rule's
+    `RuleQueue` and the `AckWindow` of each link. A message is acknowledged upstream only once every rule it feeds
+    confirmed its result (QoS 1), and every message received is counted once: dispatched, unrouted or dropped."""
+
     def __init__(self, cfg: Config, eps: Endpoints) -> None:
         ctx = zmq.Context.instance()
         self.cfg, self.stats = cfg, Reporter.connect(eps, "ingress")

@@ -19,6 +19,10 @@ if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its confi
 
 
 class Processor:
+    """Runs one rule's model on frames: owns the loaded model and its context, the filter and the topic
+    templates. Returns exactly one `Result` per `Message`, in frame order; a failing message becomes an error
+    record and never stops the frame."""
+
     def __init__(self, rule: Rule, model: LoadedModel, context: Context) -> None:
         self.rule, self.model, self.context = rule, model, context
         self.render = topics.compile_template(rule.pub.topic)
