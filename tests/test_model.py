@@ -22,16 +22,11 @@ LAYOUTS = ["folder", "flat", "top-folder", "top-folder+__MACOSX"]
 
 
 @pytest.fixture(autouse=True)
-def isolated_imports(tmp_path):
+def isolated_imports():
     """model.load edits sys.path and sys.modules: undo it, so each test imports its models afresh."""
-    path, modules = list(sys.path), set(sys.modules)
     yield
-    sys.path[:] = path
-    roots = (str(tmp_path), str(MODELS))
-    for name in set(sys.modules) - modules:
-        where = str(getattr(sys.modules[name], "__file__", ""))
-        if name.startswith("pipeline_model_") or where.startswith(roots):
-            del sys.modules[name]
+    for name in model.loaded():
+        model.unload(name)
 
 
 def ctx(name: str, **params: object) -> model.Context:

@@ -49,12 +49,9 @@ def server() -> Iterator[FileServer]:
 @pytest.fixture
 def clean_imports() -> Iterator[None]:
     """Loading a model edits sys.path and sys.modules: undo it."""
-    path, modules = list(sys.path), set(sys.modules)
     yield
-    sys.path[:] = path
-    for name in set(sys.modules) - modules:
-        if name.startswith("pipeline_model_") or name == "index":
-            del sys.modules[name]
+    for name in model.loaded():
+        model.unload(name)
 
 
 def parse(models: dict[str, Any], tmp_path: Path, **top: Any) -> config.Config:

@@ -492,12 +492,9 @@ def test_filter_problems(filter, problem):
 @pytest.fixture
 def isolated_imports():
     """model.load edits sys.path and sys.modules: undo it."""
-    path, modules = list(sys.path), set(sys.modules)
     yield
-    sys.path[:] = path
-    for name in set(sys.modules) - modules:
-        if name.startswith(("pipeline_model_", "helpers")):
-            del sys.modules[name]
+    for name in model.loaded():
+        model.unload(name)
 
 
 def old_style_zip(tmp_path: Path, top: str = "model") -> bytes:

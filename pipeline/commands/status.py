@@ -99,7 +99,7 @@ def table(doc: dict[str, Any], source: str = "") -> Any:
     """A rich Table of a /stages document, with what keeps the stack from being ready as its caption."""
     from rich.table import Table
 
-    from pipeline.control.views import not_ready
+    from pipeline.telemetry.readiness import not_ready
 
     stamp = time.strftime("%H:%M:%S", time.localtime(doc.get("time", time.time())))
     problems = not_ready(doc)

@@ -15,6 +15,7 @@ import orjson
 
 from pipeline.control import admin, catalog, gate, views
 from pipeline.control.http import send_json as _json
+from pipeline.telemetry.readiness import not_ready
 
 if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
     from pipeline.config.load import Config
@@ -42,7 +43,7 @@ class Ready:
         self.cfg, self.source = cfg, source
 
     def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
-        problems = views.not_ready(views.stages(self.cfg, self.source.processes()))
+        problems = not_ready(views.stages(self.cfg, self.source.processes()))
         _json(resp, {"ready": not problems, "problems": problems}, falcon.HTTP_503 if problems else falcon.HTTP_200)
 
 

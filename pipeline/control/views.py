@@ -156,20 +156,6 @@ def stages(cfg: Config, procs: list[Proc]) -> dict[str, Any]:
             "stages": [_ingress(cfg, g), *(_rule(r, g) for r in cfg.rules), _egress(cfg, g)]}
 
 
-def not_ready(doc: dict[str, Any]) -> list[str]:
-    """What keeps the stack from being ready: stages down, brokers not connected, an outbox on a full disk."""
-    problems = []
-    for st in doc["stages"]:
-        if not st["up"]:
-            problems.append(f"{st['name']} is down")
-        for name, state in st.get("brokers", {}).items():
-            if state != "connected":
-                problems.append(f"{st['name']}: broker {name} is {state}")
-        if (st.get("outbox") or {}).get("disk_full"):
-            problems.append(f"{st['name']}: outbox: disk full (results wait; no input is acknowledged)")
-    return problems
-
-
 def egress_depth(rule: str, g: Groups, egress_total: int) -> int:
     """Results of `rule` in egress. Exact when egress counts `received.<rule>` and reports its outbox rows per
     rule (`outbox.rules`); otherwise estimated from the rule's end-to-end histogram (one observation per

@@ -96,6 +96,9 @@ class _Alias:
         pass  # imported already, under its top-level name
 
 
+_LOADED: dict[str, tuple[str, Path]] = {}  # model name -> (its package name, its folder), while imported
+
+
 def load(name: str, folder: Path, version: str | None = None) -> LoadedModel:
     """Import the model in `folder` (holding index.py: a folder `packages.resolve` returned, where archives are
     verified and unpacked); raise ModelLoadError naming the model and path on any failure. `version`: its
@@ -103,6 +106,7 @@ def load(name: str, folder: Path, version: str | None = None) -> LoadedModel:
     if not (folder / "index.py").is_file():
         raise ModelLoadError(f"model '{name}': no index.py in {folder}")
     package = "pipeline_model_" + re.sub(r"\W", "_", name)
+    _LOADED[name] = (package, folder)
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
     pkg = types.ModuleType(package)
@@ -124,6 +128,28 @@ def load(name: str, folder: Path, version: str | None = None) -> LoadedModel:
         raise ModelLoadError(f"model '{name}': {folder / 'index.py'} defines no handler(event, context) "
                              "(nor handler_batch(events, context))")
     return LoadedModel(name, folder, version or sha256_of(folder), handler, init, batch)
+
+
+def unload(name: str) -> None:
+    """Undo what `load` did to the interpreter for the model `name`: its folder on sys.path, its import alias,
+    and every module imported from its folder or under its package name. A worker never needs it (one model for
+    the life of the process); a process that loads a model again from a fresh state does."""
+    package, folder = _LOADED.pop(name, (None, None))
+    if package is None or folder is None:
+        return
+    while str(folder) in sys.path:
+        sys.path.remove(str(folder))
+    sys.meta_path[:] = [f for f in sys.meta_path if not (isinstance(f, _Alias) and f.prefix == package + ".")]
+    root = str(folder) + "/"
+    for mod_name, module in list(sys.modules.items()):
+        where = [str(getattr(module, "__file__", None) or ""), *(getattr(module, "__path__", None) or [])]
+        if mod_name == package or mod_name.startswith(package + ".") or any(str(w).startswith(root) for w in where):
+            del sys.modules[mod_name]
+
+
+def loaded() -> list[str]:
+    """The names of the models `load` imported and `unload` did not undo."""
+    return list(_LOADED)
 
 
 def check_batch(values: Any, n: int) -> list[Any]:
