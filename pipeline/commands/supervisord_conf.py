@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import PipelineError
 from pipeline.supervision import programs as stack
+from pipeline.supervision import run_dir as rundir
 
 if TYPE_CHECKING:
     from pipeline.config import load as config
@@ -58,7 +59,7 @@ def cmd_supervisord_conf(args: argparse.Namespace) -> int:
     except PipelineError as e:
         print(f"pipeline: {e}", file=sys.stderr)
         return e.exit_code
-    run_dir = Path(args.run_dir).resolve() if args.run_dir else cfg.default_run_dir()
+    run_dir = rundir.chosen(args.run_dir, cfg)
     log_dir = Path(args.log_dir).resolve() if args.log_dir else None
     sys.stdout.write(conf_text(cfg, run_dir, args.log_level or "info", log_dir, args.programs_only, args.user))
     return 0

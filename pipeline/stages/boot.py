@@ -45,7 +45,7 @@ def stop_event() -> threading.Event:
 
 def run_dir_of(cfg: Config, args: argparse.Namespace) -> Path:
     """`--run-dir`, else the configuration's default run directory; checked and created private."""
-    return rundir.prepare(Path(args.run_dir).resolve() if args.run_dir else cfg.default_run_dir())
+    return rundir.prepare(rundir.chosen(args.run_dir, cfg))
 
 
 def run_stage(name: str, args: argparse.Namespace, body: Body) -> int:

@@ -16,8 +16,12 @@ import secrets
 import stat
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import StartupError
+
+if TYPE_CHECKING:
+    from pipeline.config.schema.behaviour import ConfigMixin
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
@@ -29,6 +33,11 @@ def default(instance: str) -> Path:
     if runtime and os.path.isabs(runtime) and _is_private(Path(runtime)):
         return Path(runtime) / f"pipeline-{instance}"
     return Path(tempfile.gettempdir()) / f"pipeline-{os.geteuid()}" / instance
+
+
+def chosen(given: str | None, cfg: ConfigMixin) -> Path:
+    """The run directory of a command: `--run-dir` made absolute, else the configuration's default."""
+    return Path(given).resolve() if given else cfg.default_run_dir()
 
 
 def prepare(path: Path) -> Path:
