@@ -23,7 +23,7 @@ from pydantic_core import PydanticCustomError
 
 from pipeline.config import pyboot
 from pipeline.config.schema.behaviour import ConfigMixin
-from pipeline.config.schema.common import Name, _Strict
+from pipeline.config.schema.common import Name, Strict
 from pipeline.config.schema.rules import Control, ControlTls, Endpoints, Errors, Outbox, Pub, Rule, Sub
 from pipeline.config.schema.sources import Broker, Model, Packages
 from pipeline.errors import ConfigError
@@ -34,7 +34,7 @@ __all__ = ["Broker", "Config", "Control", "ControlTls", "Endpoints", "Errors", "
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class Config(ConfigMixin, _Strict):  # instance, default_run_dir(), rule(), with_workers()...
+class Config(ConfigMixin, Strict):  # instance, default_run_dir(), rule(), with_workers()...
     """A validated configuration file: brokers, models, rules, control, outbox, endpoints. Immutable; its
     secrets are `SecretStr`s."""
 

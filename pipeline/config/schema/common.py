@@ -31,13 +31,14 @@ Seconds = Annotated[float, BeforeValidator(duration), Field(gt=0)]
 Name = Annotated[str, Field(pattern=_NAME)]
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     """Base of the configuration's sections: unknown keys are errors, values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _known(kind: str, v: str, info: ValidationInfo) -> str:
+def must_be_defined(kind: str, v: str, info: ValidationInfo) -> str:
+    """`v` when the validation context defines it among `kind` (brokers, models), else a ValueError naming them."""
     known = (info.context or {}).get(kind)
     if known is not None and v not in known:
         names = ", ".join(sorted(known)) or "none"

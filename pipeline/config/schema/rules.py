@@ -20,12 +20,12 @@ from pydantic_core import PydanticCustomError
 
 from pipeline import topics
 from pipeline.config.schema.behaviour import RuleMixin
-from pipeline.config.schema.common import Name, Seconds, _known, _Strict
+from pipeline.config.schema.common import Name, Seconds, Strict, must_be_defined
 from pipeline.control.hosts import name_problem, normal
 from pipeline.models.filters import filter_problems
 
 
-class Sub(_Strict):
+class Sub(Strict):
     """`rules[].sub`: the broker and topic filter a rule subscribes to, and its QoS."""
 
     broker: str
@@ -33,7 +33,7 @@ class Sub(_Strict):
     qos: Literal[0, 1] = 1
     share: str | None = Field(None, pattern=r"^[^/+#\s]{1,64}$")  # MQTT 5 shared subscription group ($share/GROUP/)
 
-    _broker = field_validator("broker")(lambda cls, v, info: _known("brokers", v, info))
+    _broker = field_validator("broker")(lambda cls, v, info: must_be_defined("brokers", v, info))
     _topic = field_validator("topic")(lambda cls, v: topics.check_filter(v))
 
     @model_validator(mode="after")
@@ -46,7 +46,7 @@ class Sub(_Strict):
         return self
 
 
-class Pub(_Strict):
+class Pub(Strict):
     """`rules[].pub`: the broker and topic template a rule publishes its results to."""
 
     broker: str
@@ -54,16 +54,16 @@ class Pub(_Strict):
     qos: Literal[0, 1] = 1
     retain: bool = False
 
-    _broker = field_validator("broker")(lambda cls, v, info: _known("brokers", v, info))
+    _broker = field_validator("broker")(lambda cls, v, info: must_be_defined("brokers", v, info))
 
 
-class Errors(_Strict):
+class Errors(Strict):
     """`rules[].errors`: where a rule's error records go."""
 
     topic: str | None = None
 
 
-class Rule(RuleMixin, _Strict):  # error_topic
+class Rule(RuleMixin, Strict):  # error_topic
     """One of `rules`: subscription, model, publication, workers and limits of one flow."""
 
     name: Name
@@ -81,7 +81,7 @@ class Rule(RuleMixin, _Strict):  # error_topic
     filter: dict[str, Any] | None = None  # see pipeline.models.filters; a message it refuses gives no output
     skip_results: list[str] = []  # a result that is one of these strings is not published (as None is not)
 
-    _model = field_validator("model")(lambda cls, v, info: _known("models", v, info))
+    _model = field_validator("model")(lambda cls, v, info: must_be_defined("models", v, info))
 
     @field_validator("filter")
     @classmethod
@@ -108,7 +108,7 @@ class Rule(RuleMixin, _Strict):  # error_topic
         return self
 
 
-class ControlTls(_Strict):
+class ControlTls(Strict):
     """HTTPS for the control API: PEM files, relative to the config file; both are read at `pipeline check`."""
 
     cert: Path  # the server certificate (and its chain), PEM
@@ -134,7 +134,7 @@ class ControlTls(_Strict):
         return self
 
 
-class Control(_Strict):
+class Control(Strict):
     """`control`: where the control API listens and who may use it."""
 
     listen: str = Field("127.0.0.1:5888", pattern=r"^[^:\s]+:\d{1,5}$")
@@ -170,7 +170,7 @@ class Control(_Strict):
         return self
 
 
-class Outbox(_Strict):
+class Outbox(Strict):
     """`outbox`: egress's store of results waiting for their broker."""
 
     max_bytes: ByteSize = ByteSize(256 << 20)  # full: egress stops taking results (backpressure), drops nothing
@@ -181,7 +181,7 @@ class Outbox(_Strict):
 PORTS = 100  # a stack on tcp uses base_port + 0..3 and base_port + 10 + rule index
 
 
-class Remote(_Strict):
+class Remote(Strict):
     """Workers on other boxes join over tcp, encrypted and authenticated with ZMQ CURVE (`pipeline keys`)."""
 
     listen: str = "127.0.0.1"  # the interface to bind (0.0.0.0: all); ports base_port + offset, as with tcp
@@ -196,7 +196,7 @@ class Remote(_Strict):
         return (v if v.is_absolute() else Path((info.context or {}).get("base", ".")) / v).resolve()
 
 
-class Endpoints(_Strict):
+class Endpoints(Strict):
     """`endpoints`: the transport of the stack's ZeroMQ sockets (ipc or tcp), and remote workers."""
 
     transport: Literal["ipc", "tcp"] = "ipc"

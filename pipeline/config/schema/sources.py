@@ -18,11 +18,11 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipeline.config.schema.behaviour import BrokerMixin, ModelMixin, PackagesMixin
-from pipeline.config.schema.common import Seconds, _Strict
+from pipeline.config.schema.common import Seconds, Strict
 from pipeline.models.packages.sources import parse_md5, parse_sha256, redact
 
 
-class Broker(BrokerMixin, _Strict):  # scheme, host, port, embedded
+class Broker(BrokerMixin, Strict):  # scheme, host, port, embedded
     """One of `brokers`: an MQTT broker's URL, credentials and TLS."""
 
     url: str  # user:password@ in the url is moved to username / password (and never shown)
@@ -95,7 +95,7 @@ class Broker(BrokerMixin, _Strict):  # scheme, host, port, embedded
         return {str(n): str(b.get("protocol", "3.1.1")) for n, b in items if isinstance(b, dict)}
 
 
-class Model(ModelMixin, _Strict):  # source, where
+class Model(ModelMixin, Strict):  # source, where
     """Exactly one source: `path` (a folder, .zip, .tar.gz or .tgz; relative to the config file), or `url` and/or
     `urls` (per machine; `url` serves the others). `sha256` / `md5` (hex; md5 also as base64 of the raw digest, as
     the old configs write it) are checked when the archive is fetched (workers, `pipeline up`, `models fetch`,
@@ -179,7 +179,7 @@ class Model(ModelMixin, _Strict):  # source, where
         return self
 
 
-class Packages(PackagesMixin, _Strict):  # limits()
+class Packages(PackagesMixin, Strict):  # limits()
     """Limits on fetching and unpacking model archives (pipeline.models.packages.Limits)."""
 
     max_bytes: ByteSize = ByteSize(512 << 20)  # unpacked size of one archive, and the most a download may carry
