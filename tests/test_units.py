@@ -325,7 +325,7 @@ def test_stack_render_broker_and_log_dir(tmp_path, url, listen):
     ([b"w1", b"a", b"b"], "one frame behind the identity"),
 ])
 def test_credit_frames(parts, problem):
-    from pipeline.stages.ingress import frames
+    from pipeline.stages.ingress import feedback as frames
 
     if problem is None:
         assert frames.credit(parts) == (b"w1", 3)
@@ -347,7 +347,7 @@ def test_credit_frames(parts, problem):
     (["w1", 0, envelope.BEAT], "expected [worker, rule index, kind, value]"),
 ])
 def test_beat_frames(body, problem):
-    from pipeline.stages.ingress import frames
+    from pipeline.stages.ingress import feedback as frames
 
     if problem is None:
         assert frames.beat(envelope.pack(body), 2).ident == b"w1"
@@ -357,7 +357,7 @@ def test_beat_frames(body, problem):
 
 
 def test_confirm_frames():
-    from pipeline.stages.ingress import frames
+    from pipeline.stages.ingress import feedback as frames
 
     assert frames.confirms(envelope.pack([])) is None
     assert frames.confirms(envelope.pack([["b-1", "r", "local", "w1"]])) == [frames.Confirm("b-1", "r", "local", "w1")]

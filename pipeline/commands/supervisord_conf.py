@@ -4,7 +4,7 @@ supervisord.
 By default it prints the whole file `pipeline up` writes into its run directory (usable with
 `supervisord -c FILE`). `--programs-only` prints just the `[program:...]` sections and a `[group:pipeline]`, for
 the system supervisord's `/etc/supervisor/conf.d/`. Either way the programs are exactly those of `pipeline up`
-(`stack.programs`, rendered by `stack.render`): same commands, priorities, stop timeouts and exit codes.
+(`programs.programs`, rendered by `programs.render`): same commands, priorities, stop timeouts and exit codes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import PipelineError
-from pipeline.supervision import programs as stack
+from pipeline.supervision import programs
 from pipeline.supervision import run_dir as rundir
 
 if TYPE_CHECKING:
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 def conf_text(cfg: config.Config, run_dir: Path, log_level: str = "info", log_dir: Path | None = None,
               programs_only: bool = False, user: str | None = None) -> str:
     """The supervisord.conf text for `cfg` (worker overrides already applied)."""
-    progs = stack.programs(cfg, run_dir, log_level)
-    text = stack.render(progs, run_dir, log_dir)
+    progs = programs.programs(cfg, run_dir, log_level)
+    text = programs.render(progs, run_dir, log_dir)
     if not (programs_only or user):
         return text
     return _trim(text, [p.name for p in progs], programs_only, user)

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline import errors, logs
-from pipeline.config import overrides
-from pipeline.config import snapshot as frozen
+from pipeline.config import overrides, snapshot
 from pipeline.errors import PipelineError
 from pipeline.supervision import run_dir as rundir
 from pipeline.wire.endpoints import Endpoints
@@ -76,7 +75,7 @@ def leave_reason(run_dir: Path, program: str, e: PipelineError) -> None:
 def stage_config(args: argparse.Namespace, run_dir: Path | None) -> Config:
     """The configuration a stage runs with: the one `pipeline up` validated and left in the run dir when it still
     describes the file (no pydantic in this process), else the file validated here."""
-    cfg = frozen.read(run_dir, args.config) if run_dir else None
+    cfg = snapshot.read(run_dir, args.config) if run_dir else None
     if cfg is None:
         from pipeline.config import load
 

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import snapshot as frozen
+from pipeline.config import snapshot
 from pipeline.errors import PipelineError
 from pipeline.models import packages
 from pipeline.supervision import run_dir as rundir
@@ -124,7 +124,7 @@ class Reloader:
     def _hand_over(self, cfg: Config) -> None:
         """Rewrite the run dir's config.json with the file's models, which the new workers read (they cannot
         validate the file themselves: they run without the variables that hold secrets)."""
-        if os.environ.get(frozen.RUN) and not frozen.rewrite(self.run_dir, self.running.model_copy(
+        if os.environ.get(snapshot.RUN) and not snapshot.rewrite(self.run_dir, self.running.model_copy(
                 update={"models": cfg.models})):
             raise ReloadError(f"the models of {cfg.source} cannot be handed to the workers in {self.run_dir}")
 

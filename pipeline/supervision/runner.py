@@ -22,11 +22,10 @@ from typing import Any
 from pipeline import errors
 from pipeline.commands.broker import port_in_use
 from pipeline.commands.models import prefetch
-from pipeline.config import snapshot as frozen
+from pipeline.config import snapshot
 from pipeline.config.load import Config
 from pipeline.errors import StartupError
-from pipeline.supervision import programs as stack
-from pipeline.supervision import reload
+from pipeline.supervision import programs, reload
 from pipeline.supervision import run_dir as rundir
 from pipeline.supervision.rpc import Supervisor
 from pipeline.wire.endpoints import Endpoints
@@ -78,8 +77,8 @@ class Stack:
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         conf = self.run_dir / rundir.SUPERVISORD_CONF
-        progs = stack.programs(self.cfg, self.run_dir, self.log_level, self.hand_over())
-        rundir.write_private(conf, stack.render(progs, self.run_dir, self.log_dir))
+        progs = programs.programs(self.cfg, self.run_dir, self.log_level, self.hand_over())
+        rundir.write_private(conf, programs.render(progs, self.run_dir, self.log_dir))
         # children log to supervisord's stdout: a pipe we copy to ours (reopening a redirected /dev/stdout
         # would write from offset 0 over what is there)
         self.proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],
@@ -93,15 +92,15 @@ class Stack:
         """Write the validated config for the stages and put its run id and secrets in the environment
         supervisord passes on; return the variables the processes without a use for secrets go without."""
         run = secrets.token_hex(16)
-        values = frozen.write(self.run_dir, self.cfg, run)
+        values = snapshot.write(self.run_dir, self.cfg, run)
         if values is None:  # the stages validate the file themselves, each from the whole environment
-            log.debug("no %s in %s: the stages validate %s themselves", frozen.FILE, self.run_dir, self.cfg.source)
-            os.environ.pop(frozen.RUN, None)
-            os.environ.pop(frozen.SECRETS, None)
+            log.debug("no %s in %s: the stages validate %s themselves", snapshot.FILE, self.run_dir, self.cfg.source)
+            os.environ.pop(snapshot.RUN, None)
+            os.environ.pop(snapshot.SECRETS, None)
             return ()
-        os.environ[frozen.RUN] = run
-        os.environ[frozen.SECRETS] = json.dumps(values)
-        return (frozen.SECRETS, *frozen.withheld_variables(self.cfg.source))
+        os.environ[snapshot.RUN] = run
+        os.environ[snapshot.SECRETS] = json.dumps(values)
+        return (snapshot.SECRETS, *snapshot.withheld_variables(self.cfg.source))
 
     def run(self) -> int:
         """Spawn, then watch until a signal or a fatal stage; return the exit code."""

@@ -25,7 +25,7 @@ from pipeline.errors import DecodeError
 from pipeline.models import codec
 from pipeline.stages.egress.outbox import Outbox, Row
 from pipeline.telemetry.reporter import Reporter
-from pipeline.wire import frames as envelope
+from pipeline.wire import frames
 from pipeline.wire.endpoints import Endpoints
 from pipeline.wire.frames import Result
 from pipeline.wire.mqtt import Hub, Link
@@ -116,7 +116,7 @@ class Egress:
         self.guard = eps.guard(ctx)  # lets authorized remote workers in (endpoints.remote), else None
         self.pull = eps.bind(ctx, zmq.PULL, "results")
         self.confirm = eps.connect(ctx, zmq.PUSH, "confirms", options={zmq.LINGER: 2000})
-        self.confirm.send(envelope.pack([]))  # "egress started": ingress need not wait out its grace period
+        self.confirm.send(frames.pack([]))  # "egress started": ingress need not wait out its grace period
         self.outbox = outbox
         names = sorted({r.pub.broker for r in cfg.rules})
         self.links = {n: Link(n, cfg.brokers[n], f"{cfg.instance}-egress-{n}") for n in names}
@@ -183,7 +183,7 @@ class Egress:
             self.stats.reject("disk_full", f"outbox {self.outbox.path}: {e}; results wait, nothing is confirmed")
             return
         if confirms:
-            self.confirm.send(envelope.pack(confirms))
+            self.confirm.send(frames.pack(confirms))
 
     def _retry_store(self) -> None:
         waiting, self.unstored = self.unstored, []
@@ -197,7 +197,7 @@ class Egress:
     def _take_frames(self) -> None:
         for frame in drain(self.pull, 64):
             try:
-                results, sender = envelope.decode_from(frame, Result)
+                results, sender = frames.decode_from(frame, Result)
             except DecodeError as e:
                 self.stats.reject("bad_frames", f"results: {e}")
                 continue
@@ -205,7 +205,7 @@ class Egress:
 
     def _problem(self, r: Result) -> str | None:
         """Why a decoded result cannot be acted on at all (dropped and not confirmed), or None."""
-        problem = envelope.result_problem(r)
+        problem = frames.result_problem(r)
         if problem is None and r.rule not in self.routes:
             problem = f"no rule named {r.rule!r:.80}"
         if problem is None and r.source_qos and r.source_broker not in self.sources:
@@ -222,7 +222,7 @@ class Egress:
         self.stats.reject("unpublishable", f"rule {r.rule}: {problem}")
         topic = self.error_topics[r.rule]
         overhead = PACKET_OVERHEAD + len(topic.encode())
-        if r.kind == envelope.ERROR:  # an error record already: to the rule's fixed error topic, cut to fit
+        if r.kind == frames.ERROR:  # an error record already: to the rule's fixed error topic, cut to fit
             record = codec.shrink_record(r.payload, limit - overhead)
             fits = record is not None
             if fits:
@@ -231,7 +231,7 @@ class Egress:
             record = codec.error_record(rule=r.rule, topic=r.topic[:1000].encode("utf-8", "replace").decode(),
                                         reason="unpublishable_result", error=problem, message_id=r.message_id,
                                         payload=r.payload, max_payload=max(0, limit - overhead - RECORD_OVERHEAD))
-            r = r._replace(kind=envelope.ERROR, payload=record)
+            r = r._replace(kind=frames.ERROR, payload=record)
             fits = len(record) + overhead <= limit
         if not fits:
             self.stats.count("unpublishable_dropped")  # nothing this broker takes can be sent for it: counted
@@ -252,7 +252,7 @@ class Egress:
             self.stats.observe("end_to_end." + r.rule, time.time() - r.received_at)
             if r.source_qos:
                 confirms.append([r.message_id, r.rule, r.source_broker, sender])
-            if r.kind == envelope.NOTHING:
+            if r.kind == frames.NOTHING:
                 self.stats.count("nothing")
                 continue
             broker, qos, retain = self.routes[r.rule]
@@ -260,8 +260,8 @@ class Egress:
             if sendable is None:
                 continue
             r = sendable
-            self.stats.count("error_records" if r.kind == envelope.ERROR else "results")
-            retain = int(retain and r.kind == envelope.PUBLISH)
+            self.stats.count("error_records" if r.kind == frames.ERROR else "results")
+            retain = int(retain and r.kind == frames.PUBLISH)
             if r.source_qos:
                 safe.append((broker, r.topic, r.payload, qos, retain, r.rule, r.received_at))
             else:

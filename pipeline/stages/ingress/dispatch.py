@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pipeline.telemetry.reporter import Reporter
-from pipeline.wire import frames as envelope
+from pipeline.wire import frames
 from pipeline.wire.frames import Message, Result
 
 if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
@@ -100,7 +100,7 @@ class RuleQueue:
 
     def _send(self, w: Worker, batch: list[Message], now: float) -> bool:
         try:
-            self.sock.send_multipart([w.ident, envelope.encode(batch)], zmq.NOBLOCK)
+            self.sock.send_multipart([w.ident, frames.encode(batch)], zmq.NOBLOCK)
         except zmq.ZMQError:  # ROUTER_MANDATORY: no connection to that worker
             self._unreachable(w)
             return False
@@ -163,7 +163,7 @@ class RuleQueue:
         """Two heartbeats saying `w` holds nothing, over a second after the last frame went to it, while
         messages sent to it are unanswered: they never reached it (a dropped connection loses what was in
         the pipe). They go again; QoS 0 ones are counted as dropped."""
-        idle = free >= envelope.PREFETCH and w.order and now - w.sent_at > IDLE_AFTER
+        idle = free >= frames.PREFETCH and w.order and now - w.sent_at > IDLE_AFTER
         w.idle_beats = w.idle_beats + 1 if idle else 0
         if w.idle_beats < 2:
             return
@@ -240,7 +240,7 @@ class RuleQueue:
         if msg.attempt >= self.rule.max_attempts:
             self.stats.count(self._k["dead_letters"])
             err = f"{why} (attempt {msg.attempt} of {self.rule.max_attempts})"
-            self.dead_letter(envelope.error_result(msg, self.error_topic(msg.topic), reason, err))
+            self.dead_letter(frames.error_result(msg, self.error_topic(msg.topic), reason, err))
             return
         self.stats.count(self._k["redispatched"])
         self.retry.append(msg._replace(attempt=msg.attempt + 1))

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pipeline import topics
-from pipeline.stages.ingress import frames
+from pipeline.stages.ingress import feedback
 from pipeline.stages.ingress.acks import AckWindow
 from pipeline.stages.ingress.dispatch import RuleQueue
 from pipeline.stages.ingress.pace import ReadPace
 from pipeline.telemetry.reporter import Reporter
-from pipeline.wire import frames as envelope
+from pipeline.wire import frames
 from pipeline.wire.endpoints import Endpoints
 from pipeline.wire.frames import Message, Result
 from pipeline.wire.mqtt import Hub, Link
@@ -146,7 +146,7 @@ class Ingress:
             if len(payload) > q.rule.max_payload_bytes:
                 self.stats.count("oversize")
                 err = f"payload of {len(payload)} bytes is over max_payload_bytes ({q.rule.max_payload_bytes})"
-                self.letters_send(envelope.error_result(m, q.error_topic(topic), "payload_too_large", err))
+                self.letters_send(frames.error_result(m, q.error_topic(topic), "payload_too_large", err))
             else:
                 q.offer(m)
         if qos:
@@ -172,7 +172,7 @@ class Ingress:
             m = Message(msg_id, q.rule.name, broker, encoded, payload, qos, mid, 1, now)
             if qos:
                 waiting.add(q.rule.name)
-            self.letters_send(envelope.error_result(m, q.error_topic(shown), "bad_topic",
+            self.letters_send(frames.error_result(m, q.error_topic(shown), "bad_topic",
                                                     "the topic is not UTF-8; 'topic' holds its bytes in base64"))
         if qos:
             self.acks[broker].add(msg_id, mid, waiting)
@@ -195,7 +195,7 @@ class Ingress:
             if len(self.letters_out) > MAX_LETTERS:  # egress gone for very long: the oldest wait for redelivery
                 self.letters_out.popitem(last=False)
                 self.stats.count("letters_forgotten")
-        self.letters.send(envelope.encode([result]))
+        self.letters.send(frames.encode([result]))
 
     def _resend_letters(self) -> None:
         """Send every error record not yet confirmed again, in frames of at most LETTERS_PER_FRAME."""
@@ -203,7 +203,7 @@ class Ingress:
         if late:
             log.info("sending %d error record(s) again: the egress that had them restarted", len(late))
         for i in range(0, len(late), LETTERS_PER_FRAME):
-            self.letters.send(envelope.encode(late[i:i + LETTERS_PER_FRAME]))
+            self.letters.send(frames.encode(late[i:i + LETTERS_PER_FRAME]))
 
     def _handle(self, ready: set[zmq.Socket]) -> None:
         now = time.monotonic()
@@ -211,8 +211,8 @@ class Ingress:
             if sock in ready:
                 for parts in drain(sock, multipart=True):
                     try:
-                        ident, n = frames.credit(parts)
-                    except frames.BadFrame as e:
+                        ident, n = feedback.credit(parts)
+                    except feedback.BadFrame as e:
                         self.stats.reject("bad_frames", f"rule {self.queues[i].rule.name}'s socket: {e}")
                         continue
                     self.queues[i].on_credit(ident, n, now)
@@ -224,11 +224,11 @@ class Ingress:
     def _beats(self, now: float) -> None:
         for frame in drain(self.beats):
             try:
-                b = frames.beat(frame, len(self.queues))
-            except frames.BadFrame as e:
+                b = feedback.beat(frame, len(self.queues))
+            except feedback.BadFrame as e:
                 self.stats.reject("bad_frames", f"beats: {e}")
                 continue
-            if b.kind == envelope.BEAT:
+            if b.kind == frames.BEAT:
                 self.queues[b.index].on_beat(b.ident, b.free, now)
             else:
                 self.queues[b.index].on_timeout(b.ident, b.msg_id, b.answered, now)
@@ -236,8 +236,8 @@ class Ingress:
     def _confirms(self, now: float) -> None:
         for frame in drain(self.confirms):
             try:
-                confirms = frames.confirms(frame)
-            except frames.BadFrame as e:
+                confirms = feedback.confirms(frame)
+            except feedback.BadFrame as e:
                 self.stats.reject("bad_frames", f"confirms: {e}")
                 continue
             if confirms is None:  # a (re)started egress: results answered before it came are lost
@@ -248,7 +248,7 @@ class Ingress:
             for c in confirms:
                 self._confirm(c)
 
-    def _confirm(self, c: frames.Confirm) -> None:
+    def _confirm(self, c: feedback.Confirm) -> None:
         """Egress has a result safe: accepted only for a message this ingress has in flight at that rule and
         from the worker holding it, or for an error record ingress sent itself; anything else releases no
         PUBACK and is counted."""

@@ -11,7 +11,7 @@ from pipeline import topics
 from pipeline.models import codec
 from pipeline.models.filters import matches
 from pipeline.models.loader import Context, LoadedModel, Meta, check_batch
-from pipeline.wire import frames as envelope
+from pipeline.wire import frames
 from pipeline.wire.frames import Message, Result, result_for
 
 if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
@@ -139,19 +139,19 @@ class Processor:
             return None, self.error(msg, "bad_payload", e, 0.0)
         if self.rule.filter is not None and not matches(self.rule.filter, event):
             self.filtered += 1
-            return None, result_for(msg, envelope.NOTHING, "", b"", 0.0)
+            return None, result_for(msg, frames.NOTHING, "", b"", 0.0)
         return event, None
 
     def _result(self, msg: Message, value: Any, took: float) -> Result:
         if value is None or (isinstance(value, str) and value in self.rule.skip_results):
-            return result_for(msg, envelope.NOTHING, "", b"", took)
+            return result_for(msg, frames.NOTHING, "", b"", took)
         try:
             payload = codec.encode_value(value)
             topic = self.render(msg.topic)
         except (codec.Unserialisable, IndexError) as e:
             return self.error(msg, "unserialisable_result", e, took)
-        return result_for(msg, envelope.PUBLISH, topic, payload, took)
+        return result_for(msg, frames.PUBLISH, topic, payload, took)
 
     def error(self, msg: Message, reason: str, err: BaseException | str, took: float) -> Result:
         self.log.warning("%s: %s", reason, err, extra={"message_id": msg.id})
-        return envelope.error_result(msg, self.error_topic(msg.topic), reason, err, took)
+        return frames.error_result(msg, self.error_topic(msg.topic), reason, err, took)

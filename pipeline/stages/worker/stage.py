@@ -22,11 +22,10 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pipeline.errors import WORKER_RSS, WORKER_TIMEOUT
-from pipeline.models import loader as model
-from pipeline.models import packages
+from pipeline.models import loader, packages
 from pipeline.stages.worker.process import Processor
 from pipeline.telemetry.reporter import Reporter, process_usage
-from pipeline.wire import frames as envelope
+from pipeline.wire import frames
 from pipeline.wire.endpoints import Endpoints
 from pipeline.wire.sockets import drain
 
@@ -35,7 +34,7 @@ if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its confi
 
 log = logging.getLogger("pipeline.workers.stage")  # a stable name for log filters, not the module path
 
-PREFETCH = envelope.PREFETCH  # messages a worker may hold: one frame in the model, the next one waiting
+PREFETCH = frames.PREFETCH  # messages a worker may hold: one frame in the model, the next one waiting
 BEAT = 0.5
 COALESCE_AFTER = 0.001  # seconds of model time per pass above which the worker batches what waits (see _take)
 
@@ -47,9 +46,9 @@ def load(cfg: Config, rule_name: str) -> Processor:
     rule = cfg.rule(rule_name)
     spec = cfg.models[rule.model]
     folder = packages.resolve(rule.model, spec.source, cfg.default_data_dir(), cfg.packages.limits())
-    loaded = model.load(rule.model, folder, packages.version_of(folder))
-    ctx = model.Context(rule.name, rule.model, dict(spec.params), logging.getLogger(f"model.{rule.model}"))
-    model.run_init(loaded, ctx)
+    loaded = loader.load(rule.model, folder, packages.version_of(folder))
+    ctx = loader.Context(rule.name, rule.model, dict(spec.params), logging.getLogger(f"model.{rule.model}"))
+    loader.run_init(loaded, ctx)
     log.info("model %s loaded from %s (sha256 %s)", rule.model, loaded.folder, loaded.sha256[:12])
     return Processor(rule, loaded, ctx)
 
@@ -66,7 +65,7 @@ def run(cfg: Config, rule_name: str, eps: Endpoints, stop: threading.Event, proc
                       loaded_at=proc.loaded_at)
     watchdog = Watchdog(proc, eps, ident, index, stop)
     threading.Thread(target=watchdog.run, daemon=True, name="watchdog").start()
-    dealer.send(envelope.pack([envelope.CREDIT, PREFETCH]))
+    dealer.send(frames.pack([frames.CREDIT, PREFETCH]))
     try:
         return _serve(proc, dealer, push, stats, watchdog, stop)
     finally:
@@ -87,12 +86,12 @@ def _serve(proc: Processor, dealer: zmq.Socket, push: zmq.Socket, stats: Reporte
         started = time.monotonic()
         results = proc.run_batch(batch)
         slow = time.monotonic() - started >= COALESCE_AFTER
-        push.send(envelope.encode(results, watchdog.ident))
-        dealer.send(envelope.pack([envelope.CREDIT, len(batch)]))
+        push.send(frames.encode(results, watchdog.ident))
+        dealer.send(frames.pack([frames.CREDIT, len(batch)]))
         watchdog.holding -= len(batch)
         stats.count("received", len(results))
         for r in results:
-            stats.count("errors" if r.kind == envelope.ERROR else "processed")
+            stats.count("errors" if r.kind == frames.ERROR else "processed")
             stats.observe("call", r.latency)
         if proc.filtered:
             stats.counters["filtered"] = proc.filtered  # messages the rule's filter refused (among "processed")
@@ -102,17 +101,17 @@ def _serve(proc: Processor, dealer: zmq.Socket, push: zmq.Socket, stats: Reporte
     return 0
 
 
-def _take(dealer: zmq.Socket, everything: bool) -> list[envelope.Message]:
+def _take(dealer: zmq.Socket, everything: bool) -> list[frames.Message]:
     """The next frame; with `everything`, every frame waiting now, as one batch (one result frame and one
     credit then answer them all: fewer wake-ups in ingress, egress and ZeroMQ's I/O threads). The stage
     asks for everything after a pass of the model that took COALESCE_AFTER or more: a slow model falling
     behind. A fast one answers each frame at once: looking for more frames on an empty socket cost ~1 ms
     of p50 latency at 1,000 msg/s."""
     if not everything:
-        return envelope.decode(dealer.recv(), envelope.Message)
-    batch: list[envelope.Message] = []
+        return frames.decode(dealer.recv(), frames.Message)
+    batch: list[frames.Message] = []
     for frame in drain(dealer, limit=PREFETCH):
-        batch += envelope.decode(frame, envelope.Message)
+        batch += frames.decode(frame, frames.Message)
     return batch
 
 
@@ -131,7 +130,7 @@ class Watchdog:
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + BEAT
-                    self._send(beats, [self.ident, self.index, envelope.BEAT, max(0, PREFETCH - self.holding)])
+                    self._send(beats, [self.ident, self.index, frames.BEAT, max(0, PREFETCH - self.holding)])
                 started = self.proc.call_started  # read once: the main thread zeroes it when the call ends
                 if started and now - started >= limit:
                     self._expire(beats, limit)
@@ -140,7 +139,7 @@ class Watchdog:
 
     def _send(self, sock: zmq.Socket, obj: list) -> None:
         try:
-            sock.send(envelope.pack(obj), zmq.NOBLOCK)
+            sock.send(frames.pack(obj), zmq.NOBLOCK)
         except zmq.Again:
             pass
 
@@ -154,8 +153,8 @@ class Watchdog:
         # os._exit skips zmq's linger: wait until libzmq has written each frame out (tracker) before leaving;
         # copy_threshold 0, or pyzmq copies small frames and hands back a tracker that is already done
         sock.copy_threshold = beats.copy_threshold = 0
-        sent = [sock.send(envelope.encode(results, self.ident), copy=False, track=True),
-                beats.send(envelope.pack([self.ident, self.index, envelope.TIMEOUT,
+        sent = [sock.send(frames.encode(results, self.ident), copy=False, track=True),
+                beats.send(frames.pack([self.ident, self.index, frames.TIMEOUT,
                                           [culprit.id if culprit else None, answered]]),
                            copy=False, track=True)]
         for tracker in sent:

@@ -1,5 +1,6 @@
-"""The control frames ingress receives (credits, beats, confirms; see pipeline.wire.frames), checked before they
-touch any state: each reader returns the frame's content, or raises `BadFrame` saying what is wrong with it.
+"""The feedback ingress receives (credits and beats from workers, confirms from egress; see pipeline.wire.frames),
+checked before it touches any state: each reader returns the frame's content, or raises `BadFrame` saying what is
+wrong with it.
 
 Invariant: nothing here trusts the peer. A worker identity is at most 255 bytes of UTF-8 (ZeroMQ gives
 peers that set none a binary one), numbers are ints in their range, strings are strings.
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from pipeline.errors import DecodeError, PipelineError
-from pipeline.wire import frames as envelope
+from pipeline.wire import frames
 
 MAX_IDENT = 255
 
@@ -32,7 +33,7 @@ class Beat(NamedTuple):
 
 def _unpack(frame: bytes) -> Any:
     try:
-        return envelope.unpack(frame)
+        return frames.unpack(frame)
     except DecodeError as e:
         raise BadFrame(str(e)) from None
 
@@ -59,9 +60,9 @@ def credit(parts: list[bytes]) -> tuple[bytes, int]:
     if len(parts) != 2:
         raise BadFrame(f"a credit is one frame behind the identity (got {len(parts)} parts)")
     body = _unpack(parts[1])
-    if not isinstance(body, list) or len(body) != 2 or body[0] != envelope.CREDIT:
+    if not isinstance(body, list) or len(body) != 2 or body[0] != frames.CREDIT:
         raise BadFrame(f"expected [CREDIT, n] (got {body!r:.80})")
-    return _ident(parts[0]), _count(body[1], "a credit", 1, envelope.PREFETCH)
+    return _ident(parts[0]), _count(body[1], "a credit", 1, frames.PREFETCH)
 
 
 def beat(frame: bytes, rules: int) -> Beat:
@@ -72,9 +73,9 @@ def beat(frame: bytes, rules: int) -> Beat:
     raw, index, kind, value = body
     ident = _ident(raw)
     index = _count(index, "a rule index", 0, rules - 1)
-    if kind == envelope.BEAT:
-        return Beat(ident, index, kind, _count(value, "a beat's free credit", 0, envelope.PREFETCH), None, [])
-    if kind != envelope.TIMEOUT or not isinstance(value, list) or len(value) != 2:
+    if kind == frames.BEAT:
+        return Beat(ident, index, kind, _count(value, "a beat's free credit", 0, frames.PREFETCH), None, [])
+    if kind != frames.TIMEOUT or not isinstance(value, list) or len(value) != 2:
         raise BadFrame(f"expected a BEAT or a TIMEOUT [message id, [answered ids]] (got {body!r:.80})")
     msg_id, answered = value
     if not (msg_id is None or isinstance(msg_id, str)) or not isinstance(answered, list) or \
