@@ -1,7 +1,8 @@
-"""Turning per-process snapshots into per-stage documents: GET /stages, /readyz, /queue_size_metrics.
+"""Turning per-process snapshots into per-stage documents: GET /stages (which /readyz reads through
+`pipeline.telemetry.readiness`) and /queue_size_metrics.
 
-Pure functions of the configuration and the board's process list (see `figures` for the arithmetic).
-Counts sum every process of a stage, dead ones included, so restarts lose nothing; levels (queues, what
+Pure functions of the configuration and the board's process list (see `pipeline.telemetry.aggregation` for the
+arithmetic). Counts sum every process of a stage, dead ones included, so restarts lose nothing; levels (queues, what
 is in flight, broker states) and rates come from live processes only.
 
 Where a message waits, and so which stage's `depth` it adds to:
