@@ -19,7 +19,7 @@ import msgpack
 import zmq
 
 from pipeline.errors import PipelineError
-from pipeline.telemetry.aggregation import LEVELS, add
+from pipeline.telemetry.aggregation import add
 from pipeline.wire.endpoints import Endpoints
 
 log = logging.getLogger(__name__)
@@ -122,12 +122,11 @@ class Board:
 
 
 def _fold(into: Snapshot, snap: Snapshot) -> None:
-    """Add a dead process's counts to its stage's retired totals (levels such as in_flight are dropped)."""
+    """Add a dead process's counts to its stage's retired totals."""
     into["retired"] += 1
     into["time"] = max(into["time"], snap.get("time", 0.0))
     for k, v in snap.get("counters", {}).items():
-        if k not in LEVELS:
-            into["counters"][k] = into["counters"].get(k, 0) + v
+        into["counters"][k] = into["counters"].get(k, 0) + v
     sums = into.setdefault("sums", {})
     for k, h in snap.get("histograms", {}).items():
         into["histograms"][k] = add(into["histograms"].get(k, []), h)

@@ -28,7 +28,7 @@ from prometheus_client.utils import floatToGoString
 
 from pipeline.control import views
 from pipeline.telemetry import aggregation as fig
-from pipeline.telemetry.aggregation import LEVELS, Proc
+from pipeline.telemetry.aggregation import Proc
 from pipeline.telemetry.reporter import BUCKETS
 
 if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
@@ -99,8 +99,6 @@ class Collector:
     def _counters(self) -> Iterator[Metric]:
         families: dict[str, CounterMetricFamily] = {}
         for (stage, key, rule, keyed), procs in sorted(self._group("counters").items()):
-            if key in LEVELS:
-                continue
             base = key.partition(".")[0]
             name = _name(stage, base, "by_rule") if keyed else _name(stage, base)
             labelled = keyed or stage == "rule"

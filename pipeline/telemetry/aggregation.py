@@ -1,8 +1,8 @@
 """Arithmetic over process snapshots: exact sums, rates, merged histograms, interpolated percentiles.
 
-A process snapshot is the dict a stage's `stats.Reporter` publishes, plus `alive` (the board's verdict)
-and, when the board holds an older snapshot of the same process from the last few seconds, `prev`
-(`{"time", "counters", "histograms"}` of that older snapshot).
+A process snapshot is the dict a stage's `telemetry.reporter.Reporter` publishes (`telemetry.schema.Snapshot`),
+plus `alive` (the board's verdict) and, when the board holds an older snapshot of the same process from the last
+few seconds, `prev` (`{"time", "counters", "histograms"}` of that older snapshot).
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from typing import Any
 
 from pipeline.telemetry.reporter import BUCKETS
 
-Proc = dict[str, Any]
-# counters that are levels, not running totals: only live processes count, dead ones hold stale values
-LEVELS = frozenset({"in_flight"})
+Proc = dict[str, Any]  # a telemetry.schema.Snapshot, plus `alive` and `prev` from the board
 
 
 def total(procs: Iterable[Proc], key: str) -> int:
@@ -23,22 +21,21 @@ def total(procs: Iterable[Proc], key: str) -> int:
 
 
 def level(procs: Iterable[Proc], key: str) -> int | None:
-    """Sum of a level reported by live processes (as a counter or a top-level field); None if none reports it."""
+    """Sum of a level (a top-level field, such as ingress's `depth`) reported by live processes; None if none does."""
     found = []
     for p in procs:
-        value = p.get("counters", {}).get(key, p.get(key)) if p["alive"] else None
+        value = p.get(key) if p["alive"] else None
         if value is not None:
             found.append(value)
     return sum(found) if found else None
 
 
 def counters(procs: Iterable[Proc]) -> dict[str, int]:
-    """Every counter summed over processes (levels over live ones only), sorted by name."""
+    """Every counter summed over processes, sorted by name."""
     out: dict[str, int] = {}
     for p in procs:
         for k, v in p.get("counters", {}).items():
-            if k not in LEVELS or p["alive"]:
-                out[k] = out.get(k, 0) + v
+            out[k] = out.get(k, 0) + v
     return dict(sorted(out.items()))
 
 

@@ -25,6 +25,7 @@ from pipeline.errors import DecodeError
 from pipeline.models import codec
 from pipeline.stages.egress.outbox import Outbox, Row
 from pipeline.telemetry.reporter import Reporter
+from pipeline.telemetry.schema import OutboxLevels
 from pipeline.wire import frames
 from pipeline.wire.endpoints import Endpoints
 from pipeline.wire.frames import Result
@@ -132,11 +133,15 @@ class Egress:
         self.store_retry_at = 0.0
         g = self.stats.gauges
         g["brokers"] = lambda: {n: lk.state for n, lk in self.links.items()}
-        g["outbox"] = lambda: {"rows": self.outbox.rows, "bytes": self.outbox.bytes, "full": self.outbox.full,
-                               "set_aside": self.outbox.set_aside_rows, "set_aside_last": self.outbox.set_aside_last,
-                               "disk_full": bool(self.unstored)}
+        g["outbox"] = self._outbox_levels
         if self.outbox.rows:
             log.info("outbox holds %d result(s) from an earlier run: publishing them first", self.outbox.rows)
+
+    def _outbox_levels(self) -> OutboxLevels:
+        """The outbox in the stage's snapshot (`outbox`)."""
+        o = self.outbox
+        return {"rows": o.rows, "bytes": o.bytes, "full": o.full, "set_aside": o.set_aside_rows,
+                "set_aside_last": o.set_aside_last, "disk_full": bool(self.unstored)}
 
     def serve(self, stop: threading.Event) -> None:
         log.info("egress up: publishing to %d broker(s), outbox %s", len(self.links), self.outbox.path)

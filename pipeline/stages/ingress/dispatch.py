@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pipeline.telemetry.reporter import Reporter
+from pipeline.telemetry.schema import RuleQueueLevels
 from pipeline.wire import frames
 from pipeline.wire.frames import Message, Result
 
@@ -262,3 +263,8 @@ class RuleQueue:
     @property
     def holding(self) -> int:
         return sum(len(w.held) + w.qos0 for w in self.workers.values())
+
+    def levels(self) -> RuleQueueLevels:
+        """This queue in the stage's snapshot (`rules.<rule>`)."""
+        return {"pending": self.depth, "in_flight": self.holding, "workers": len(self.workers),
+                "at_workers": self.at_workers, "answered": self.answered}

@@ -102,9 +102,7 @@ class Ingress:
         g = self.stats.gauges
         g["brokers"] = lambda: {n: lk.state for n, lk in self.links.items()}
         g["depth"] = lambda: sum(q.depth for q in self.queues)
-        g["rules"] = lambda: {q.rule.name: {"pending": q.depth, "in_flight": q.holding, "workers": len(q.workers),
-                                            "at_workers": q.at_workers, "answered": q.answered}
-                              for q in self.queues}
+        g["rules"] = lambda: {q.rule.name: q.levels() for q in self.queues}
         g["unacked"] = lambda: {n: len(a) for n, a in self.acks.items()}
 
     def serve(self, stop: threading.Event) -> None:
