@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.egress.outbox import Outbox
+from pipeline.stages.egress.outbox import Outbox
 
 FRAMES = (1, 8, 32)  # rows per frame: one message at low rates, a dozen or more once ingress reads in batches
 

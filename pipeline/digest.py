@@ -1,6 +1,6 @@
 """sha256 and sha1 without loading OpenSSL.
 
-Importing `hashlib` loads OpenSSL's libcrypto (about 3.5 MiB of RSS in every process that does). The stages
+Importing `hashlib` loads OpenSSL's libcrypto (megabytes of RSS in every process that does). The stages
 hash only a few small things at start (the config file, a model's files), which CPython's built-in
 implementations do as well, with the same digests: this module uses those (`_sha256`/`_sha1` in CPython 3.11,
 `_sha2`/`_sha1` from 3.12) and falls back to hashlib on a Python built without them. Both constructors

@@ -1,10 +1,14 @@
 """Errors and exit codes.
 
-    PipelineError                 base of everything raised on purpose
+    PipelineError                 root of everything the pipeline raises on purpose
     ├── ConfigError               the YAML file is missing, unreadable or invalid   -> exit CONFIG_ERROR
     ├── ModelLoadError            a model package cannot be found, imported or init  -> exit MODEL_LOAD_ERROR
     ├── StartupError              the environment refuses us (port taken, path long) -> exit STARTUP_ERROR
-    └── DecodeError               a ZMQ frame is not a valid envelope (a bug or a version mix)
+    ├── DecodeError               a ZMQ frame is not a valid envelope (a bug or a version mix)
+    ├── models.codec.BadPayload, Unserialisable   an input is not JSON / a result cannot be published
+    ├── supervision.rpc.SupervisorError           supervisord refused a call or did not answer
+    ├── supervision.reload.ReloadError, Busy      a model reload failed / another one runs
+    └── commands.bench.runner.BenchError          a benchmark cannot go on
 
 Exit codes are named so that the supervisord configuration can tell "restart me" (a crash: any other code
 or a signal) from "a restart will not help" (FATAL_EXIT_CODES), and so that `pipeline up` can report why.
@@ -30,7 +34,8 @@ EXIT_CODE_NAMES = {
 
 
 class PipelineError(Exception):
-    """Base class; `exit_code` is what the CLI exits with when this reaches it."""
+    """Root of every error the pipeline raises on purpose; `exit_code` is what the CLI exits with when this
+    reaches it."""
 
     exit_code = 1
 
@@ -48,10 +53,14 @@ class ConfigError(PipelineError):
 
 
 class ModelLoadError(PipelineError):
+    """A model cannot be found, downloaded, verified, imported or initialised; the message names the model."""
+
     exit_code = MODEL_LOAD_ERROR
 
 
 class StartupError(PipelineError):
+    """The environment refuses the stack (a port taken, an unsafe run directory...); a restart will not help."""
+
     exit_code = STARTUP_ERROR
 
 

@@ -10,6 +10,8 @@ FORMAT = "%(asctime)s %(levelname)s %(stage)s rule=%(rule)s msg=%(message_id)s %
 
 
 class _Fields(logging.Filter):
+    """Puts the stage, rule and message id on every record."""
+
     def __init__(self, stage: str, rule: str | None) -> None:
         super().__init__()
         self.stage, self.rule = stage, rule or "-"

@@ -13,9 +13,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pipeline import config, envelope, model
-from pipeline.envelope import Message
-from pipeline.workers.process import Processor
+from pipeline.config import load as config
+from pipeline.models import loader as model
+from pipeline.stages.worker.process import Processor
+from pipeline.wire import frames as envelope
+from pipeline.wire.frames import Message
 
 MODELS = Path(__file__).parent / "models"
 

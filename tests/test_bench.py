@@ -16,9 +16,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pipeline import cli
-from pipeline.bench import loadgen, procstat, runner
-from pipeline.bench.receiver import analyse, percentile
+from pipeline.commands import cli
+from pipeline.commands.bench import loadgen, procstat, runner
+from pipeline.commands.bench.receiver import analyse, percentile
 from tests.conftest import ROOT, Mosquitto, free_port
 
 

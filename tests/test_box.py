@@ -1,5 +1,5 @@
 """The stack on a shared box: a run directory another user cannot take, files only its user reads, and secrets
-only in the processes that use them (pipeline.rundir, pipeline.frozen, `pipeline up`)."""
+only in the processes that use them (pipeline.supervision.run_dir, pipeline.config.snapshot, `pipeline up`)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from conftest import processes
 
-from pipeline import frozen, rundir
+from pipeline.config import snapshot as frozen
 from pipeline.errors import StartupError
+from pipeline.supervision import run_dir as rundir
 
 PASSWORD = "pw-box-Zq8-never-in-a-worker"
 TOKEN = "tk-box-3f9c0a7d51e24b6b-never-in-a-worker"

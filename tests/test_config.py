@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config
+from pipeline.config import load as config
 from pipeline.errors import ConfigError
 
 ROOT = Path(__file__).parent.parent

@@ -16,13 +16,14 @@ import zmq
 from conftest import HERE
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import cli, config, status
+from pipeline.commands import cli, status
+from pipeline.config import load as config
 from pipeline.control import board as board_mod
 from pipeline.control.app import create_app
 from pipeline.control.board import Board
-from pipeline.control.figures import quantile
-from pipeline.endpoints import Endpoints
-from pipeline.stats import BUCKETS, Reporter
+from pipeline.telemetry.aggregation import quantile
+from pipeline.telemetry.reporter import BUCKETS, Reporter
+from pipeline.wire.endpoints import Endpoints
 
 SECRET = "s3cret-PASSWORD"
 NB = len(BUCKETS) + 1
@@ -294,6 +295,7 @@ control: {{listen: "0.0.0.0:6123"}}
 
 
 def test_the_pipeline_parser_has_status_without_loading_rich():
-    code = "import sys; from pipeline import cli; cli.parser().parse_args(['status']); print('rich' in sys.modules)"
+    code = ("import sys; from pipeline.commands import cli; cli.parser().parse_args(['status']); "
+            "print('rich' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

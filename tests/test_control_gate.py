@@ -10,7 +10,9 @@ import pytest
 from test_control import Fake, healthy, make_cfg
 from test_tls import make_certs
 
-from pipeline import cli, config, frozen
+from pipeline.commands import cli
+from pipeline.config import load as config
+from pipeline.config import snapshot as frozen
 from pipeline.control.app import create_app
 from pipeline.errors import ConfigError
 

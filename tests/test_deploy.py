@@ -16,13 +16,22 @@ import pytest
 import yaml
 from conftest import cli
 
-from pipeline import config, deploy, errors
-from pipeline.up import Stack
+from pipeline import errors
+from pipeline.commands import supervisord_conf as deploy
+from pipeline.config import load as config
+from pipeline.supervision.runner import Stack
 
 ROOT = Path(__file__).parent.parent
 CONFIG_PATH = "/etc/pipeline/pipeline.yaml"
 SENTINEL_ENV = ("PIPELINE_NAME", "PIPELINE_BROKER_URL", "PIPELINE_DATA_DIR", "MQTT_USER", "MQTT_PASSWORD",
                 "PIPELINE_CONTROL_TOKEN")
+
+
+def programs_of(text: str) -> dict[str, dict[str, str]]:
+    """Program name -> its settings, from a supervisord.conf text (raw: supervisord's %(...)s stay as written)."""
+    parser = configparser.RawConfigParser()
+    parser.read_string(text)
+    return {s.removeprefix("program:"): dict(parser[s]) for s in parser.sections() if s.startswith("program:")}
 
 
 def dockerfile() -> list[list[tuple[str, str]]]:
@@ -205,7 +214,7 @@ def test_supervisord_conf_is_what_pipeline_up_runs(broker, stack_factory):
     ours.read_string(out.stdout)
     theirs.read_string(running)
     assert ours.sections() == theirs.sections()
-    printed, ran = deploy.programs_of(out.stdout), deploy.programs_of(running)
+    printed, ran = programs_of(out.stdout), programs_of(running)
     for name, program in ran.items():  # `pipeline up` starts workers without the stack's secrets
         words = shlex.split(program["command"])
         if name.startswith(("rule-", "spare-")):
@@ -223,7 +232,7 @@ def test_supervisord_conf_programs_only(tmp_path):
     assert out.returncode == 0, out.stderr
     parser = configparser.RawConfigParser()
     parser.read_string(out.stdout)
-    programs = deploy.programs_of(out.stdout)
+    programs = programs_of(out.stdout)
     assert parser.sections() == [f"program:{p}" for p in programs] + ["group:pipeline"]
     assert parser["group:pipeline"]["programs"].split(",") == list(programs)
     assert all(p["user"] == "pipeline" and p["stdout_logfile"].startswith("/var/log/p/") for p in programs.values())

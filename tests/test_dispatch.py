@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import zmq
 
-from pipeline import config, envelope
-from pipeline.envelope import Message
-from pipeline.ingress.dispatch import WORKER_SILENT, RuleQueue
-from pipeline.ingress.pace import BUSY_READ_EVERY, FAST_READ_EVERY, RATE_WINDOW, ReadPace
-from pipeline.stats import Reporter
+from pipeline.config import load as config
+from pipeline.stages.ingress.dispatch import WORKER_SILENT, RuleQueue
+from pipeline.stages.ingress.pace import BUSY_READ_EVERY, FAST_READ_EVERY, RATE_WINDOW, ReadPace
+from pipeline.telemetry.reporter import Reporter
+from pipeline.wire import frames as envelope
+from pipeline.wire.frames import Message
 
 MODELS = Path(__file__).parent / "models"
 

@@ -10,7 +10,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from conftest import free_port
 
-from pipeline.fastpaho import FastClient
+from pipeline.wire.fastpaho import PAHO_CHECKED, FastClient, missing_internals
 
 
 def _paho_publish(protocol: int, topic: str, payload: bytes, retain: bool) -> bytes:
@@ -176,8 +176,8 @@ def test_a_puback_split_across_two_reads_still_reaches_on_puback():
 def test_an_mqtt5_link_asks_mosquitto_for_more_than_20_unacked_messages(broker, protocol, in_flight):
     """Mosquitto's default max_inflight_messages (20) holds back the rest of a slow acker's QoS 1 input, and
     past max_queued_messages drops it; over MQTT 5 a Link asks for a Receive Maximum of 1,000 instead."""
-    from pipeline.config import Broker
-    from pipeline.mqtt import Hub, Link
+    from pipeline.config.load import Broker
+    from pipeline.wire.mqtt import Hub, Link
 
     got: list[int] = []
     link = Link("t", Broker(url=broker.url, protocol=protocol), f"rmax-{protocol}", manual_ack=True)
@@ -207,9 +207,9 @@ def test_an_mqtt5_link_asks_mosquitto_for_more_than_20_unacked_messages(broker, 
 def test_an_mqtt5_link_to_a_broker_that_speaks_only_311_says_what_to_set(caplog):
     """amqtt (the embedded broker) speaks MQTT 3.1.1 only and never answers an MQTT 5 CONNECT: the log says
     what to set instead of only "cannot reach"."""
-    from pipeline import broker as embedded
-    from pipeline.config import Broker
-    from pipeline.mqtt import Hub, Link
+    from pipeline.commands import broker as embedded
+    from pipeline.config.load import Broker
+    from pipeline.wire.mqtt import Hub, Link
 
     port, stop = free_port(), threading.Event()
     server = threading.Thread(target=embedded.run, args=("127.0.0.1", port, stop), daemon=True)
@@ -276,3 +276,12 @@ def test_mqtt5_properties_that_run_past_the_packet_are_not_read_as_payload():
     assert c.read(lambda *m: got.append(m)) is False and got == []
     c = _connected_reader(mqtt.MQTTv5, b"\x32\x08\x00\x01a\x00\x01\x10XY")
     assert c.read(lambda *m: got.append(m)) is False and got == []
+
+
+def test_the_paho_internals_fastclient_relies_on_are_there():
+    from importlib.metadata import version
+
+    missing = missing_internals()
+    assert not missing, (f"paho-mqtt {version('paho-mqtt')} lacks {', '.join(missing)}, which FastClient "
+                         f"(pipeline/wire/fastpaho.py) overrides or reads: it was written for paho-mqtt "
+                         f"{PAHO_CHECKED}.x, the version setup.cfg pins")

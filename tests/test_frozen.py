@@ -1,5 +1,6 @@
-"""The configuration `pipeline up` leaves for the stages (pipeline.frozen): same values as pipeline.config's,
-read only while it still describes the file, and a stage that reads it does not load pydantic."""
+"""The configuration `pipeline up` leaves for the stages (pipeline.config.snapshot): same values as
+pipeline.config.load's, read only while it still describes the file, and a stage that reads it does not load
+pydantic."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, frozen
+from pipeline.config import load as config
+from pipeline.config import snapshot as frozen
 from pipeline.errors import PipelineError
 
 ROOT = Path(__file__).parent.parent
@@ -151,16 +153,17 @@ def test_a_stage_reading_it_does_not_load_pydantic(tmp_path, monkeypatch):
     code = f"""
 import sys
 from pathlib import Path
-from pipeline import cli
-import pipeline.ingress, pipeline.egress, pipeline.workers.stage, pipeline.control.server
+from pipeline.commands import cli
+from pipeline.stages import boot
+import pipeline.stages.ingress, pipeline.stages.egress, pipeline.stages.worker.stage, pipeline.control.server
 args = cli.parser().parse_args(["ingress", "-c", {str(src)!r}, "--run-dir", {str(tmp_path)!r}, "--workers",
                                 "temperature-alarm=3"])
-cfg = cli._stage_config(args, Path(args.run_dir))
+cfg = boot.stage_config(args, Path(args.run_dir))
 print(type(cfg).__module__, cfg.rule("temperature-alarm").workers,
-      sorted(m for m in ("pydantic", "yaml", "pipeline.config") if m in sys.modules))
+      sorted(m for m in ("pydantic", "yaml", "pipeline.config.load") if m in sys.modules))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.split()
-    assert out == ["pipeline.frozen", "3", "[]"]
+    assert out == ["pipeline.config.snapshot", "3", "[]"]
     body = json.loads((tmp_path / frozen.FILE).read_text())
     assert body["source"] == str(src.resolve())

@@ -23,10 +23,10 @@ import yaml
 from test_packages import FAST, GOOD, INDEX, FileServer, digests, leftovers, tar_bytes, zip_bytes
 from test_tls import make_certs
 
-from pipeline import config
+from pipeline.commands.models import model_notes
+from pipeline.config import load as config
 from pipeline.errors import ModelLoadError
-from pipeline.models_cli import model_notes
-from pipeline.packages import Limits, ModelSource, machine_arch, resolve
+from pipeline.models.packages import Limits, ModelSource, machine_arch, resolve
 
 ROOT = Path(__file__).parent.parent
 OTHER_ARCH = "arm64" if machine_arch() == "amd64" else "amd64"
@@ -215,7 +215,7 @@ def peak():
 try:
     if sys.argv[1] == "guarded":
         from pipeline.errors import ModelLoadError
-        from pipeline.packages import Limits, unpack
+        from pipeline.models.packages import Limits, unpack
         try:
             unpack(Path(sys.argv[2]), Path(sys.argv[3]), Limits())
         except ModelLoadError as e:

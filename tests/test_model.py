@@ -1,4 +1,4 @@
-"""Loading model packages: folders, zips (flat or with one top folder) unpacked by `pipeline.packages` as a
+"""Loading model packages: folders, zips (flat or with one top folder) unpacked by `pipeline.models.packages` as a
 worker's are, and every way loading can fail."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import model
 from pipeline.errors import ModelLoadError
-from pipeline.packages import ModelSource, resolve
+from pipeline.models import loader as model
+from pipeline.models.packages import ModelSource, resolve
 
 MODELS = Path(__file__).parent / "models"
 ECHO = "def handler(event, context):\n    return event\n"
@@ -22,16 +22,11 @@ LAYOUTS = ["folder", "flat", "top-folder", "top-folder+__MACOSX"]
 
 
 @pytest.fixture(autouse=True)
-def isolated_imports(tmp_path):
+def isolated_imports():
     """model.load edits sys.path and sys.modules: undo it, so each test imports its models afresh."""
-    path, modules = list(sys.path), set(sys.modules)
     yield
-    sys.path[:] = path
-    roots = (str(tmp_path), str(MODELS))
-    for name in set(sys.modules) - modules:
-        where = str(getattr(sys.modules[name], "__file__", ""))
-        if name.startswith("pipeline_model_") or where.startswith(roots):
-            del sys.modules[name]
+    for name in model.loaded():
+        model.unload(name)
 
 
 def ctx(name: str, **params: object) -> model.Context:

@@ -15,11 +15,13 @@ import pytest
 import yaml
 from test_packages import FileServer, digests, zip_bytes
 
-from pipeline import config, envelope, model
+from pipeline.config import load as config
 from pipeline.errors import ConfigError, ModelLoadError
-from pipeline.packages import Limits
-from pipeline.workers.process import Processor
-from pipeline.workers.stage import load
+from pipeline.models import loader as model
+from pipeline.models.packages import Limits
+from pipeline.stages.worker.process import Processor
+from pipeline.stages.worker.stage import load
+from pipeline.wire import frames as envelope
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -47,12 +49,9 @@ def server() -> Iterator[FileServer]:
 @pytest.fixture
 def clean_imports() -> Iterator[None]:
     """Loading a model edits sys.path and sys.modules: undo it."""
-    path, modules = list(sys.path), set(sys.modules)
     yield
-    sys.path[:] = path
-    for name in set(sys.modules) - modules:
-        if name.startswith("pipeline_model_") or name == "index":
-            del sys.modules[name]
+    for name in model.loaded():
+        model.unload(name)
 
 
 def parse(models: dict[str, Any], tmp_path: Path, **top: Any) -> config.Config:

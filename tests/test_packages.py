@@ -22,7 +22,16 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import ModelLoadError
-from pipeline.packages import Limits, ModelSource, choose_url, fetch_all, machine_arch, parse_md5, resolve, source_info
+from pipeline.models.packages import (
+    Limits,
+    ModelSource,
+    choose_url,
+    fetch_all,
+    machine_arch,
+    parse_md5,
+    resolve,
+    source_info,
+)
 
 FAST = Limits(retries=2, backoff=0.01, connect_timeout=2.0, read_timeout=2.0)
 SMALL = Limits(max_bytes=1 << 20, max_files=50, retries=0)

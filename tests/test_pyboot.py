@@ -19,11 +19,12 @@ import pytest
 import yaml
 from test_packages import FAST, FileServer, digests
 
-from pipeline import config, model
+from pipeline.config import load as config
+from pipeline.config.pyboot import convert, is_pyboot
 from pipeline.errors import ConfigError
-from pipeline.filters import filter_problems, matches, parse_expression
-from pipeline.packages import ModelSource, resolve
-from pipeline.pyboot import convert, is_pyboot
+from pipeline.models import loader as model
+from pipeline.models.filters import filter_problems, matches, parse_expression
+from pipeline.models.packages import ModelSource, resolve
 
 DATA = Path(__file__).parent / "data" / "pyboot"
 ROOT = Path(__file__).parent.parent
@@ -491,12 +492,9 @@ def test_filter_problems(filter, problem):
 @pytest.fixture
 def isolated_imports():
     """model.load edits sys.path and sys.modules: undo it."""
-    path, modules = list(sys.path), set(sys.modules)
     yield
-    sys.path[:] = path
-    for name in set(sys.modules) - modules:
-        if name.startswith(("pipeline_model_", "helpers")):
-            del sys.modules[name]
+    for name in model.loaded():
+        model.unload(name)
 
 
 def old_style_zip(tmp_path: Path, top: str = "model") -> bytes:

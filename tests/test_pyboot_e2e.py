@@ -165,8 +165,8 @@ def test_v3_a_message_that_passes_only_the_last_test_is_not_processed_as_warned(
     raw = yaml.safe_load((DATA / "v3-devices.yaml").read_text(encoding="utf-8"))
     event = telemetry("三厂-压缩机9", 1, 排气压力=0.82)
     assert len(old_runtime(old_style_zip(tmp_path), tmp_path, 3, raw["funcs"], [event])) == 1
-    from pipeline.filters import matches
-    from pipeline.pyboot import convert
+    from pipeline.config.pyboot import convert
+    from pipeline.models.filters import matches
 
     assert not matches(convert(raw).native["rules"][0]["filter"], event)
 

@@ -19,8 +19,9 @@ from falcon import testing
 from test_control import Fake as Snapshots
 from test_packages import FileServer, digests, zip_bytes
 
-from pipeline import config, reload
+from pipeline.config import load as config
 from pipeline.control.app import create_app
+from pipeline.supervision import reload
 
 TOKEN = "reload-test-token-0123456789"
 CONFIG = """

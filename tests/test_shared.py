@@ -112,7 +112,7 @@ def test_shared_subscription_splits_exactly_once(broker, two_stacks):
     ('"5"', None),
 ])
 def test_share_needs_mqtt5(tmp_path, protocol, problem):
-    from pipeline import config
+    from pipeline.config import load as config
     from pipeline.errors import ConfigError
 
     text = CONFIG.replace("NAME", "s").replace("URL", "mqtt://127.0.0.1:1883").replace("TAG", "a")

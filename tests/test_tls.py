@@ -205,7 +205,7 @@ def test_tls_options_need_mqtts(tls_broker, tmp_path, monkeypatch):
 
 
 def test_credentials_in_the_url_are_moved_and_hidden(tmp_path):
-    from pipeline import config
+    from pipeline.config import load as config
 
     cfg = config.parse({"brokers": {"b": {"url": f"mqtts://edge:{PASSWORD.replace('-', '%2D')}@h:8883"}},
                         "models": {"m": {"path": str(Path(__file__).parent / "models/probe")}},
@@ -225,7 +225,7 @@ def test_credentials_in_the_url_are_moved_and_hidden(tmp_path):
     ({"url": "mqtts://h", "ca": "ca.pem", "cert": "ca.pem", "key": "ca.pem", "insecure": True}, None),
 ])
 def test_tls_options_are_checked(tmp_path, broker, problem):
-    from pipeline import config
+    from pipeline.config import load as config
     from pipeline.errors import ConfigError
 
     (tmp_path / "ca.pem").write_text("not checked until the stage connects\n")

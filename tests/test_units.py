@@ -16,8 +16,12 @@ import numpy as np
 import orjson
 import pytest
 
-from pipeline import codec, config, envelope, stack, topics
+from pipeline import topics
+from pipeline.config import load as config
 from pipeline.errors import DecodeError
+from pipeline.models import codec
+from pipeline.supervision import programs as stack
+from pipeline.wire import frames as envelope
 
 MODELS = Path(__file__).parent / "models"
 
@@ -321,7 +325,7 @@ def test_stack_render_broker_and_log_dir(tmp_path, url, listen):
     ([b"w1", b"a", b"b"], "one frame behind the identity"),
 ])
 def test_credit_frames(parts, problem):
-    from pipeline.ingress import frames
+    from pipeline.stages.ingress import feedback as frames
 
     if problem is None:
         assert frames.credit(parts) == (b"w1", 3)
@@ -343,7 +347,7 @@ def test_credit_frames(parts, problem):
     (["w1", 0, envelope.BEAT], "expected [worker, rule index, kind, value]"),
 ])
 def test_beat_frames(body, problem):
-    from pipeline.ingress import frames
+    from pipeline.stages.ingress import feedback as frames
 
     if problem is None:
         assert frames.beat(envelope.pack(body), 2).ident == b"w1"
@@ -353,7 +357,7 @@ def test_beat_frames(body, problem):
 
 
 def test_confirm_frames():
-    from pipeline.ingress import frames
+    from pipeline.stages.ingress import feedback as frames
 
     assert frames.confirms(envelope.pack([])) is None
     assert frames.confirms(envelope.pack([["b-1", "r", "local", "w1"]])) == [frames.Confirm("b-1", "r", "local", "w1")]
@@ -366,7 +370,7 @@ def test_confirm_frames():
 
 @pytest.mark.parametrize("setting, pragma", [("full", 2), ("normal", 1)])
 def test_outbox_synchronous(tmp_path, setting, pragma):
-    from pipeline.egress.outbox import Outbox
+    from pipeline.stages.egress.outbox import Outbox
 
     outbox = Outbox(tmp_path / "o.sqlite3", 1 << 20, setting)
     assert outbox.db.execute("PRAGMA synchronous").fetchone()[0] == pragma
@@ -375,7 +379,7 @@ def test_outbox_synchronous(tmp_path, setting, pragma):
 
 
 def test_outbox_set_aside_moves_a_row_and_adds_its_record_in_one_transaction(tmp_path):
-    from pipeline.egress.outbox import Outbox
+    from pipeline.stages.egress.outbox import Outbox
 
     outbox = Outbox(tmp_path / "o.sqlite3", 1 << 20)
     outbox.add([("b", "out/1", b"abc", 1, 0, "r", 1.0), ("b", "out/2", b"de", 1, 0, "r", 1.0)])

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 import falcon
 
 from pipeline.control import catalog
-from pipeline.control.figures import Proc
 from pipeline.control.http import send_json as _json
+from pipeline.telemetry.aggregation import Proc
 
-if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
-    from pipeline.config import Config, Control
+if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
+    from pipeline.config.load import Config, Control
 
 OPEN = frozenset({"/healthz", "/readyz", "/"})
 STATIC = "/static/"
@@ -56,7 +56,9 @@ def _workers(procs: list[Proc], name: str) -> list[dict[str, Any]]:
 def models(cfg: Config, procs: list[Proc], run_dir: Path | None) -> dict[str, Any]:
     """GET /models: catalog.models, plus the configured source (path or url, no credentials), the live
     workers with the version each loaded, and the last reload's result (null when there was none)."""
-    from pipeline import reload  # here and in Reload: loaded on first use, like prometheus_client (~0.4 MiB)
+    from pipeline.supervision import (
+        reload,  # here and in Reload: loaded on first use, like prometheus_client
+    )
 
     doc = catalog.models(cfg, procs)
     for entry in doc["models"]:
@@ -70,9 +72,9 @@ def models(cfg: Config, procs: list[Proc], run_dir: Path | None) -> dict[str, An
     return doc
 
 
-
-
 class Models:
+    """GET /models: every model, its source, version and the workers that loaded it."""
+
     def __init__(self, cfg: Config, source: Any, run_dir: Path | None) -> None:
         self.cfg, self.source, self.run_dir = cfg, source, run_dir
 
@@ -92,7 +94,7 @@ class Reload:
                                       description=f"no model named '{name}' (models: {', '.join(self.cfg.models)})")
         if self.run_dir is None:
             raise falcon.HTTPServiceUnavailable(title="unavailable", description="this control API runs no stack")
-        from pipeline import reload
+        from pipeline.supervision import reload
 
         try:  # a Reloader keeps no state: the lock and the last results are files in the run dir
             result = reload.Reloader(self.cfg, self.run_dir, self.source.processes).reload(name, "api")

@@ -15,30 +15,35 @@ import orjson
 
 from pipeline.control import admin, catalog, gate, views
 from pipeline.control.http import send_json as _json
+from pipeline.telemetry.readiness import not_ready
 
-if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
-    from pipeline.config import Config
+if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
+    from pipeline.config.load import Config
 
 STATIC = Path(__file__).parent / "static"
 
 
 class Source(Protocol):
+    """What the resources read the stage snapshots from (a `Board`, or a fake in tests)."""
+
     def processes(self) -> list[dict[str, Any]]: ...
 
 
-
-
 class Health:
+    """GET /healthz: the control process answers."""
+
     def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
         _json(resp, {"status": "ok"})
 
 
 class Ready:
+    """GET /readyz: 200 when every stage reports and every broker is connected, else 503 with the reasons."""
+
     def __init__(self, cfg: Config, source: Source) -> None:
         self.cfg, self.source = cfg, source
 
     def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
-        problems = views.not_ready(views.stages(self.cfg, self.source.processes()))
+        problems = not_ready(views.stages(self.cfg, self.source.processes()))
         _json(resp, {"ready": not problems, "problems": problems}, falcon.HTTP_503 if problems else falcon.HTTP_200)
 
 
@@ -53,6 +58,8 @@ class Document:
 
 
 class Rules:
+    """GET /rules: the rules as configured (no secret)."""
+
     def __init__(self, cfg: Config) -> None:
         self.doc = orjson.dumps(catalog.rules(cfg))
 
@@ -62,6 +69,8 @@ class Rules:
 
 
 class Metrics:
+    """GET /metrics: the Prometheus text of `Collector`."""
+
     def __init__(self, cfg: Config, source: Source) -> None:
         self.cfg, self.source = cfg, source
 

@@ -18,9 +18,9 @@ from typing import Any
 import msgpack
 import zmq
 
-from pipeline.control.figures import LEVELS, add
-from pipeline.endpoints import Endpoints
 from pipeline.errors import PipelineError
+from pipeline.telemetry.aggregation import add
+from pipeline.wire.endpoints import Endpoints
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,10 @@ Snapshot = dict[str, Any]
 
 
 class Board:
+    """The stats board of the control process: owns the SUB socket (in its own thread) and the recent
+    snapshots of every stage process, keyed by (pid, started). Readers get copies under the lock, never the
+    live structures."""
+
     def __init__(self, endpoints: Endpoints | None = None) -> None:
         self.endpoints = endpoints  # where the stats socket binds (None: a board fed by put() only)
         self._lock = threading.Lock()
@@ -118,12 +122,11 @@ class Board:
 
 
 def _fold(into: Snapshot, snap: Snapshot) -> None:
-    """Add a dead process's counts to its stage's retired totals (levels such as in_flight are dropped)."""
+    """Add a dead process's counts to its stage's retired totals."""
     into["retired"] += 1
     into["time"] = max(into["time"], snap.get("time", 0.0))
     for k, v in snap.get("counters", {}).items():
-        if k not in LEVELS:
-            into["counters"][k] = into["counters"].get(k, 0) + v
+        into["counters"][k] = into["counters"].get(k, 0) + v
     sums = into.setdefault("sums", {})
     for k, h in snap.get("histograms", {}).items():
         into["histograms"][k] = add(into["histograms"].get(k, []), h)

@@ -7,24 +7,16 @@ params (which may hold keys) are never included.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
-from pipeline.control.figures import Proc
+from pipeline.models.packages.sources import redact
+from pipeline.telemetry.aggregation import Proc
 
-if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
-    from pipeline.config import Broker, Config
-
-
-def _url(url: str) -> str:
-    """A broker url without any user:password@ part."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
+    from pipeline.config.load import Broker, Config
 
 
 def _broker(b: Broker) -> dict[str, Any]:
-    return {"url": _url(b.url), "username": b.username, "password_set": b.password is not None,
+    return {"url": redact(b.url), "username": b.username, "password_set": b.password is not None,
             "keepalive_s": b.keepalive}
 
 

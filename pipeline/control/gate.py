@@ -15,14 +15,16 @@ import falcon
 
 from pipeline.control.hosts import Allowed
 
-if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
-    from pipeline.config import Control
+if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
+    from pipeline.config.load import Control
 
 MAX_BODY = 1024
 SHOWN = 200  # characters of a refused Host or Origin repeated in the answer
 
 
 class Gate:
+    """Falcon middleware: refuses a request whose Host or Origin is not a name of this control API."""
+
     def __init__(self, control: Control) -> None:
         self.allowed = Allowed(control.listen, control.allowed_hosts)
 

@@ -26,13 +26,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from pipeline.control import figures as fig
 from pipeline.control import views
-from pipeline.control.figures import LEVELS, Proc
-from pipeline.stats import BUCKETS
+from pipeline.telemetry import aggregation as fig
+from pipeline.telemetry.aggregation import Proc
+from pipeline.telemetry.reporter import BUCKETS
 
-if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
-    from pipeline.config import Config
+if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
+    from pipeline.config.load import Config
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STAGE = ("stage", "rule")
@@ -56,6 +56,8 @@ def _split(key: str, proc_rule: str | None) -> tuple[str, bool]:
 
 
 class Collector:
+    """Prometheus collector: the /metrics families computed from the stage snapshots on each scrape."""
+
     def __init__(self, cfg: Config, procs: list[Proc]) -> None:
         self.cfg, self.procs = cfg, procs
 
@@ -97,8 +99,6 @@ class Collector:
     def _counters(self) -> Iterator[Metric]:
         families: dict[str, CounterMetricFamily] = {}
         for (stage, key, rule, keyed), procs in sorted(self._group("counters").items()):
-            if key in LEVELS:
-                continue
             base = key.partition(".")[0]
             name = _name(stage, base, "by_rule") if keyed else _name(stage, base)
             labelled = keyed or stage == "rule"

@@ -1,6 +1,6 @@
 """gunicorn wiring: gunicorn's threaded worker run in this process, without an arbiter, so control is one
-process (a second, the arbiter, would hold another ~40 MiB to restart a worker that supervisord restarts
-anyway). The stats board is made when the worker loads the app.
+process (a second, the arbiter, would hold a whole interpreter to restart a worker that supervisord
+restarts anyway). The stats board is made when the worker loads the app.
 
 The worker is pipeline.control.worker's (slow clients hold no thread), with gunicorn's request limits tightened
 to what our requests need, HTTPS when control.tls is set, and a warning logged at start when control listens
@@ -22,11 +22,11 @@ from pipeline.control.app import create_app
 from pipeline.control.board import Board
 from pipeline.control.hosts import exposure
 from pipeline.control.worker import Worker
-from pipeline.endpoints import Endpoints
 from pipeline.errors import PipelineError
+from pipeline.wire.endpoints import Endpoints
 
-if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
-    from pipeline.config import Config
+if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
+    from pipeline.config.load import Config
 
 log = logging.getLogger("pipeline.control")
 

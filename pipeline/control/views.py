@@ -1,7 +1,8 @@
-"""Turning per-process snapshots into per-stage documents: GET /stages, /readyz, /queue_size_metrics.
+"""Turning per-process snapshots into per-stage documents: GET /stages (which /readyz reads through
+`pipeline.telemetry.readiness`) and /queue_size_metrics.
 
-Pure functions of the configuration and the board's process list (see `figures` for the arithmetic).
-Counts sum every process of a stage, dead ones included, so restarts lose nothing; levels (queues, what
+Pure functions of the configuration and the board's process list (see `pipeline.telemetry.aggregation` for the
+arithmetic). Counts sum every process of a stage, dead ones included, so restarts lose nothing; levels (queues, what
 is in flight, broker states) and rates come from live processes only.
 
 Where a message waits, and so which stage's `depth` it adds to:
@@ -19,11 +20,12 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from pipeline.control import figures as fig
-from pipeline.control.figures import Proc
+from pipeline.telemetry import aggregation as fig
+from pipeline.telemetry.aggregation import Proc
+from pipeline.telemetry.schema import OutboxLevels
 
-if TYPE_CHECKING:  # pipeline.config loads pydantic; a stage gets its config from pipeline.frozen
-    from pipeline.config import Config, Rule
+if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
+    from pipeline.config.load import Config, Rule
 
 
 class Groups:
@@ -33,7 +35,7 @@ class Groups:
         self.ingress = [p for p in procs if p["stage"] == "ingress"]
         self.egress = [p for p in procs if p["stage"] == "egress"]
         self.workers = [p for p in procs if p["stage"] == "rule"]
-        self.queues: dict[str, dict[str, int]] = {}
+        self.queues: dict[str, dict[str, int]] = {}  # RuleQueueLevels of every live ingress, summed
         for p in self.ingress:
             if not p["alive"]:
                 continue
@@ -75,7 +77,6 @@ def _ingress(cfg: Config, g: Groups) -> dict[str, Any]:
     ing = g.ingress
     held = sum(q.get("pending", 0) for q in g.queues.values())
     unacked = [sum((p.get("unacked") or {}).values()) for p in ing if p["alive"] and "unacked" in p]
-    in_flight = fig.level(ing, "in_flight")
     return {
         "name": "ingress",
         "up": any(p["alive"] for p in ing),
@@ -83,7 +84,7 @@ def _ingress(cfg: Config, g: Groups) -> dict[str, Any]:
         "dispatched": sum(fig.total(ing, f"dispatched.{r.name}") for r in cfg.rules),
         "unrouted": fig.total(ing, "unrouted"),
         "depth": max(0, (fig.level(ing, "depth") or 0) - held),
-        "in_flight": in_flight if in_flight is not None or not unacked else sum(unacked),
+        "in_flight": sum(unacked) if unacked else None,  # not yet acknowledged to the brokers
         "rate_per_s": fig.rate(ing, "received"),
         "brokers": _brokers(ing),
         "counters": fig.counters(ing),
@@ -93,7 +94,6 @@ def _ingress(cfg: Config, g: Groups) -> dict[str, Any]:
 def _rule(rule: Rule, g: Groups) -> dict[str, Any]:
     ws, name = g.rule(rule.name), rule.name
     alive = sum(bool(p["alive"]) for p in ws)
-    reported = fig.level(ws, "in_flight")
     return {
         "name": f"rule:{name}",
         "up": alive > 0,
@@ -105,7 +105,7 @@ def _rule(rule: Rule, g: Groups) -> dict[str, Any]:
         "dropped": fig.total(g.ingress, f"dropped.{name}"),
         "dead_letters": fig.total(g.ingress, f"dead_letters.{name}"),
         "depth": _depth(name, g),
-        "in_flight": _at_workers(name, g) if reported is None else reported,
+        "in_flight": _at_workers(name, g),
         "latency_ms": fig.latency_ms(ws, "call"),
         "end_to_end_ms": fig.latency_ms(g.egress, f"end_to_end.{name}"),
         "rate_per_s": fig.rate(ws, "processed", "errors"),
@@ -113,7 +113,7 @@ def _rule(rule: Rule, g: Groups) -> dict[str, Any]:
     }
 
 
-def _outbox(g: Groups) -> dict[str, Any] | None:
+def _outbox(g: Groups) -> OutboxLevels | None:
     live = [p["outbox"] for p in g.egress if p["alive"] and isinstance(p.get("outbox"), dict)]
     return live[-1] if live else None
 
@@ -156,24 +156,10 @@ def stages(cfg: Config, procs: list[Proc]) -> dict[str, Any]:
             "stages": [_ingress(cfg, g), *(_rule(r, g) for r in cfg.rules), _egress(cfg, g)]}
 
 
-def not_ready(doc: dict[str, Any]) -> list[str]:
-    """What keeps the stack from being ready: stages down, brokers not connected, an outbox on a full disk."""
-    problems = []
-    for st in doc["stages"]:
-        if not st["up"]:
-            problems.append(f"{st['name']} is down")
-        for name, state in st.get("brokers", {}).items():
-            if state != "connected":
-                problems.append(f"{st['name']}: broker {name} is {state}")
-        if (st.get("outbox") or {}).get("disk_full"):
-            problems.append(f"{st['name']}: outbox: disk full (results wait; no input is acknowledged)")
-    return problems
-
-
 def egress_depth(rule: str, g: Groups, egress_total: int) -> int:
-    """Results of `rule` in egress. Exact when egress counts `received.<rule>` and reports its outbox rows per
-    rule (`outbox.rules`); otherwise estimated from the rule's end-to-end histogram (one observation per
-    result taken) and bounded by egress's whole depth."""
+    """Results of `rule` in egress, plus the outbox's rows (of every rule: the outbox does not tell them per rule),
+    within egress's whole depth. Results in transit come from ingress's `answered` level; without a live ingress,
+    from counters (or, when egress does not count `received.<rule>`, its end-to-end histogram)."""
     answered = g.queues.get(rule, {}).get("answered")
     if answered is None:
         made = _done(g.rule(rule)) + fig.total(g.ingress, f"dead_letters.{rule}")
@@ -184,10 +170,7 @@ def egress_depth(rule: str, g: Groups, egress_total: int) -> int:
             taken = sum(fig.histogram(g.egress, f"end_to_end.{rule}"))
         answered = max(0, made - taken)
     outbox = _outbox(g) or {}
-    rows = (outbox.get("rules") or {}).get(rule)
-    if rows is None:  # the outbox's rows are not told per rule: count them all, within egress's depth
-        return min(egress_total, answered + int(outbox.get("rows", 0)))
-    return answered + rows
+    return min(egress_total, answered + int(outbox.get("rows", 0)))
 
 
 def queue_size_metrics(cfg: Config, procs: list[Proc]) -> dict[str, Any]:

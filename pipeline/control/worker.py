@@ -41,6 +41,9 @@ END = b"\r\n\r\n"
 
 
 class Worker(ThreadWorker):
+    """gunicorn's gthread worker that waits for a request's head without holding a thread: a slow or idle
+    client cannot starve /healthz. Owns the connections still reading their head or lingering after close."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lock = threading.Lock()

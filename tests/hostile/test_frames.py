@@ -13,8 +13,9 @@ import zmq
 from fakebroker import FakeBroker, Wait, publish
 from test_mqtt_input import stage_pid
 
-from pipeline import config, envelope
-from pipeline.endpoints import Endpoints
+from pipeline.config import load as config
+from pipeline.wire import frames as envelope
+from pipeline.wire.endpoints import Endpoints
 
 CONFIG = """
 brokers:

@@ -65,7 +65,7 @@ def test_a_result_over_the_packet_size_becomes_an_error_record(small_broker, sta
 
 
 def test_rows_no_broker_takes_left_by_an_earlier_run_are_set_aside(broker, stack_factory, probe_factory, tmp_path):
-    from pipeline.egress.outbox import Outbox
+    from pipeline.stages.egress.outbox import Outbox
 
     data = tmp_path / "data"
     outbox = Outbox(data / "outbox.sqlite3", 1 << 20)  # the schema, as egress makes it

@@ -1,0 +1,1 @@
+"""The configuration schema, in sections; `pipeline.config.load` assembles and loads it."""

@@ -1,0 +1,127 @@
+"""What the configuration classes can do besides holding fields, shared by the pydantic models
+(pipeline.config.schema, pipeline.config.load) and the plain records of pipeline.config.snapshot: both inherit
+these mixins.
+No annotations here: pydantic would take them for fields."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from pipeline import digest
+
+if TYPE_CHECKING:
+    from pipeline.models.packages.sources import Limits, ModelSource
+
+
+def _plain(value: Any) -> Any:
+    """A copy of a dict (the ModelSource gets its own); anything else as it is."""
+    return dict(value) if isinstance(value, dict) else value
+
+
+class BrokerMixin:
+    """What a broker's fields tell: scheme, host, port, whether it is the embedded broker."""
+
+    __slots__ = ()
+
+    @property
+    def scheme(self) -> str:
+        s = urlsplit(self.url).scheme
+        return "mqtt" if s == "tcp" else s
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.scheme == "mqtts" else 1883)
+
+    @property
+    def embedded(self) -> bool:
+        return self.scheme == "embedded"
+
+
+class ModelMixin:
+    """What a model's fields tell: its source and where it is."""
+
+    __slots__ = ()
+
+    @property
+    def source(self) -> ModelSource:
+        """What `pipeline.models.packages.resolve` takes."""
+        from pipeline.models.packages.sources import ModelSource
+
+        return ModelSource(self.path, self.url, _plain(self.urls), _plain(self.sha256), _plain(self.md5),
+                           self.insecure)
+
+    @property
+    def where(self) -> str:
+        """The source as shown to people: the path, or the url(s) without credentials."""
+        from pipeline.models.packages.sources import redact
+
+        if self.path is not None:
+            return str(self.path)
+        shown = [f"{arch}: {redact(url)}" for arch, url in (self.urls or {}).items()]
+        return ", ".join(shown + ([redact(self.url)] if self.url else []))
+
+
+class PackagesMixin:
+    """What the `packages` fields tell: the limits of a download."""
+
+    __slots__ = ()
+
+    def limits(self) -> Limits:
+        from pipeline.models.packages.sources import Limits
+
+        return Limits(**self.model_dump())  # type: ignore[attr-defined]
+
+
+class RuleMixin:
+    """What a rule's fields tell: its error topic."""
+
+    __slots__ = ()
+
+    @property
+    def error_topic(self) -> str:
+        return self.errors.topic or f"pipeline/errors/{self.name}"
+
+
+class ConfigMixin:
+    """What a whole configuration can do: its instance name, default run directory, rule lookup, overrides."""
+
+    __slots__ = ()
+
+    @property
+    def instance(self) -> str:
+        """Stable name of this stack: used in MQTT client ids and the default run directory."""
+        tag = digest.sha1(str(self.source).encode()).hexdigest()[:6]
+        return self.name or f"{self.source.stem}-{tag}"
+
+    def default_run_dir(self) -> Path:
+        from pipeline.supervision import run_dir as rundir
+
+        return self.run_dir or rundir.default(self.instance)
+
+    def default_data_dir(self) -> Path:
+        """Outbox and model cache: must survive reboots, so not under /tmp."""
+        if self.data_dir:
+            return self.data_dir if self.data_dir.is_absolute() else self.source.parent / self.data_dir
+        env = os.environ.get("PIPELINE_DATA_DIR")
+        return Path(env) if env else Path.home() / ".local" / "state" / "pipeline" / self.instance
+
+    def rule(self, name: str) -> Any:
+        for r in self.rules:
+            if r.name == name:
+                return r
+        raise KeyError(f"no rule named '{name}' in {self.source} (rules: {', '.join(r.name for r in self.rules)})")
+
+    def with_workers(self, workers: dict[str, int]) -> Any:
+        """This config with some rules' worker counts overridden (`--workers RULE=N`)."""
+        rules = [r.model_copy(update={"workers": workers[r.name]}) if r.name in workers else r for r in self.rules]
+        return self.model_copy(update={"rules": rules})  # type: ignore[attr-defined]
+
+    def rule_index(self, name: str) -> int:
+        return self.rules.index(self.rule(name))

@@ -1,5 +1,0 @@
-"""Egress: PULL results from every worker, publish them to MQTT."""
-
-from pipeline.egress.stage import run
-
-__all__ = ["run"]

@@ -1,5 +1,0 @@
-"""Ingress: MQTT subscriptions of every rule -> msgpack frames on each rule's ZMQ PUSH socket."""
-
-from pipeline.ingress.stage import run
-
-__all__ = ["run"]

@@ -1,0 +1,1 @@
+"""Models: loading a model folder, encoding results, message filters, and model packages (download, verify, cache)."""

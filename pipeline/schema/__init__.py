@@ -1,1 +1,0 @@
-"""The configuration schema, in sections; `pipeline.config` assembles and loads it."""

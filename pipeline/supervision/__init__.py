@@ -1,0 +1,1 @@
+"""The stack under supervisord: its programs, `pipeline up`, reloads, and the run directory's layout."""

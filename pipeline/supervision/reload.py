@@ -1,0 +1,236 @@
+"""Hot reload of a model: re-read the config file, re-resolve the model, then replace the workers of every rule
+using it one at a time, each new worker serving (new version loaded, `init` done) before an old one stops.
+
+`POST /models/{name}/reload` (the control process) and SIGHUP to `pipeline up` both end in `Reloader.reload`.
+Workers are replaced through supervisord's XML-RPC interface: the rule's spare program (`spare_program`, not
+started by default) starts first with the new version; once it serves, each regular worker is stopped (SIGTERM:
+it finishes its frame; ingress sends what it still held again) and started again (it loads the new version),
+each serving before the next one stops; then the spare stops. "Serving" = the new process reports to the stats
+board. A failure before the spare serves (config, download, checksum, import, init) leaves the old workers
+untouched. One reload at a time per run directory (a file lock); the last result per model is kept in
+`<run dir>/reloads/<model>.json` for GET /models.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import snapshot
+from pipeline.errors import PipelineError
+from pipeline.models import packages
+from pipeline.supervision import run_dir as rundir
+from pipeline.supervision.rpc import Supervisor, SupervisorError
+
+if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
+    from pipeline.config.load import Config
+
+log = logging.getLogger("pipeline.reload")
+
+SERVE_TIMEOUT = 120.0  # seconds a new worker may take to load its model and report in
+POLL = 0.2
+Workers = Callable[[], list[dict[str, Any]]]  # worker snapshots: stage, rule, model, pid, alive, sha256, loaded_at
+
+
+class ReloadError(PipelineError):
+    """The reload failed; the message says why."""
+
+
+class Busy(PipelineError):
+    """Another reload is running on this stack."""
+
+
+@contextmanager
+def _lock(run_dir: Path) -> Iterator[None]:
+    fd = rundir.open_lock(rundir.prepare(run_dir) / rundir.RELOAD_LOCK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy("another reload is running on this stack: try again when it is done") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def save(run_dir: Path, record: dict[str, Any]) -> None:
+    """Keep the result of a reload for GET /models."""
+    path = rundir.reload_record(run_dir, record["model"])
+    rundir.write_private(rundir.private_folder(path.parent) / path.name, json.dumps(record, indent=1) + "\n")
+
+
+def last(run_dir: Path | None, name: str) -> dict[str, Any] | None:
+    """The result of the last reload of a model on this stack; None when there was none."""
+    try:
+        return json.loads(rundir.reload_record(run_dir, name).read_text()) if run_dir else None
+    except (OSError, ValueError):
+        return None
+
+
+def _rules_of(cfg: Config) -> list[dict[str, Any]]:
+    """The rules of a configuration as plain data, worker counts left out (they may be overridden)."""
+    return [r.model_dump(exclude={"workers"}) for r in cfg.rules]
+
+
+class Reloader:
+    """Reloads the models of the stack running `running` (the config it started with) in `run_dir`."""
+
+    def __init__(self, running: Config, run_dir: Path, workers: Workers) -> None:
+        self.running, self.run_dir, self.workers = running, run_dir, workers
+
+    def reload(self, name: str, trigger: str = "api", only_if_changed: bool = False) -> dict[str, Any]:
+        """Reload one model; return the result, also kept for GET /models. Raise Busy while another runs."""
+        record: dict[str, Any] = {"model": name, "trigger": trigger, "ok": False, "started_at": time.time()}
+        with _lock(self.run_dir):
+            try:
+                record.update(self._reload(name, only_if_changed), ok=True)
+            except PipelineError as e:
+                record["error"] = f"{e}".strip()
+                record["running"] = sorted(self._versions(name))  # what still serves
+            record["finished_at"] = time.time()
+            save(self.run_dir, record)
+        if record["ok"]:
+            log.info("model %s: version %s serving (%d worker(s) replaced)", name, record["version"][:12],
+                     record["workers_replaced"])
+        else:
+            log.error("model %s: reload failed, the running version stays: %s", name, record["error"])
+        return record
+
+    def _reload(self, name: str, only_if_changed: bool) -> dict[str, Any]:
+        from pipeline.config import load as config  # pydantic: loaded by the first reload, not by control's start
+
+        cfg = config.load(self.running.source)
+        rules = self._rules(cfg, name)
+        spec = cfg.models[name]
+        folder = packages.resolve(name, spec.source, cfg.default_data_dir(), cfg.packages.limits())
+        version, before = packages.version_of(folder), self._versions(name)
+        out = {"version": version, "previous": sorted(before), "source": spec.where, "rules": rules,
+               "changed": before != {version}, "workers_replaced": 0}
+        if only_if_changed and not out["changed"]:
+            return out
+        self._hand_over(cfg)
+        sup = Supervisor(self.run_dir)
+        out["workers_replaced"] = sum(self._replace(sup, rule) for rule in rules)
+        return out
+
+    def _hand_over(self, cfg: Config) -> None:
+        """Rewrite the run dir's config.json with the file's models, which the new workers read (they cannot
+        validate the file themselves: they run without the variables that hold secrets)."""
+        if os.environ.get(snapshot.RUN) and not snapshot.rewrite(self.run_dir, self.running.model_copy(
+                update={"models": cfg.models})):
+            raise ReloadError(f"the models of {cfg.source} cannot be handed to the workers in {self.run_dir}")
+
+    def _rules(self, cfg: Config, name: str) -> list[str]:
+        """The rules using the model; refuse a config whose rules changed (workers find their rule by index)."""
+        if name not in cfg.models:
+            raise ReloadError(f"model '{name}' is no longer defined in {cfg.source}")
+        if _rules_of(cfg) != _rules_of(self.running):
+            raise ReloadError(f"the rules in {cfg.source} changed since the stack started: a reload only "
+                              "replaces a model's version; restart the stack to apply the new rules")
+        rules = [r.name for r in cfg.rules if r.model == name]
+        if not rules:
+            raise ReloadError(f"no rule uses model '{name}'")
+        return rules
+
+    def _replace(self, sup: Supervisor, rule: str) -> int:
+        """Spare first, then each regular worker of the rule; return how many regular workers were replaced."""
+        spare = f"{rundir.spare_program(rule)}:{rundir.spare_program(rule)}-0"
+        sup.call("stopProcess", spare, True)  # one left running by an interrupted reload has the old version
+        try:
+            self._start(sup, spare, rule)
+            workers = sup.members(rundir.worker_program(rule))
+            for proc in workers:
+                sup.call("stopProcess", proc, True)
+                self._start(sup, proc, rule)
+            return len(workers)
+        finally:
+            try:
+                sup.call("stopProcess", spare, True)
+            except SupervisorError as e:
+                log.warning("could not stop the spare worker of rule %s: %s", rule, e)
+
+    def _start(self, sup: Supervisor, proc: str, rule: str) -> None:
+        """Start a worker process and wait until it serves (reports to the stats board)."""
+        try:
+            sup.call("startProcess", proc, True)
+        except SupervisorError:
+            pass  # it ended at once: its state below says how
+        deadline, pid = time.monotonic() + SERVE_TIMEOUT, 0
+        while time.monotonic() < deadline:
+            info = sup.call("getProcessInfo", proc)
+            if info["statename"] not in ("STARTING", "RUNNING") or (pid and info["pid"] != pid):
+                raise ReloadError(f"the new worker {proc} of rule {rule} did not start: {self._why(rule, info)}")
+            pid = info["pid"] if info["statename"] == "RUNNING" else 0
+            if pid and any(p["pid"] == pid and p.get("rule") == rule for p in self._live()):
+                return
+            time.sleep(POLL)
+        raise ReloadError(f"the new worker {proc} of rule {rule} did not report within {SERVE_TIMEOUT:g}s")
+
+    def _why(self, rule: str, info: dict[str, Any]) -> str:
+        """The reason a worker left in <run dir>/fatal (removed: it was not a stage of the stack failing)."""
+        fatal = rundir.fatal_file(self.run_dir, rundir.worker_program(rule))
+        try:
+            reason = rundir.read_fatal(fatal)[1]
+            fatal.unlink()
+        except (OSError, ValueError):
+            reason = ""
+        status = f"it exited with status {info.get('exitstatus')} (see its log)"
+        return reason or info.get("spawnerr") or status
+
+    def _live(self) -> list[dict[str, Any]]:
+        try:
+            procs = self.workers()
+        except (OSError, ValueError, KeyError) as e:  # the control API restarting
+            log.debug("worker snapshots unavailable: %s", e)
+            return []
+        return [p for p in procs if p.get("stage") == "rule" and p.get("alive") and p.get("pid")]
+
+    def _versions(self, name: str) -> set[str]:
+        return {p["sha256"] for p in self._live() if p.get("model") == name and p.get("sha256")}
+
+
+def http_workers(cfg: Config) -> Workers:
+    """Worker snapshots read from the control API's GET /models (for `pipeline up`, which has no board)."""
+    from pipeline.control.hosts import local_url, pinned_context
+
+    url = f"{local_url(cfg.control)}/models"
+    context = pinned_context(cfg.control)
+    token = cfg.control.token.get_secret_value() if cfg.control.token else None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def fetch() -> list[dict[str, Any]]:
+        import urllib.request
+
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5, context=context) as r:
+            doc = json.loads(r.read())
+        return [{"stage": "rule", **w} for m in doc["models"] for w in m.get("workers", [])]
+
+    return fetch
+
+
+def on_sighup(cfg: Config, run_dir: Path) -> threading.Thread:
+    """SIGHUP to `pipeline up`: reload, in a thread, every model whose version changed."""
+
+    def run() -> None:
+        reloader = Reloader(cfg, run_dir, http_workers(cfg))
+        log.info("SIGHUP: reloading the models whose version changed in %s", cfg.source)
+        for name in dict.fromkeys(r.model for r in cfg.rules):  # the models in use
+            try:
+                result = reloader.reload(name, "sighup", only_if_changed=True)
+            except Busy as e:
+                log.warning("SIGHUP ignored: %s", e)
+                return
+            if result["ok"] and not result["changed"]:
+                log.info("model %s: unchanged (version %s)", name, result["version"][:12])
+
+    thread = threading.Thread(target=run, daemon=True, name="reload")
+    thread.start()
+    return thread

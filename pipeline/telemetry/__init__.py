@@ -1,0 +1,1 @@
+"""Stage statistics: what each stage reports, and the figures control and `pipeline status` compute from them."""

@@ -1,0 +1,19 @@
+"""Whether a stack is ready, read from its /stages document: the one rule for /readyz and `pipeline status`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def not_ready(doc: dict[str, Any]) -> list[str]:
+    """What keeps the stack from being ready: stages down, brokers not connected, an outbox on a full disk."""
+    problems = []
+    for st in doc["stages"]:
+        if not st["up"]:
+            problems.append(f"{st['name']} is down")
+        for name, state in st.get("brokers", {}).items():
+            if state != "connected":
+                problems.append(f"{st['name']}: broker {name} is {state}")
+        if (st.get("outbox") or {}).get("disk_full"):
+            problems.append(f"{st['name']}: outbox: disk full (results wait; no input is acknowledged)")
+    return problems

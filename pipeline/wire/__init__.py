@@ -1,0 +1,1 @@
+"""What travels between processes: message frames, ZeroMQ endpoints and CURVE keys, sockets, MQTT links."""

@@ -1,5 +1,0 @@
-"""Workers: a pool per rule; each process loads the model once and calls it for every message."""
-
-from pipeline.workers.stage import run
-
-__all__ = ["run"]
