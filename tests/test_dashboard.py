@@ -1,6 +1,7 @@
 """The dashboard (GET /) in real headless Chromium, driven over the DevTools protocol, against a real stack.
 
-Chromium is a system package (`scripts/test.sh`, the README's test command, installs it with apt-get); without it this test fails, not skips.
+Chromium is a system package (`scripts/test.sh`, the README's test command, installs it with apt-get); without it
+this test fails, not skips.
 The screenshot goes to the test's tmp dir and to tests/artifacts/dashboard.png.
 """
 
