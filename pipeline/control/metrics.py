@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from pipeline.control import views
-from pipeline.telemetry import aggregation as fig
+from pipeline.telemetry import aggregation
 from pipeline.telemetry.aggregation import Proc
 from pipeline.telemetry.reporter import BUCKETS
 
@@ -106,7 +106,7 @@ class Collector:
                 families[name] = CounterMetricFamily(name, f"{stage} counter {base}"
                                                      + (" per rule" if labelled else ""),
                                                      labels=("rule",) if labelled else ())
-            families[name].add_metric([rule] if labelled else [], fig.total(procs, key))
+            families[name].add_metric([rule] if labelled else [], aggregation.total(procs, key))
         yield from families.values()
 
     def _histograms(self) -> Iterator[Metric]:
@@ -117,7 +117,8 @@ class Collector:
             if name not in families:
                 families[name] = HistogramMetricFamily(name, f"{stage} latency {base} in seconds",
                                                        labels=("rule",))
-            families[name].add_metric([rule], _cumulative(fig.histogram(procs, key)), fig.histogram_sum(procs, key))
+            families[name].add_metric([rule], _cumulative(aggregation.histogram(procs, key)),
+                                      aggregation.histogram_sum(procs, key))
         yield from families.values()
 
     def _processes(self) -> Iterator[Metric]:

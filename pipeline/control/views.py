@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from pipeline.telemetry import aggregation as fig
+from pipeline.telemetry import aggregation
 from pipeline.telemetry.aggregation import Proc
 from pipeline.telemetry.schema import OutboxLevels
 
@@ -57,7 +57,7 @@ def _brokers(procs: list[Proc]) -> dict[str, str]:
 
 def _done(procs: list[Proc]) -> int:
     """Messages that left a rule's workers: one result each, a model output or an error record."""
-    return fig.total(procs, "processed") + fig.total(procs, "errors")
+    return aggregation.total(procs, "processed") + aggregation.total(procs, "errors")
 
 
 def _at_workers(rule: str, g: Groups) -> int:
@@ -65,8 +65,9 @@ def _at_workers(rule: str, g: Groups) -> int:
     reported = g.queues.get(rule, {}).get("at_workers")
     if reported is not None:
         return reported
-    taken_back = fig.total(g.ingress, f"redispatched.{rule}") + fig.total(g.ingress, f"dead_letters.{rule}")
-    return max(0, fig.total(g.ingress, f"dispatched.{rule}") - _done(g.rule(rule)) - taken_back)
+    taken_back = (aggregation.total(g.ingress, f"redispatched.{rule}")
+                  + aggregation.total(g.ingress, f"dead_letters.{rule}"))
+    return max(0, aggregation.total(g.ingress, f"dispatched.{rule}") - _done(g.rule(rule)) - taken_back)
 
 
 def _depth(rule: str, g: Groups) -> int:
@@ -80,14 +81,14 @@ def _ingress(cfg: Config, g: Groups) -> dict[str, Any]:
     return {
         "name": "ingress",
         "up": any(p["alive"] for p in ing),
-        "received": fig.total(ing, "received"),
-        "dispatched": sum(fig.total(ing, f"dispatched.{r.name}") for r in cfg.rules),
-        "unrouted": fig.total(ing, "unrouted"),
-        "depth": max(0, (fig.level(ing, "depth") or 0) - held),
+        "received": aggregation.total(ing, "received"),
+        "dispatched": sum(aggregation.total(ing, f"dispatched.{r.name}") for r in cfg.rules),
+        "unrouted": aggregation.total(ing, "unrouted"),
+        "depth": max(0, (aggregation.level(ing, "depth") or 0) - held),
         "in_flight": sum(unacked) if unacked else None,  # not yet acknowledged to the brokers
-        "rate_per_s": fig.rate(ing, "received"),
+        "rate_per_s": aggregation.rate(ing, "received"),
         "brokers": _brokers(ing),
-        "counters": fig.counters(ing),
+        "counters": aggregation.counters(ing),
     }
 
 
@@ -99,17 +100,17 @@ def _rule(rule: Rule, g: Groups) -> dict[str, Any]:
         "up": alive > 0,
         "workers": rule.workers,
         "workers_alive": alive,
-        "received": fig.total(ws, "received"),
-        "processed": fig.total(ws, "processed"),
-        "errors": fig.total(ws, "errors"),
-        "dropped": fig.total(g.ingress, f"dropped.{name}"),
-        "dead_letters": fig.total(g.ingress, f"dead_letters.{name}"),
+        "received": aggregation.total(ws, "received"),
+        "processed": aggregation.total(ws, "processed"),
+        "errors": aggregation.total(ws, "errors"),
+        "dropped": aggregation.total(g.ingress, f"dropped.{name}"),
+        "dead_letters": aggregation.total(g.ingress, f"dead_letters.{name}"),
         "depth": _depth(name, g),
         "in_flight": _at_workers(name, g),
-        "latency_ms": fig.latency_ms(ws, "call"),
-        "end_to_end_ms": fig.latency_ms(g.egress, f"end_to_end.{name}"),
-        "rate_per_s": fig.rate(ws, "processed", "errors"),
-        "counters": fig.counters(ws),
+        "latency_ms": aggregation.latency_ms(ws, "call"),
+        "end_to_end_ms": aggregation.latency_ms(g.egress, f"end_to_end.{name}"),
+        "rate_per_s": aggregation.rate(ws, "processed", "errors"),
+        "counters": aggregation.counters(ws),
     }
 
 
@@ -126,8 +127,8 @@ def _in_transit(cfg: Config, g: Groups) -> int:
     answered = [g.queues[r.name].get("answered") for r in cfg.rules if r.name in g.queues]
     if answered and None not in answered and len(answered) == len(cfg.rules):
         return sum(answered)
-    entered = _done(g.workers) + sum(fig.total(g.ingress, f"dead_letters.{r.name}") for r in cfg.rules)
-    return max(0, entered - fig.total(g.egress, "received"))
+    entered = _done(g.workers) + sum(aggregation.total(g.ingress, f"dead_letters.{r.name}") for r in cfg.rules)
+    return max(0, entered - aggregation.total(g.egress, "received"))
 
 
 def _egress(cfg: Config, g: Groups) -> dict[str, Any]:
@@ -135,14 +136,14 @@ def _egress(cfg: Config, g: Groups) -> dict[str, Any]:
     doc = {
         "name": "egress",
         "up": any(p["alive"] for p in egr),
-        "received": fig.total(egr, "received"),
-        "published": fig.total(egr, "published"),
-        "error_records": fig.total(egr, "error_records"),
-        "dropped": fig.total(egr, "dropped"),
+        "received": aggregation.total(egr, "received"),
+        "published": aggregation.total(egr, "published"),
+        "error_records": aggregation.total(egr, "error_records"),
+        "dropped": aggregation.total(egr, "dropped"),
         "depth": _in_transit(cfg, g) + int((outbox or {}).get("rows", 0)),
-        "rate_per_s": fig.rate(egr, "received"),
+        "rate_per_s": aggregation.rate(egr, "received"),
         "brokers": _brokers(egr),
-        "counters": fig.counters(egr),
+        "counters": aggregation.counters(egr),
     }
     if outbox is not None:
         doc["outbox"] = outbox
@@ -162,12 +163,12 @@ def egress_depth(rule: str, g: Groups, egress_total: int) -> int:
     from counters (or, when egress does not count `received.<rule>`, its end-to-end histogram)."""
     answered = g.queues.get(rule, {}).get("answered")
     if answered is None:
-        made = _done(g.rule(rule)) + fig.total(g.ingress, f"dead_letters.{rule}")
+        made = _done(g.rule(rule)) + aggregation.total(g.ingress, f"dead_letters.{rule}")
         key = f"received.{rule}"
         if any(key in p.get("counters", {}) for p in g.egress):
-            taken = fig.total(g.egress, key)
+            taken = aggregation.total(g.egress, key)
         else:
-            taken = sum(fig.histogram(g.egress, f"end_to_end.{rule}"))
+            taken = sum(aggregation.histogram(g.egress, f"end_to_end.{rule}"))
         answered = max(0, made - taken)
     outbox = _outbox(g) or {}
     return min(egress_total, answered + int(outbox.get("rows", 0)))
