@@ -106,6 +106,27 @@ def test_the_gthread_internals_the_worker_relies_on_are_there(tmp_path):
     w.tmp.close()
 
 
+def test_the_arbiter_internals_the_server_relies_on_are_there():
+    """pipeline/control/server.py does for its one worker what gunicorn's arbiter does in the child after fork."""
+    import gunicorn
+    from gunicorn import sock
+
+    cfg = GunicornConfig()
+    log = cfg.logger_class(cfg)
+    w = cfg.worker_class(1, 0, [], None, 30, cfg, log)
+    missing = [name for name, there in (
+        ("gunicorn.sock.create_sockets", callable(getattr(sock, "create_sockets", None))),
+        ("Config.logger_class", callable(cfg.logger_class)),
+        ("Worker.init_process", callable(getattr(w, "init_process", None))),
+        ("Worker.booted", hasattr(w, "booted")),
+        ("Worker.tmp", hasattr(getattr(w, "tmp", None), "close")),
+    ) if not there]
+    w.tmp.close()
+    assert not missing, (f"gunicorn {gunicorn.__version__} lacks {', '.join(missing)}, which "
+                         "pipeline/control/server.py relies on: it was written for gunicorn 27.0.x, the version "
+                         "setup.cfg pins")
+
+
 def test_dns_rebinding_is_refused_while_requests_by_address_work(control_factory):
     c = control_factory("{listen: LISTEN}", listen_all=True)
     status, doc = c.get("/stages", host=f"rebind.attacker.example:{c.port}")
