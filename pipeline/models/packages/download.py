@@ -130,8 +130,12 @@ def _opener(read_timeout: float) -> urllib.request.OpenerDirector:
     the connection is open."""
 
     class ReadTimeout:
+        """A handler mixin whose connections get `read_timeout` on their socket once connected."""
+
         def do_open(self, http_class: Any, req: Any, **kw: Any) -> Any:
             class Connection(http_class):  # type: ignore[misc, valid-type]
+                """urllib's connection class, with the read timeout set after connecting."""
+
                 def connect(self) -> None:
                     super().connect()
                     self.sock.settimeout(read_timeout)
@@ -139,10 +143,10 @@ def _opener(read_timeout: float) -> urllib.request.OpenerDirector:
             return super().do_open(Connection, req, **kw)  # type: ignore[misc]
 
     class HTTP(ReadTimeout, urllib.request.HTTPHandler):
-        pass
+        """http:// with the read timeout."""
 
     class HTTPS(ReadTimeout, urllib.request.HTTPSHandler):
-        pass
+        """https:// with the read timeout."""
 
     return urllib.request.build_opener(HTTP(), HTTPS(), _Redirects())
 
