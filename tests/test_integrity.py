@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_packages import FAST, GOOD, INDEX, FileServer, digests, leftovers, tar_bytes, zip_bytes
+from test_packages import FAST, GOOD, INDEX, FileServer, digests, leftovers, tar_bytes, zip_bytes, zip_with_tool
 from test_tls import make_certs
 
 from pipeline.commands.models import model_notes
@@ -289,17 +289,9 @@ def test_the_cache_is_private_whatever_the_umask(files, tmp_path, kind):
 
 
 def test_executable_members_stay_executable_for_their_user_only(files, tmp_path):
-    import zipfile
-
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as z:
-        z.writestr("index.py", INDEX)
-        info = zipfile.ZipInfo("bin/tool")
-        info.external_attr = (stat.S_IFREG | 0o755) << 16
-        z.writestr(info, b"#!/bin/sh\n")
     old = os.umask(0o022)
     try:
-        folder = resolve("m", ModelSource(url=files.serve("/x.zip", out.getvalue()), insecure=True), tmp_path, FAST)
+        folder = resolve("m", ModelSource(url=files.serve("/x.zip", zip_with_tool()), insecure=True), tmp_path, FAST)
     finally:
         os.umask(old)
     assert stat.S_IMODE((folder / "bin" / "tool").stat().st_mode) == 0o700

@@ -459,14 +459,19 @@ def test_a_model_name_cannot_leave_the_cache(tmp_path):
         resolve("../x", plain(url="http://x/m.zip"), tmp_path, FAST)
 
 
-def test_executable_bits_are_kept(files, tmp_path):
+def zip_with_tool() -> bytes:
+    """A model zip holding an executable `bin/tool` (mode 0755) beside `index.py`."""
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as z:
         z.writestr("index.py", INDEX)
         info = zipfile.ZipInfo("bin/tool")
         info.external_attr = (stat.S_IFREG | 0o755) << 16
         z.writestr(info, b"#!/bin/sh\n")
-    folder = resolve("m", plain(url=files.serve("/x.zip", out.getvalue())), tmp_path, FAST)
+    return out.getvalue()
+
+
+def test_executable_bits_are_kept(files, tmp_path):
+    folder = resolve("m", plain(url=files.serve("/x.zip", zip_with_tool())), tmp_path, FAST)
     assert os.access(folder / "bin" / "tool", os.X_OK) and not os.access(folder / "index.py", os.X_OK)
 
 

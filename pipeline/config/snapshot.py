@@ -167,7 +167,6 @@ class Config(ConfigMixin, Value):
     """The whole configuration, as `pipeline up` validated it."""
 
 
-
 _CLASSES = {c.__name__: c for c in (Sub, Pub, Errors, Control, ControlTls, Outbox, Endpoints, Remote, Rule, Broker,
                                     Model, Packages, Config)}
 
@@ -231,15 +230,22 @@ def write(run_dir: Path, cfg: Any, run: str) -> list[str] | None:
     return secrets
 
 
+def _given_secrets() -> Any:
+    """The secrets `pipeline up` put in this process's environment (parsed JSON), None when it put none."""
+    given = os.environ.get(SECRETS)
+    return None if given is None else json.loads(given)
+
+
 def rewrite(run_dir: Path, cfg: Any) -> bool:
     """Write `cfg` again for the running stack (a reload changed its models): same run id, and the same secrets
-    as the stages were given. False when there is no such stack (its stages validate the file themselves)."""
+    as the stages were given. True too when no `pipeline up` runs the stack (its stages validate the file
+    themselves); False, and no file, when the stages could not read `cfg` from it."""
     run = os.environ.get(RUN)
     if not run:
-        return False
-    given = os.environ.get(SECRETS)
+        return True
+    given = _given_secrets()
     values = write(run_dir, cfg, run)
-    if values is None or (given is not None and json.loads(given) != values):
+    if values is None or (given is not None and given != values):
         (run_dir / FILE).unlink(missing_ok=True)
         return False
     return True
@@ -254,8 +260,7 @@ def read(run_dir: Path, source: str | os.PathLike[str]) -> Config | None:
         body = json.loads((run_dir / FILE).read_text())
         if body.get("format") != FORMAT or body.get("run") != run or body.get("source") != str(Path(source).resolve()):
             return None
-        given = os.environ.get(SECRETS)
-        secrets = None if given is None else json.loads(given)
+        secrets = _given_secrets()
         if secrets is not None and (not isinstance(secrets, list) or len(secrets) != body["secrets"]):
             return None
         cfg = _decode(body["config"], secrets)

@@ -124,8 +124,7 @@ class Reloader:
     def _hand_over(self, cfg: Config) -> None:
         """Rewrite the run dir's config.json with the file's models, which the new workers read (they cannot
         validate the file themselves: they run without the variables that hold secrets)."""
-        if os.environ.get(snapshot.RUN) and not snapshot.rewrite(self.run_dir, self.running.model_copy(
-                update={"models": cfg.models})):
+        if not snapshot.rewrite(self.run_dir, self.running.model_copy(update={"models": cfg.models})):
             raise ReloadError(f"the models of {cfg.source} cannot be handed to the workers in {self.run_dir}")
 
     def _rules(self, cfg: Config, name: str) -> list[str]:

@@ -147,7 +147,7 @@ def spare_program(rule: str) -> str:
 
 def is_spare(group: str) -> bool:
     """True for the program group of a spare worker."""
-    return group.startswith("spare-")
+    return group.startswith(spare_program(""))
 
 
 def fatal_file(run_dir: Path, program: str) -> Path:
@@ -157,7 +157,9 @@ def fatal_file(run_dir: Path, program: str) -> Path:
 
 def leave_fatal(run_dir: Path, program: str, exit_code: int, reason: str) -> None:
     """Write the fatal reason file of `program` (private, replaced whole)."""
-    write_private(private_folder(run_dir / FATAL) / f"{program}.txt", f"{exit_code}\n{reason}")
+    path = fatal_file(run_dir, program)
+    private_folder(path.parent)
+    write_private(path, f"{exit_code}\n{reason}")
 
 
 def read_fatal(path: Path) -> tuple[int, str]:
