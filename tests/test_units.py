@@ -213,7 +213,8 @@ def test_result_problem(field, value, problem):
 def _env(cls: type, i: int, **given: object) -> tuple:
     """An envelope of `cls` built by field name (robust to added fields), values varying with `i`."""
     sample = {str: lambda f: f"{f}-{i}-é", bytes: lambda f: b"\x00" + bytes([i]) + b"\xff",
-              int: lambda f: i, float: lambda f: 1700000000.25 + i}
+              int: lambda f: i, float: lambda f: 1700000000.25 + i, bool: lambda f: bool(i % 2),
+              str | None: lambda f: f"{f}-{i}" if i else None, bytes | None: lambda f: bytes([i]) if i else None}
     return cls(**{f: given.get(f, sample[t](f)) for f, t in typing.get_type_hints(cls).items()})
 
 

@@ -24,12 +24,12 @@ from pydantic_core import PydanticCustomError
 from pipeline.config import pyboot
 from pipeline.config.schema.behaviour import ConfigMixin
 from pipeline.config.schema.common import Name, Strict
-from pipeline.config.schema.rules import Control, ControlTls, Endpoints, Errors, Outbox, Pub, Rule, Sub
+from pipeline.config.schema.rules import Control, ControlTls, Endpoints, Errors, Outbox, Pub, Rule, State, Sub
 from pipeline.config.schema.sources import Broker, Model, Packages
 from pipeline.errors import ConfigError
 
 __all__ = ["Broker", "Config", "Control", "ControlTls", "Endpoints", "Errors", "Loaded", "Model", "Outbox", "Packages",
-           "Pub", "Rule", "Sub", "load", "load_file", "parse"]
+           "Pub", "Rule", "State", "Sub", "load", "load_file", "parse"]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 

@@ -127,6 +127,10 @@ class Errors(Value):
     """`rules[].errors`, as `pipeline up` validated it."""
 
 
+class State(Value):
+    """`rules[].state`, as `pipeline up` validated it."""
+
+
 class Control(Value):
     """`control`, as `pipeline up` validated it."""
 
@@ -167,8 +171,8 @@ class Config(ConfigMixin, Value):
     """The whole configuration, as `pipeline up` validated it."""
 
 
-_CLASSES = {c.__name__: c for c in (Sub, Pub, Errors, Control, ControlTls, Outbox, Endpoints, Remote, Rule, Broker,
-                                    Model, Packages, Config)}
+_CLASSES = {c.__name__: c for c in (Sub, Pub, Errors, State, Control, ControlTls, Outbox, Endpoints, Remote, Rule,
+                                    Broker, Model, Packages, Config)}
 
 
 # -- the file --

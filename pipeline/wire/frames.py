@@ -15,10 +15,12 @@ from typing import NamedTuple, TypeVar
 
 import msgpack
 
+from pipeline import digest
 from pipeline.errors import DecodeError
+from pipeline.keyed.keys import MAX_KEY
 from pipeline.models import codec
 
-VERSION = 2  # 2: a frame names its sender (the worker whose results it carries)
+VERSION = 3  # 3: envelopes carry a key, its state and what tells a message delivered again
 
 # Result kinds
 PUBLISH = 0  # publish payload on topic
@@ -38,6 +40,9 @@ class Message(NamedTuple):
     mid: int  # MQTT packet id on the ingress connection (0 for QoS 0)
     attempt: int  # 1 on first dispatch
     received_at: float  # unix time when ingress got it
+    key: str | None = None  # the message's key value (a keyed rule), else None
+    state: bytes = b""  # the key's committed state (see pipeline.keyed.store.encode), b"": empty
+    dup: bool = False  # the broker sent it again (MQTT DUP): it may be one whose result is stored already
 
 
 class Result(NamedTuple):
@@ -53,6 +58,10 @@ class Result(NamedTuple):
     source_qos: int  # 1: ingress waits for this result to be safe before acking upstream
     received_at: float
     latency: float  # seconds spent in the model call
+    key: str | None = None  # the message's key value (a keyed rule), else None
+    state: bytes | None = None  # the key's new state, None when the call left it unchanged
+    digest: bytes = b""  # of the input's topic and payload (keyed QoS 1): tells the broker's DUP of this message
+    dup: bool = False  # the input was the broker's DUP
 
 
 E = TypeVar("E", Message, Result)
@@ -76,12 +85,31 @@ def result_problem(r: Result) -> str | None:
     t, lat = r.received_at, r.latency  # finite and in range: they go into SQLite and the latency sums
     if type(t) not in (int, float) or type(lat) not in (int, float) or not (0 <= t < 1e11 and 0 <= lat < 1e7):
         return f"received_at and latency must be unix time and seconds (got {t!r:.30}, {lat!r:.30})"
+    return _keyed_problem(r)
+
+
+def _keyed_problem(r: Result) -> str | None:
+    if not (r.key is None or (type(r.key) is str and 0 < len(r.key) <= MAX_KEY)):
+        return f"a key is a string of 1 to {MAX_KEY} characters or nil (got {r.key!r:.80})"
+    if not (r.state is None or (type(r.state) is bytes and r.key is not None)):
+        return f"a state is bytes, and only with a key (got {type(r.state).__name__})"
+    if type(r.digest) is not bytes or len(r.digest) > 32 or type(r.dup) is not bool:
+        return "a digest is at most 32 bytes and dup a boolean"
     return None
 
 
 def result_for(msg: Message, kind: int, topic: str, payload: bytes, latency: float) -> Result:
-    """The Result answering `msg`."""
-    return Result(msg.id, msg.rule, kind, topic, payload, msg.broker, msg.mid, msg.qos, msg.received_at, latency)
+    """The Result answering `msg` (a keyed message's state unchanged)."""
+    return Result(msg.id, msg.rule, kind, topic, payload, msg.broker, msg.mid, msg.qos, msg.received_at, latency,
+                  msg.key, None, digest_of(msg) if msg.key is not None and msg.qos else b"", msg.dup)
+
+
+def digest_of(msg: Message) -> bytes:
+    """16 bytes of BLAKE2b over the message's topic and payload: what tells the broker's DUP of a stored one."""
+    h = digest.blake2b(msg.topic.encode("utf-8", "surrogatepass"), digest_size=16)
+    h.update(b"\0")
+    h.update(msg.payload)
+    return h.digest()
 
 
 def error_result(msg: Message, topic: str, reason: str, err: BaseException | str, latency: float = 0.0) -> Result:

@@ -31,6 +31,7 @@ control: {listen: CONTROL}
 """
 pack = envelope.pack
 CREDIT, BEAT, TIMEOUT = envelope.CREDIT, envelope.BEAT, envelope.TIMEOUT
+V = envelope.VERSION
 
 
 def result(**fields: object) -> list:
@@ -47,8 +48,8 @@ BAD = {  # socket -> frames (a list: one multipart message), each refused
               [pack(["w", 0, BEAT, 10**6])]],
     "confirms": [[b"\xc1"], [pack(0)], [pack(None)], [pack([["a", "b"]])], [pack([["id", "nosuch", "local", ""]])],
                  [pack([["id", "r", "nosuch", ""]])]],
-    "results": [[b"\xc1"], [msgpack.packb([3, [], ""])], [msgpack.packb([2, [[1, 2, 3]], ""])],
-                [msgpack.packb([2, [result()], 7])], [b"\x93\x02\x91\x9a\xa2\xff\xfe" + b"\x00" * 9]],
+    "results": [[b"\xc1"], [msgpack.packb([V + 1, [], ""])], [msgpack.packb([V, [[1, 2, 3]], ""])],
+                [msgpack.packb([V, [result()], 7])], [bytes([0x93, V, 0x91, 0x9a, 0xa2, 0xff, 0xfe]) + b"\x00" * 9]],
     "bad_results": [[envelope.encode([envelope.Result(*result(payload="text"))], "w")],
                     [envelope.encode([envelope.Result(*result(rule="nosuch"))], "w")],
                     [envelope.encode([envelope.Result(*result(kind=7))], "w")],

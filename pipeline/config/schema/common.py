@@ -14,15 +14,15 @@ from pydantic import (
 )
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def duration(value: Any) -> Any:
-    """'10s', '250ms', '2m', '1h' or a plain number of seconds -> float seconds."""
+    """'10s', '250ms', '2m', '1h', '7d' or a plain number of seconds -> float seconds."""
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
         if not m:
-            raise ValueError("expected a duration such as 500ms, 10s, 2m or 1h")
+            raise ValueError("expected a duration such as 500ms, 10s, 2m, 1h or 7d")
         return float(m.group(1)) * _UNITS[m.group(2) or "s"]
     return value
 

@@ -22,6 +22,7 @@ from pipeline import topics
 from pipeline.config.schema.behaviour import RuleMixin
 from pipeline.config.schema.common import Name, Seconds, Strict, must_be_defined
 from pipeline.control.hosts import name_problem, normal
+from pipeline.keyed import keys
 from pipeline.models.filters import filter_problems
 
 
@@ -63,6 +64,13 @@ class Errors(Strict):
     topic: str | None = None
 
 
+class State(Strict):
+    """`rules[].state`: the bounds of the per-key state of a keyed rule."""
+
+    max_bytes: ByteSize = ByteSize(64 << 10)  # one key's state, encoded; a result that would pass it is an error
+    expire_after: Seconds = 7 * 86400.0  # a key's state not written for this long counts as empty (and is deleted)
+
+
 class Rule(RuleMixin, Strict):  # error_topic
     """One of `rules`: subscription, model, publication, workers and limits of one flow."""
 
@@ -80,8 +88,36 @@ class Rule(RuleMixin, Strict):  # error_topic
     max_rss: ByteSize | None = None  # a worker above this RSS finishes its frame and is replaced
     filter: dict[str, Any] | None = None  # see pipeline.models.filters; a message it refuses gives no output
     skip_results: list[str] = []  # a result that is one of these strings is not published (as None is not)
+    key: list[str] | None = None  # see pipeline.keyed.keys: messages with one key value are called in order
+    key_default: str | None = Field(None, min_length=1, max_length=keys.MAX_KEY)  # for messages without a key value
+    state: State = State()
 
     _model = field_validator("model")(lambda cls, v, info: must_be_defined("models", v, info))
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        try:
+            keys.parse(v)
+        except ValueError as e:
+            raise PydanticCustomError("key", "{msg}", {"msg": str(e), "value": v}) from None
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _keyed(self) -> Rule:
+        if self.key is None:
+            for given in ("key_default", "state"):
+                if given in self.model_fields_set:
+                    raise PydanticCustomError("needs_key", "{at} is for a keyed rule: set key: too",
+                                              {"at": given, "value": []})
+            return self
+        try:
+            keys.check_levels(keys.parse(self.key), self.sub.topic)
+        except ValueError as e:
+            raise PydanticCustomError("key", "{msg}", {"at": "key", "msg": str(e), "value": self.key}) from None
+        return self
 
     @field_validator("filter")
     @classmethod
