@@ -25,18 +25,23 @@ from pipeline.errors import ModelLoadError
 
 @dataclass(frozen=True)
 class Meta:
-    """One message of a `handler_batch` call: `context.batch[i]` describes `events[i]`."""
+    """One message of a `handler_batch` call: `context.batch[i]` describes `events[i]`; in a keyed rule `key`
+    is its key value and `state` its key's state (a batch holds each key at most once)."""
 
     topic: str
     received_at: float
     message_id: str
     attempt: int
+    key: str | None = None
+    state: dict[str, Any] | None = None
 
 
 @dataclass
 class Context:
     """What a model sees besides the event. One object per worker, updated for each call. In a `handler_batch`
-    call `batch` describes its events; topic, received_at and message_id are None when they are several."""
+    call `batch` describes its events; topic, received_at, message_id, key and state are None when they are
+    several. In a keyed rule `key` is the message's key value and `state` its key's state: a dict the model reads
+    and changes, committed with the message's result (discarded when the call raises)."""
 
     rule: str
     model: str
@@ -48,6 +53,8 @@ class Context:
     attempt: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # free for the model's own use
     batch: list[Meta] = field(default_factory=list)
+    key: str | None = None
+    state: dict[str, Any] | None = None
 
 
 Handler = Callable[[Any, Context], Any]
