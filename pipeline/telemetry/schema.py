@@ -21,14 +21,15 @@ class Head(TypedDict):
     started: float  # unix time the process started
 
 
-class RuleQueueLevels(TypedDict):
-    """One rule's queue at ingress (`rules.<rule>`)."""
+class RuleQueueLevels(TypedDict, total=False):
+    """One rule's queue at ingress (`rules.<rule>`); `keys` only for a keyed rule."""
 
     pending: int  # held by ingress, not given to a worker yet (backlog and retries)
     in_flight: int  # held by workers and not confirmed (QoS 1 held + QoS 0 held)
     workers: int  # workers ingress knows
     at_workers: int  # sent to workers and not answered
     answered: int  # answered by a worker, not yet confirmed by egress
+    keys: int  # keys with a message waiting or in flight
 
 
 class OutboxLevels(TypedDict):

@@ -125,7 +125,8 @@ def error_result(msg: Message, topic: str, reason: str, err: BaseException | str
 #   worker -> ingress, on beats (PUSH):        [worker id, rule index, BEAT, free credit]
 #                                              [worker id, rule index, TIMEOUT, [message id, [answered ids]]]
 #                                              (message id nil: a handler_batch call of several timed out)
-#   egress -> ingress, on confirms (PUSH):     [[message id, rule, broker, sender], ...]   these results are safe;
+#   egress -> ingress, on confirms (PUSH):     [[message id, rule, broker, sender(, state)], ...]   these results
+#                                              are safe (state: of a keyed rule's result, what it left, nil: unchanged);
 #                                              [] once at egress start: results sent to an earlier egress are lost
 CREDIT, BEAT, TIMEOUT = 0, 1, 2
 PREFETCH = 64  # messages a worker may hold (its first CREDIT); a BEAT's free credit is PREFETCH - what it holds

@@ -5,6 +5,8 @@ survives a power cut; with NORMAL a commit survives any crash of our processes (
 cache) but a power cut can lose the last commits before a checkpoint, results whose inputs were already
 acknowledged upstream (see README, "Delivery guarantees"). One transaction per ZMQ frame of results; rows
 are deleted when the broker PUBACKs them.
+The results of a keyed rule commit their key's new state in the same transaction (tables `state` and `done`,
+see pipeline.keyed.store); one that `done` shows was committed already (delivered again) writes nothing.
 A row the broker will never take is moved to the `set_aside` table (with why), so that it cannot block the
 rows behind it; that table keeps the newest SET_ASIDE_KEPT rows. A failed write rolls back: no transaction
 is ever left open. The file and its -wal/-shm companions are mode 0600 in a 0700 folder: payloads are this
@@ -21,8 +23,32 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from pipeline.keyed import store
+
 _TOTALS = "SELECT coalesce(sum(length(payload)), 0), count(*) FROM outbox"
 _INSERT = "INSERT INTO outbox (broker, topic, payload, qos, retain, rule, received_at) VALUES (?,?,?,?,?,?,?)"
+
+
+class Keyed(NamedTuple):
+    """What a keyed rule's result writes besides its outbox row: the key's new state (None: unchanged) and, for a
+    QoS 1 input, the `done` row by which a second delivery of the same message is recognised."""
+
+    rule: str
+    key: str
+    broker: str
+    mid: int
+    qos: int
+    message_id: str
+    digest: bytes
+    dup: bool
+    state: bytes | None
+
+
+class Entry(NamedTuple):
+    """One result as the outbox takes it: its row (None: nothing to publish later) and its keyed part."""
+
+    row: tuple[str, str, bytes, int, int, str, float] | None
+    keyed: Keyed | None
 
 
 class Row(NamedTuple):
@@ -74,8 +100,8 @@ class Outbox:
         self.db = sqlite3.connect(path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-        self.db.execute(_SCHEMA)
-        self.db.execute(_SET_ASIDE)
+        for table in (_SCHEMA, _SET_ASIDE, *store.SCHEMA):
+            self.db.execute(table)
         self.set_aside_rows = self.db.execute("SELECT count(*) FROM set_aside").fetchone()[0]
         self.set_aside_last = [  # the newest few, for /stages
             {"id": i, "rule": rule, "topic": str(topic)[:200], "reason": reason, "at": at}
@@ -95,6 +121,58 @@ class Outbox:
             self.db.executemany(_INSERT, rows)
         self.rows += len(rows)
         self.bytes += sum(len(r[2]) for r in rows)
+
+    def commit(self, entries: list[Entry]) -> tuple[list[bytes | None], int]:
+        """Write a frame's entries in one transaction: rows, keyed states and done rows. Return, per entry, the state
+        to confirm to ingress (None: unchanged; for a result recognised as delivered again, the key's stored
+        state, b"" when none) and how many were recognised (and wrote nothing)."""
+        if not any(e.keyed for e in entries):
+            self.add([e.row for e in entries if e.row is not None])
+            return [None] * len(entries), 0
+        states: list[bytes | None] = []
+        rows: list[tuple] = []
+        recognised = 0
+        now = time.time()
+        with self._transaction():
+            for e in entries:
+                k = e.keyed
+                if k is not None and k.qos and self._done(k):
+                    recognised += 1
+                    stored = store.read(self.db, k.rule, k.key)
+                    states.append(stored.value if stored else b"")
+                    continue
+                if e.row is not None:
+                    self.db.execute(_INSERT, e.row)
+                    rows.append(e.row)
+                states.append(self._write_state(k, now) if k is not None else None)
+        self.rows += len(rows)
+        self.bytes += sum(len(r[2]) for r in rows)
+        return states, recognised
+
+    def _done(self, k: Keyed) -> bool:
+        """Whether the message of `k` had its state change committed already: the same message id (ingress sent it
+        again), or the broker's DUP with the packet id, topic and payload of the one committed under that id."""
+        row = self.db.execute("SELECT message_id, digest FROM done WHERE rule = ? AND broker = ? AND mid = ?",
+                              (k.rule, k.broker, k.mid)).fetchone()
+        return row is not None and (row[0] == k.message_id or (k.dup and bytes(row[1]) == k.digest))
+
+    def _write_state(self, k: Keyed, now: float) -> bytes | None:
+        if k.state is None:
+            return None
+        self.db.execute("INSERT OR REPLACE INTO state (rule, key, value, updated_at) VALUES (?,?,?,?)",
+                        (k.rule, k.key, k.state, now))
+        if k.qos:
+            self.db.execute("INSERT OR REPLACE INTO done (rule, broker, mid, message_id, digest) VALUES (?,?,?,?,?)",
+                            (k.rule, k.broker, k.mid, k.message_id, k.digest))
+        return k.state
+
+    def expire_states(self, expire_after: dict[str, float], margin: float) -> int:
+        """Delete the states of each rule not written for its `expire_after` plus `margin` seconds (readers count
+        them as empty from `expire_after` on); return how many went."""
+        now = time.time()
+        with self._transaction():
+            return sum(self.db.execute("DELETE FROM state WHERE rule = ? AND updated_at < ?",
+                                       (rule, now - after - margin)).rowcount for rule, after in expire_after.items())
 
     def after(self, broker: str, cursor: int, limit: int) -> list[Row]:
         """The oldest rows for `broker` with id > cursor."""

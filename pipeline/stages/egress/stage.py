@@ -22,8 +22,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from pipeline import topics
 from pipeline.errors import DecodeError
+from pipeline.keyed import store
 from pipeline.models import codec
-from pipeline.stages.egress.outbox import Outbox, Row
+from pipeline.stages.egress.outbox import Entry, Keyed, Outbox, Row
 from pipeline.telemetry.reporter import Reporter
 from pipeline.telemetry.schema import OutboxLevels
 from pipeline.wire import frames
@@ -45,6 +46,8 @@ RECORD_OVERHEAD = 2048  # bytes of an error record besides its payload, at most 
 MAX_STRIKES = 3  # connections lost with one row the oldest unacknowledged (and, after the first, the only one sent)
 PERMANENT = frozenset({0x87, 0x90, 0x95, 0x99, 0x9A, 0x9B})  # PUBACK reasons a retry would meet again
 MAX_BACKOFF = 30.0  # seconds between sending a row the broker refused for now (0x97 quota exceeded...) at most
+EXPIRY_SWEEP = 60.0  # seconds between two deletions of expired keyed states
+EXPIRY_MARGIN = 60.0  # seconds past a state's expiry before it is deleted
 
 
 def disk_full(e: sqlite3.OperationalError) -> bool:
@@ -76,6 +79,13 @@ def fixed_error_topic(rule: Rule) -> str:
     return rule.error_topic if "{" not in rule.error_topic else f"pipeline/errors/{rule.name}"
 
 
+def _keyed(r: Result) -> Keyed | None:
+    """The keyed part of a result of a keyed rule (None for another rule's)."""
+    if r.key is None:
+        return None
+    return Keyed(r.rule, r.key, r.source_broker, r.source_mid, r.source_qos, r.message_id, r.digest, r.dup, r.state)
+
+
 def run(cfg: Config, eps: Endpoints, stop: threading.Event) -> None:
     """Serve until `stop` is set, then take what workers already sent and flush the outbox (up to 5 s)."""
     outbox = open_outbox(cfg, stop)
@@ -92,7 +102,7 @@ def run(cfg: Config, eps: Endpoints, stop: threading.Event) -> None:
 def open_outbox(cfg: Config, stop: threading.Event) -> Outbox | None:
     """The outbox, opened once the disk lets SQLite create its files (a full disk: retried every second, so
     egress waits rather than failing into FATAL; it takes no result meanwhile); None when asked to stop."""
-    path = cfg.default_data_dir() / "outbox.sqlite3"
+    path = store.path_in(cfg.default_data_dir())
     said = False
     while not stop.is_set():
         try:
@@ -129,8 +139,10 @@ class Egress:
         self.hub = Hub(list(self.links.values()))
         self.hub.register(self.pull)
         self.reading = True
-        self.unstored: list[tuple[list[tuple], list[list[str]]]] = []  # frames not written: the disk is full
+        self.unstored: list[tuple[list[Entry], list[list], list[list]]] = []  # frames not written: the disk is full
         self.store_retry_at = 0.0
+        self.expire_after = {r.name: r.state.expire_after for r in cfg.rules if r.key is not None}
+        self.expire_at = 0.0  # monotonic time of the next sweep of expired states
         g = self.stats.gauges
         g["brokers"] = lambda: {n: lk.state for n, lk in self.links.items()}
         g["outbox"] = self._outbox_levels
@@ -155,7 +167,22 @@ class Egress:
         for p in self.publisher.values():
             p.pump()
         self.hub.flush()
+        if self.expire_after and time.monotonic() >= self.expire_at and not self.unstored:
+            self._expire_states()
         self.stats.tick()
+
+    def _expire_states(self) -> None:
+        """Delete the keyed states nobody wrote for their rule's `state.expire_after` (ingress and control count
+        them as empty already; EXPIRY_MARGIN later, so that a state ingress still holds is never deleted)."""
+        self.expire_at = time.monotonic() + EXPIRY_SWEEP
+        try:
+            gone = self.outbox.expire_states(self.expire_after, EXPIRY_MARGIN)
+        except sqlite3.OperationalError as e:
+            if not disk_full(e):
+                raise
+            return
+        if gone:
+            self.stats.count("states_expired", gone)
 
     def _backpressure(self) -> None:
         """Stop taking results while the outbox is full or cannot be written (disk full): workers then keep
@@ -171,29 +198,35 @@ class Egress:
             self.hub.register(self.pull)
         self.reading = not blocked
 
-    def _store(self, safe: list[tuple], confirms: list[list[str]]) -> None:
-        """Write a frame's results to the outbox, then confirm them; when the disk is full, keep them (in
-        order) until a write succeeds again, and confirm nothing meanwhile."""
+    def _store(self, entries: list[Entry], confirms: list[list], keyed_confirms: list[list]) -> None:
+        """Write a frame's results to the outbox, then confirm them (a keyed one with the state it left: None when
+        unchanged); when the disk is full, keep them (in order) until a write succeeds again, and confirm nothing
+        meanwhile."""
         if self.unstored:
-            self.unstored.append((safe, confirms))
+            self.unstored.append((entries, confirms, keyed_confirms))
             return
         try:
-            if safe:
-                self.outbox.add(safe)
+            states, recognised = self.outbox.commit(entries) if entries else ([], 0)
         except sqlite3.OperationalError as e:
             if not disk_full(e):
                 raise
-            self.unstored.append((safe, confirms))
+            self.unstored.append((entries, confirms, keyed_confirms))
             self.store_retry_at = time.monotonic() + 1.0
             self.stats.reject("disk_full", f"outbox {self.outbox.path}: {e}; results wait, nothing is confirmed")
             return
+        if recognised:
+            self.stats.count("already_done", recognised)  # delivered again: their first result is stored
+        written = [st for e, st in zip(entries, states, strict=True) if e.keyed is not None]
+        self.stats.count("state_writes", sum(1 for st in written if st is not None))
+        for c, st in zip(keyed_confirms, written, strict=True):
+            c.append(st)
         if confirms:
             self.confirm.send(frames.pack(confirms))
 
     def _retry_store(self) -> None:
         waiting, self.unstored = self.unstored, []
-        for i, (safe, confirms) in enumerate(waiting):
-            self._store(safe, confirms)
+        for i, frame in enumerate(waiting):
+            self._store(*frame)
             if self.unstored:  # still full: the rest waits behind it, in order
                 self.unstored += waiting[i + 1:]
                 return
@@ -244,9 +277,12 @@ class Egress:
         return r._replace(topic=topic)
 
     def take(self, results: list[Result], sender: str = "") -> None:
-        """Store (QoS 1) or publish (QoS 0) the results of one frame, then confirm the QoS 1 ones to ingress,
-        naming `sender`, the worker that sent them, which ingress checks against the one holding each."""
-        safe, confirms = [], []
+        """Store (QoS 1) or publish (QoS 0) the results of one frame, commit the states of a keyed rule's results,
+        then confirm the QoS 1 and keyed ones to ingress, naming `sender`, the worker that sent them, which ingress
+        checks against the one holding each."""
+        entries: list[Entry] = []
+        confirms: list[list] = []
+        keyed_confirms: list[list] = []  # those of keyed results: each gets the state its entry left
         for r in results:
             problem = self._problem(r)
             if problem is not None:
@@ -255,24 +291,34 @@ class Egress:
             self.stats.count("received")
             self.stats.count("received." + r.rule)
             self.stats.observe("end_to_end." + r.rule, time.time() - r.received_at)
-            if r.source_qos:
+            keyed = _keyed(r)
+            row = self._output(r)
+            if row is not None or keyed is not None:
+                entries.append(Entry(row, keyed))
+            if r.source_qos or keyed is not None:
                 confirms.append([r.message_id, r.rule, r.source_broker, sender])
-            if r.kind == frames.NOTHING:
-                self.stats.count("nothing")
-                continue
-            broker, qos, retain = self.routes[r.rule]
-            sendable = self._publishable(r, broker)
-            if sendable is None:
-                continue
-            r = sendable
-            self.stats.count("error_records" if r.kind == frames.ERROR else "results")
-            retain = int(retain and r.kind == frames.PUBLISH)
-            if r.source_qos:
-                safe.append((broker, r.topic, r.payload, qos, retain, r.rule, r.received_at))
-            else:
-                self.publisher[broker].direct(r.topic, r.payload, qos, retain)
-        if safe or confirms:
-            self._store(safe, confirms)
+            if keyed is not None:
+                keyed_confirms.append(confirms[-1])
+        if entries or confirms:
+            self._store(entries, confirms, keyed_confirms)
+
+    def _output(self, r: Result) -> tuple | None:
+        """Publish a result of a QoS 0 input now; return the outbox row of one of a QoS 1 input (None when there is
+        nothing to publish: the model returned None, or nothing the broker takes can be made of it)."""
+        if r.kind == frames.NOTHING:
+            self.stats.count("nothing")
+            return None
+        broker, qos, retain = self.routes[r.rule]
+        sendable = self._publishable(r, broker)
+        if sendable is None:
+            return None
+        r = sendable
+        self.stats.count("error_records" if r.kind == frames.ERROR else "results")
+        retain = int(retain and r.kind == frames.PUBLISH)
+        if r.source_qos:
+            return (broker, r.topic, r.payload, qos, retain, r.rule, r.received_at)
+        self.publisher[broker].direct(r.topic, r.payload, qos, retain)
+        return None
 
     def finish(self, deadline: float) -> None:
         while self.pull.poll(300):

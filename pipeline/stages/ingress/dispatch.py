@@ -109,13 +109,30 @@ class RuleQueue:
         w.reachable, w.sent_at = True, now
         for m in batch:
             w.order.append(m.id)
-            if m.qos:
+            if self._tracked(m):
                 w.held[m.id] = m
                 self.in_flight[m.id] = (m, w.ident, UNANSWERED)
             else:
                 w.qos0 += 1
         self.stats.count(self._k["dispatched"], len(batch))
         return True
+
+    def _tracked(self, msg: Message) -> bool:
+        """Whether `msg` is held (by id) until egress confirms it: QoS 1 ones; a QoS 0 one is only counted."""
+        return msg.qos == 1
+
+    @property
+    def backlogged(self) -> bool:
+        """Whether messages wait to be sent to a worker."""
+        return bool(self.pending or self.retry)
+
+    def clear_backlog(self) -> int:
+        """Forget what waits to be sent (ingress stops: the broker sends the QoS 1 ones again); return how many
+        QoS 0 messages that drops."""
+        dropped = sum(1 for m in (*self.pending, *self.retry) if not m.qos)
+        self.pending.clear()
+        self.retry.clear()
+        return dropped
 
     def _unreachable(self, w: Worker) -> None:
         """The ROUTER has no connection to `w`. It is not dead for that: a worker known from its heartbeats (after
@@ -177,7 +194,8 @@ class RuleQueue:
         for m in lost:
             self._again(m, now, "lost on the way to a worker", "lost")
 
-    def confirm(self, msg_id: str) -> None:
+    def confirm(self, msg_id: str, state: bytes | None = None) -> None:
+        """Egress has the result of `msg_id` safe (`state`: what it left of its key's state, for a keyed rule)."""
         entry = self.in_flight.pop(msg_id, None)
         if entry is not None:
             w = self.workers.get(entry[1])
@@ -228,13 +246,18 @@ class RuleQueue:
         if not suspects:
             for m in held:
                 del self.in_flight[m.id]
-            self.pending.extendleft(reversed(held))
+            self._requeue(held)
             self.stats.count(self._k["redispatched"], len(held))
             return
         for m in held:
             self._again(m, now, "worker died while holding it", "worker_died")
 
+    def _requeue(self, msgs: list[Message]) -> None:
+        """Put messages a worker never called back at the head of the backlog, as they were."""
+        self.pending.extendleft(reversed(msgs))
+
     def _again(self, msg: Message, now: float, why: str, reason: str) -> None:
+        """`msg` goes again with attempt + 1 (as a suspect), or as a dead letter past max_attempts."""
         entry = self.in_flight.pop(msg.id, None)
         if entry is not None and (w := self.workers.get(entry[1])) is not None:
             w.held.pop(msg.id, None)
@@ -242,9 +265,17 @@ class RuleQueue:
             self.stats.count(self._k["dead_letters"])
             err = f"{why} (attempt {msg.attempt} of {self.rule.max_attempts})"
             self.dead_letter(frames.error_result(msg, self.error_topic(msg.topic), reason, err))
+            self._dead(msg)
             return
         self.stats.count(self._k["redispatched"])
-        self.retry.append(msg._replace(attempt=msg.attempt + 1))
+        self._retry(msg._replace(attempt=msg.attempt + 1))
+
+    def _retry(self, msg: Message) -> None:
+        """Queue a suspect: it goes before the backlog, alone in its frame."""
+        self.retry.append(msg)
+
+    def _dead(self, msg: Message) -> None:
+        """`msg` became a dead letter (its error record is on the way to egress)."""
 
     @property
     def depth(self) -> int:

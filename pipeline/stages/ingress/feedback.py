@@ -86,12 +86,25 @@ def beat(frame: bytes, rules: int) -> Beat:
 
 class Confirm(NamedTuple):
     """Egress has this result safe: the message, its rule and input broker, and the worker that answered it
-    ("" for an error record ingress sent itself)."""
+    ("" for an error record ingress sent itself); for a keyed rule's result (`keyed`), the state it left of its key
+    (None: unchanged)."""
 
     msg_id: str
     rule: str
     broker: str
     sender: str
+    state: bytes | None = None
+    keyed: bool = False
+
+
+def _confirm(c: Any) -> Confirm | None:
+    if not isinstance(c, list) or len(c) not in (4, 5) or not all(isinstance(x, str) for x in c[:4]):
+        return None
+    if len(c) == 4:
+        return Confirm(*c)
+    if not (c[4] is None or isinstance(c[4], bytes)):
+        return None
+    return Confirm(*c, keyed=True)
 
 
 def confirms(frame: bytes) -> list[Confirm] | None:
@@ -99,7 +112,7 @@ def confirms(frame: bytes) -> list[Confirm] | None:
     body = _unpack(frame)
     if body == []:
         return None
-    if not isinstance(body, list) or not all(
-            isinstance(c, list) and len(c) == 4 and all(isinstance(x, str) for x in c) for c in body):
-        raise BadFrame(f"expected a list of [message id, rule, broker, sender] (got {body!r:.80})")
-    return [Confirm(*c) for c in body]
+    confirms = [_confirm(c) for c in body] if isinstance(body, list) else [None]
+    if None in confirms:
+        raise BadFrame(f"expected a list of [message id, rule, broker, sender(, state)] (got {body!r:.80})")
+    return confirms  # type: ignore[return-value]

@@ -14,14 +14,17 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from pipeline import topics
+from pipeline.keyed import keys, store
+from pipeline.models import codec
 from pipeline.stages.ingress import feedback
 from pipeline.stages.ingress.acks import AckWindow
 from pipeline.stages.ingress.dispatch import RuleQueue
+from pipeline.stages.ingress.keyed import KeyedQueue, StateReader
 from pipeline.stages.ingress.pace import ReadPace
 from pipeline.telemetry.reporter import Reporter
 from pipeline.wire import frames
@@ -31,7 +34,7 @@ from pipeline.wire.mqtt import Hub, Link
 from pipeline.wire.sockets import drain
 
 if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
-    from pipeline.config.load import Config
+    from pipeline.config.load import Config, Rule
 
 log = logging.getLogger("pipeline.ingress.stage")  # a stable name for log filters, not the module path
 
@@ -81,8 +84,8 @@ class Ingress:
         self.routers = [eps.bind(ctx, zmq.ROUTER, "rule", i) for i in range(len(cfg.rules))]
         self.beats, self.confirms = eps.bind(ctx, zmq.PULL, "beats"), eps.bind(ctx, zmq.PULL, "confirms")
         self.letters = eps.connect(ctx, zmq.PUSH, "results")
-        self.queues = [RuleQueue(r, s, self.stats, self.letters_send, topics.compile_template(r.error_topic))
-                       for r, s in zip(cfg.rules, self.routers, strict=True)]
+        self.states = StateReader(store.path_in(cfg.default_data_dir()))
+        self.queues = [self._queue(r, s) for r, s in zip(cfg.rules, self.routers, strict=True)]
         self.by_name = {r.name: q for r, q in zip(cfg.rules, self.queues, strict=True)}
         self.links = _links(cfg, self._arrive)
         for name, link in self.links.items():
@@ -97,6 +100,13 @@ class Ingress:
         self.letters_out: OrderedDict[tuple[str, str], Result] = OrderedDict()  # QoS 1 error records not confirmed
         self.confirmed: OrderedDict[tuple[str, str], None] = OrderedDict()  # the last RECENT_CONFIRMS accepted
         self._gauges()
+
+    def _queue(self, rule: Rule, sock: zmq.Socket) -> RuleQueue:
+        """The dispatch of one rule: per key when it has `key:`."""
+        error_topic = topics.compile_template(rule.error_topic)
+        if rule.key is None:
+            return RuleQueue(rule, sock, self.stats, self.letters_send, error_topic)
+        return KeyedQueue(rule, sock, self.stats, self.letters_send, error_topic, self.states)
 
     def _gauges(self) -> None:
         g = self.stats.gauges
@@ -117,7 +127,7 @@ class Ingress:
             for q in self.queues:
                 q.dispatch(now)
             hub.flush()
-            hub.reading = pace.step(now, self.seq, any(q.pending for q in self.queues))
+            hub.reading = pace.step(now, self.seq, any(q.backlogged for q in self.queues))
             if now >= next_tick:
                 next_tick = now + TICK
                 self._tick(now)
@@ -136,15 +146,18 @@ class Ingress:
         msg_id, now = f"{self.boot}-{self.seq}", time.time()
         waiting: set[str] = set()
         targets = self.route(broker, topic)
+        memo: list[Any] = []  # the payload decoded, once for every keyed rule that reads its key from it
         for i in targets:
             q = self.queues[i]
-            m = Message(msg_id, q.rule.name, broker, topic, payload, qos, mid, 1, now)
+            m = Message(msg_id, q.rule.name, broker, topic, payload, qos, mid, 1, now, dup=dup)
             if qos:
                 waiting.add(q.rule.name)
             if len(payload) > q.rule.max_payload_bytes:
                 self.stats.count("oversize")
                 err = f"payload of {len(payload)} bytes is over max_payload_bytes ({q.rule.max_payload_bytes})"
                 self.letters_send(frames.error_result(m, q.error_topic(topic), "payload_too_large", err))
+            elif isinstance(q, KeyedQueue):
+                self._offer_keyed(q, m, memo)
             else:
                 q.offer(m)
         if qos:
@@ -154,6 +167,18 @@ class Ingress:
             self.stats.count("redelivered")  # the broker sent it again: its result may be a duplicate
         if not targets:
             self.stats.count("unrouted")
+
+    def _offer_keyed(self, q: KeyedQueue, m: Message, memo: list[Any]) -> None:
+        """Queue `m` behind its key's messages; without a key value (and no key_default), an error record: `no_key`,
+        or `bad_payload` when the key is read from a payload that is not JSON."""
+        try:
+            q.offer(m._replace(key=q.key_of(m.topic, m.payload, memo)))
+        except keys.NoKey as e:
+            self.stats.count(f"no_key.{q.rule.name}")
+            self.letters_send(frames.error_result(m, q.error_topic(m.topic), "no_key", e))
+        except codec.BadPayload as e:
+            self.stats.count(f"no_key.{q.rule.name}")
+            self.letters_send(frames.error_result(m, q.error_topic(m.topic), "bad_payload", e))
 
     def _bad_topic(self, broker: str, raw: bytes, payload: bytes, qos: int, mid: int, dup: bool) -> None:
         """A message whose topic is not UTF-8: an error record (the topic in base64, the payload kept) on the
@@ -260,7 +285,7 @@ class Ingress:
         key = (c.rule, c.msg_id)
         if (held is not None and holder == sender and held[0].broker == c.broker) or \
                 (not c.sender and self._letter_confirmed(key, c.broker)):
-            q.confirm(c.msg_id)
+            q.confirm(c.msg_id, c.state)
             acks.done(c.msg_id, c.rule)
             self.confirmed[key] = None
             if len(self.confirmed) > RECENT_CONFIRMS:
@@ -277,10 +302,7 @@ class Ingress:
         """Stop reading MQTT; wait (until `deadline`) for what workers hold; the rest comes again later."""
         self.hub.reading = False
         for q in self.queues:
-            dropped = sum(1 for m in (*q.pending, *q.retry) if not m.qos)
-            self.stats.count(f"dropped.{q.rule.name}", dropped)
-            q.pending.clear()
-            q.retry.clear()
+            self.stats.count(f"dropped.{q.rule.name}", q.clear_backlog())
         log.info("ingress draining: %d message(s) in workers", sum(q.holding for q in self.queues))
         while time.monotonic() < deadline and any(q.holding for q in self.queues):
             self._handle(self.hub.poll(50))
@@ -294,6 +316,7 @@ class Ingress:
         for s in (*self.routers, self.beats, self.confirms):
             s.close(linger=0)
         self.letters.close(linger=2000)
+        self.states.close()
         if self.guard is not None:
             self.guard.stop()
 

@@ -7,7 +7,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import msgpack
+
 from pipeline import topics
+from pipeline.keyed import store
 from pipeline.models import codec
 from pipeline.models.filters import matches
 from pipeline.models.loader import Context, LoadedModel, Meta, check_batch
@@ -98,6 +101,7 @@ class Processor:
             return self._call_batch([msg], [event])[0]
         ctx = self._context((msg,))
         ctx.batch = []
+        state = ctx.state = self._state_in(msg)
         t0 = self.call_started = time.monotonic()
         try:
             value = self.model.handler(event, ctx)
@@ -105,12 +109,15 @@ class Processor:
             return self.error(msg, "model_error", e, time.monotonic() - t0)
         finally:
             self.call_started = 0.0
-        return self._result(msg, value, time.monotonic() - t0)
+            ctx.state = None
+        return self._result(msg, value, time.monotonic() - t0, state)
 
     def _call_batch(self, msgs: list[Message], events: list[Any]) -> list[Result]:
         """One handler_batch call; when it fails, every message of it gets the error record."""
         ctx = self._context(tuple(msgs))
-        ctx.batch = [Meta(m.topic, m.received_at, m.id, m.attempt) for m in msgs]
+        ctx.batch = [Meta(m.topic, m.received_at, m.id, m.attempt, m.key, self._state_in(m)) for m in msgs]
+        if len(msgs) == 1:
+            ctx.state = ctx.batch[0].state
         t0 = self.call_started = time.monotonic()
         try:
             values = check_batch(self.model.handler_batch(events, ctx), len(events))  # type: ignore[misc]
@@ -119,17 +126,46 @@ class Processor:
             return [self.error(m, "model_error", e, took) for m in msgs]
         finally:
             self.call_started = 0.0
+            ctx.state = None
         took = (time.monotonic() - t0) / len(msgs)  # each message's share of the call
-        return [self._result(m, v, took) for m, v in zip(msgs, values, strict=True)]
+        return [self._result(m, v, took, meta.state) for m, v, meta in zip(msgs, values, ctx.batch, strict=True)]
 
     def _context(self, msgs: tuple[Message, ...]) -> Context:
         """The context of a call about `msgs` (now `calling`): the message's topic and ids for a call about one,
         none for a handler_batch call of several (its `batch` says which is which)."""
         ctx, self.calling = self.context, msgs
         one = msgs[0] if len(msgs) == 1 else None
-        ctx.topic, ctx.received_at, ctx.message_id, ctx.attempt = (
-            (one.topic, one.received_at, one.id, one.attempt) if one else (None, None, None, 1))
+        ctx.topic, ctx.received_at, ctx.message_id, ctx.attempt, ctx.key = (
+            (one.topic, one.received_at, one.id, one.attempt, one.key) if one else (None, None, None, 1, None))
         return ctx
+
+    def _state_in(self, msg: Message) -> dict[str, Any] | None:
+        """The state a call about `msg` sees: its key's committed state (a fresh dict), None for an unkeyed rule."""
+        if msg.key is None:
+            return None
+        try:
+            return store.decode(msg.state)
+        except (ValueError, TypeError, msgpack.UnpackException) as e:  # ingress read a row that is not ours
+            self.log.warning("state of key %r is unreadable (%s): the call starts from an empty state", msg.key, e)
+            return {}
+
+    def _state_out(self, msg: Message, state: dict[str, Any] | None) -> tuple[bytes | None, str, str]:
+        """After a call about `msg`: (the key's new state, None when unchanged; and, when it cannot be kept, the
+        error record's reason and why)."""
+        if msg.key is None or state is None:
+            return None, "", ""
+        if not isinstance(state, dict):
+            return None, "unserialisable_state", f"context.state must stay a dict (got {type(state).__name__})"
+        try:
+            new = store.encode(state)
+        except (TypeError, ValueError, OverflowError) as e:
+            return None, "unserialisable_state", f"context.state cannot be stored: {e}"
+        if new == msg.state or (not state and not msg.state):
+            return None, "", ""
+        limit = self.rule.state.max_bytes
+        if len(new) > limit:
+            return None, "state_too_large", f"context.state is {len(new)} bytes encoded, over state.max_bytes ({limit})"
+        return new, "", ""
 
     def _event(self, msg: Message) -> tuple[Any, Result | None]:
         """The decoded event, or the result that answers the message without a call (bad payload, filtered)."""
@@ -142,15 +178,19 @@ class Processor:
             return None, result_for(msg, frames.NOTHING, "", b"", 0.0)
         return event, None
 
-    def _result(self, msg: Message, value: Any, took: float) -> Result:
+    def _result(self, msg: Message, value: Any, took: float, state: dict[str, Any] | None = None) -> Result:
+        """The result of a call that returned `value` and left the key's state `state`."""
+        new, reason, why = self._state_out(msg, state)
+        if reason:
+            return self.error(msg, reason, why, took)
         if value is None or (isinstance(value, str) and value in self.rule.skip_results):
-            return result_for(msg, frames.NOTHING, "", b"", took)
+            return result_for(msg, frames.NOTHING, "", b"", took)._replace(state=new)
         try:
             payload = codec.encode_value(value)
             topic = self.render(msg.topic)
         except (codec.Unserialisable, IndexError) as e:
             return self.error(msg, "unserialisable_result", e, took)
-        return result_for(msg, frames.PUBLISH, topic, payload, took)
+        return result_for(msg, frames.PUBLISH, topic, payload, took)._replace(state=new)
 
     def error(self, msg: Message, reason: str, err: BaseException | str, took: float) -> Result:
         self.log.warning("%s: %s", reason, err, extra={"message_id": msg.id})
