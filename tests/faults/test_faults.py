@@ -151,7 +151,8 @@ def report(name: str, col: Collector, fault_at: float, t0: float, n: int = N) ->
 
 
 def kill(up, needle: str, count: int = 1) -> None:
-    pids = [p for p, cmd in processes().items() if p in up.pids() and needle in cmd][:count]
+    mine = set(up.pids())  # once: each call reads all of /proc, which takes seconds per process on a busy box
+    pids = [p for p, cmd in processes().items() if p in mine and needle in cmd][:count]
     assert pids, f"no process matching {needle!r}"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
@@ -238,9 +239,12 @@ def through_chaos(name: str, broker: Mosquitto, up, loader: threading.Thread, wi
     loader is done, the witness (a Collector on the inputs) saw all `n` or nothing more for 5 s, and every key of
     `witness.seen` came out in `col` (in `seen` or `errors`); then up to 30 s more for the stages to settle. Close
     the loader, witness and collector; return the keys the witness saw that never came out."""
+    t0, taken = time.monotonic(), []
     for delay, step in CHAOS[name]:
         time.sleep(delay)
+        taken.append(round(time.monotonic() - t0, 1))
         step(up, broker)
+    print(f"CHAOS {name!r}: steps taken {taken} s after the loader started")
     deadline = time.monotonic() + 150
     lost: set = set()
     witnessed, still_since = -1, time.monotonic()

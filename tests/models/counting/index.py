@@ -1,5 +1,5 @@
-"""Test model for per-key state (tests/faults/test_keyed.py): counts its key's messages in context.state; each
-result carries the count, so the counts published for a device must be exactly 1..N."""
+"""Test model for per-key state (tests/faults/test_keyed_faults.py): counts its key's messages in context.state;
+each result carries the count, so the counts published for a device must be exactly 1..N."""
 
 
 def handler(event, context):

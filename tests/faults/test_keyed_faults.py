@@ -21,6 +21,7 @@ from test_faults import CHAOS, Collector, _stages, kill, publish, report, settle
 from test_reload import TOKEN, post
 
 DEVICES = 200
+ORDER_N, ORDER_RATE = 20_000, 1500.0  # the order tests publish for 13.3 s
 COMBINED = "worker, egress, ingress 4 s apart, then the broker down 3 s"
 assert COMBINED in CHAOS
 
@@ -135,7 +136,7 @@ def disorder(col: Keyed, plan: list[tuple[int, int]]) -> list[str]:
 def run_order(name: str, broker, stack_factory, tmp_path: Path, faults) -> None:
     """20,000 messages at 1,500/s over 200 devices through 4 workers; `faults(up, model)` runs while they flow.
     Per device: every seq came out, in strictly increasing order."""
-    n, rate = 20_000, 1500.0
+    n, rate = ORDER_N, ORDER_RATE
     plan = schedule(n, seed=18)
     model = model_copy("keyed_seq", tmp_path)
     up = stack_factory(config(broker, model, "k", workers=4))
@@ -158,19 +159,26 @@ def test_order_per_device_across_4_workers(pbroker, stack_factory, tmp_path):
 
 
 def test_order_per_device_through_a_kill_and_a_reload(pbroker, stack_factory, tmp_path):
-    reloads = []
+    reloads, at = [], {}
 
     def faults(up, model: Path) -> None:
+        t0 = time.monotonic()
         time.sleep(3.0)
+        at["kill"] = time.monotonic() - t0
         kill(up, "pipeline worker")
         time.sleep(3.0)
         with (model / "index.py").open("a") as f:
             f.write("# version 2\n")
+        at["reload"] = time.monotonic() - t0
         reloads.append(post(up, f"/models/{model.name}/reload"))
+        at["reloaded"] = time.monotonic() - t0
+        print(f"KEYED kill -9 at {at['kill']:.1f} s, reload from {at['reload']:.1f} s to {at['reloaded']:.1f} s "
+              f"after the loader started: HTTP {reloads[0][0]}, {reloads[0][1].get('workers_replaced')} replaced")
 
     run_order("keyed order, kill -9 worker + hot reload", pbroker, stack_factory, tmp_path, faults)
     status, result = reloads[0]
     assert status == 200 and result["ok"] and result["changed"] and result["workers_replaced"] == 4, result
+    assert at["reload"] < ORDER_N / ORDER_RATE, f"the faults came after the last message was published: {at}"
 
 
 def test_state_counts_each_message_once_through_combined_faults(pbroker, stack_factory, tmp_path):
@@ -189,7 +197,9 @@ def test_state_counts_each_message_once_through_combined_faults(pbroker, stack_f
     report(f"keyed state, {COMBINED}", col, t0, t0, n)
     stored = {at: max(1, witness.fresh[at]) for at in witness.seen}  # messages the broker stored per (device, seq)
     print(f"KEYED state: {time.monotonic() - t0:.1f} s; witness saw {len(witness.seen)} distinct, "
-          f"{sum(stored.values()) - len(stored)} stored twice; lost {len(lost)}")
+          f"{sum(stored.values()) - len(stored)} stored twice; lost {len(lost)}; DUPs at ingress "
+          f"{counter(up, 'ingress', 'redelivered')}; results egress found already done "
+          f"{counter(up, 'egress', 'already_done')}; state writes {counter(up, 'egress', 'state_writes')}")
     assert not lost, (f"{len(lost)} the broker delivered never came out, e.g. {sorted(lost)[:10]}\n"
                       f"GET /stages: {_stages(up)}\n{up.output()[-4000:]}")
     assert not col.errors, f"error records: {list(col.errors.items())[:3]}"
@@ -197,6 +207,15 @@ def test_state_counts_each_message_once_through_combined_faults(pbroker, stack_f
     assert not problems, (f"{len(problems)} device(s) miscounted:\n" + "\n".join(problems[:20])
                           + f"\nGET /stages: {_stages(up)}\n{up.output()[-4000:]}")
     assert settled(up), f"a depth is not 0 once everything came out: {_stages(up)}"
+
+
+def counter(up, stage: str, name: str):
+    """A counter of a stage in GET /stages (summed over its processes, killed ones included, less the last half
+    second of one killed with SIGKILL); None if unavailable."""
+    try:
+        return next(s for s in up.get("/stages")[1]["stages"] if s["name"] == stage)["counters"].get(name, 0)
+    except (OSError, KeyError, StopIteration):
+        return None
 
 
 def miscounted(col: Keyed, stored: dict[tuple[int, int], int]) -> list[str]:
@@ -217,7 +236,8 @@ def miscounted(col: Keyed, stored: dict[tuple[int, int], int]) -> list[str]:
             wrong.append(f"counts missing {sorted(set(range(1, n + 1)) - set(by_count))[:10]}, "
                          f"beyond 1..{n}: {sorted(set(by_count) - set(range(1, n + 1)))[:10]}")
         if max(by_count, default=0) != n:
-            wrong.append(f"highest count {max(by_count, default=0)}, not {n}: an update lost")
+            top = max(by_count, default=0)
+            wrong.append(f"highest count {top}, not {n}: {'an update lost' if top < n else 'one applied twice'}")
         shared = {c: sorted(s) for c, s in by_count.items() if len(s) > 1}
         if shared:
             wrong.append(f"one count for several seqs (an update lost): {dict(list(shared.items())[:5])}")
