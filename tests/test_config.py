@@ -194,7 +194,7 @@ BAD = [
      ["endpoints.remote.base_port: remote.base_port must be at least 100 away from base_port"]),
     ("workers-65", "workers: 1", "workers: 65", ["rules[0].workers: ", "less than or equal to 64 (got 65)"]),
     ("bad-duration", "timeout: 10s", "timeout: 10 sec",
-     ["rules[0].timeout: expected a duration such as 500ms, 10s, 2m or 1h (got '10 sec')"]),
+     ["rules[0].timeout: expected a duration such as 500ms, 10s, 2m, 1h or 7d (got '10 sec')"]),
     ("zero-duration", "timeout: 10s", "timeout: 0ms", ["rules[0].timeout: ", "greater than 0 (got '0ms')"]),
     ("placeholder-beyond", '"out/{1}"', '"out/{3}"',
      ["rules[0].pub.topic: {3} refers to level 3 of the input topic,",

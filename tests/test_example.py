@@ -1,7 +1,9 @@
-"""The README's first command: conf/example.yaml with the embedded (amqtt) broker, as a new user runs it."""
+"""The README's first command: conf/example.yaml with the embedded (amqtt) broker, as a new user runs it; and the
+example models the README shows, called as a worker calls them."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -9,7 +11,10 @@ import time
 
 import orjson
 import paho.mqtt.client as mqtt
+import pytest
 from conftest import ROOT, Up, free_port, wait_port
+
+from pipeline.models import loader
 
 
 def _env(tmp_path, broker_url: str) -> dict[str, str]:
@@ -55,3 +60,27 @@ def test_embedded_port_taken_says_how_to_use_the_running_broker(tmp_path, broker
                           "--run-dir", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 4, out.stdout + out.stderr
     assert f"127.0.0.1:{broker.port}" in out.stderr and "PIPELINE_BROKER_URL=mqtt://" in out.stderr
+
+
+def test_three_over_limit_alarms_from_the_third_reading_in_a_row_per_device():
+    model = loader.load("three_over_limit", ROOT / "models" / "three_over_limit")
+    try:
+        states: dict[str, dict] = {}  # what egress keeps per key: each call sees its key's state as the last left it
+        context = loader.Context("r", model.name, {"limit": 30}, logging.getLogger("test"))
+
+        def reading(device: str, value: float) -> tuple[int, bool]:
+            context.key, context.state = device, states.setdefault(device, {})
+            out = model.handler({"deviceName": device, "value": value}, context)
+            assert (out["deviceName"], out["value"], out["limit"]) == (device, value, 30)
+            return out["over"], out["alarm"]
+
+        assert [reading("a", v) for v in (31, 40, 30.5)] == [(1, False), (2, False), (3, True)]
+        assert reading("b", 35) == (1, False)  # another device's run is its own
+        assert [reading("a", v) for v in (99, 30)] == [(4, True), (0, False)]  # still over; at the limit: reset
+        assert states["a"] == {} and states["b"] == {"over": 1}  # a device under the limit keeps nothing
+        assert [reading("b", v) for v in (31, 32, 10, 31)] == [(2, False), (3, True), (0, False), (1, False)]
+        context.state = None
+        with pytest.raises(ValueError, match="give its rule a key"):
+            model.handler({"deviceName": "a", "value": 50}, context)
+    finally:
+        loader.unload(model.name)

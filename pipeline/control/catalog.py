@@ -12,7 +12,7 @@ from pipeline.models.packages.sources import redact
 from pipeline.telemetry.aggregation import Proc
 
 if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
-    from pipeline.config.load import Broker, Config
+    from pipeline.config.load import Broker, Config, Rule
 
 
 def _broker(b: Broker) -> dict[str, Any]:
@@ -20,8 +20,15 @@ def _broker(b: Broker) -> dict[str, Any]:
             "keepalive_s": b.keepalive}
 
 
+def _keyed(r: Rule) -> dict[str, Any]:
+    """A rule's key (the parts as configured), its default key and the bounds of its state; null when unkeyed."""
+    bounds = {"max_bytes": int(r.state.max_bytes), "expire_after_s": r.state.expire_after} if r.key else None
+    return {"key": r.key, "key_default": r.key_default, "state": bounds}
+
+
 def rules(cfg: Config) -> dict[str, Any]:
-    """The GET /rules document: every rule as configured (overrides applied), and the brokers they use."""
+    """The GET /rules document: every rule as configured (overrides applied; a keyed rule's key and state bounds),
+    and the brokers they use."""
     out = []
     for r in cfg.rules:
         out.append({
@@ -32,6 +39,7 @@ def rules(cfg: Config) -> dict[str, Any]:
             "workers": r.workers,
             "timeout_s": r.timeout,
             "error_topic": r.error_topic,
+            **_keyed(r),
         })
     return {"rules": out, "brokers": {n: _broker(b) for n, b in cfg.brokers.items()}}
 

@@ -51,6 +51,16 @@ class Entry(NamedTuple):
     keyed: Keyed | None
 
 
+class Committed(NamedTuple):
+    """What `Outbox.commit` did: per entry, the state to confirm to ingress (None: unchanged; for a result
+    recognised as delivered again, the key's stored state, b"" when none), how many were recognised (and wrote
+    nothing), and how many states were written."""
+
+    states: list[bytes | None]
+    recognised: int
+    state_writes: int
+
+
 class Row(NamedTuple):
     """One stored result waiting for its broker: the publish and what confirming it needs."""
 
@@ -122,16 +132,15 @@ class Outbox:
         self.rows += len(rows)
         self.bytes += sum(len(r[2]) for r in rows)
 
-    def commit(self, entries: list[Entry]) -> tuple[list[bytes | None], int]:
-        """Write a frame's entries in one transaction: rows, keyed states and done rows. Return, per entry, the state
-        to confirm to ingress (None: unchanged; for a result recognised as delivered again, the key's stored
-        state, b"" when none) and how many were recognised (and wrote nothing)."""
+    def commit(self, entries: list[Entry]) -> Committed:
+        """Write a frame's entries in one transaction: rows, keyed states and done rows."""
         if not any(e.keyed for e in entries):
             self.add([e.row for e in entries if e.row is not None])
-            return [None] * len(entries), 0
+            return Committed([None] * len(entries), 0, 0)
         states: list[bytes | None] = []
         rows: list[tuple] = []
         recognised = 0
+        writes = 0
         now = time.time()
         with self._transaction():
             for e in entries:
@@ -144,10 +153,12 @@ class Outbox:
                 if e.row is not None:
                     self.db.execute(_INSERT, e.row)
                     rows.append(e.row)
-                states.append(self._write_state(k, now) if k is not None else None)
+                written = self._write_state(k, now) if k is not None else None
+                writes += written is not None
+                states.append(written)
         self.rows += len(rows)
         self.bytes += sum(len(r[2]) for r in rows)
-        return states, recognised
+        return Committed(states, recognised, writes)
 
     def _done(self, k: Keyed) -> bool:
         """Whether the message of `k` had its state change committed already: the same message id (ingress sent it

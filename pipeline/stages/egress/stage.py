@@ -206,7 +206,7 @@ class Egress:
             self.unstored.append((entries, confirms, keyed_confirms))
             return
         try:
-            states, recognised = self.outbox.commit(entries) if entries else ([], 0)
+            done = self.outbox.commit(entries)
         except sqlite3.OperationalError as e:
             if not disk_full(e):
                 raise
@@ -214,10 +214,11 @@ class Egress:
             self.store_retry_at = time.monotonic() + 1.0
             self.stats.reject("disk_full", f"outbox {self.outbox.path}: {e}; results wait, nothing is confirmed")
             return
-        if recognised:
-            self.stats.count("already_done", recognised)  # delivered again: their first result is stored
-        written = [st for e, st in zip(entries, states, strict=True) if e.keyed is not None]
-        self.stats.count("state_writes", sum(1 for st in written if st is not None))
+        if done.recognised:
+            self.stats.count("already_done", done.recognised)  # delivered again: their first result is stored
+        if done.state_writes:
+            self.stats.count("state_writes", done.state_writes)
+        written = [st for e, st in zip(entries, done.states, strict=True) if e.keyed is not None]
         for c, st in zip(keyed_confirms, written, strict=True):
             c.append(st)
         if confirms:

@@ -101,10 +101,11 @@ class Processor:
             return self._call_batch([msg], [event])[0]
         ctx = self._context((msg,))
         ctx.batch = []
-        state = ctx.state = self._state_in(msg)
+        ctx.state = self._state_in(msg)
         t0 = self.call_started = time.monotonic()
         try:
             value = self.model.handler(event, ctx)
+            state = ctx.state  # changed in place, or replaced by another dict
         except (Exception, SystemExit) as e:  # SystemExit: a model calling sys.exit() costs one message only
             return self.error(msg, "model_error", e, time.monotonic() - t0)
         finally:
