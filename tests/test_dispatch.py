@@ -231,3 +231,17 @@ def test_spaced_reads_end_one_window_after_input_slows():
         t += 0.0001
     assert not pace.fast and pace.step(t, received, False)
     assert pace.timeout_ms(t) == 50
+
+
+def test_credit_never_lets_a_worker_hold_more_than_prefetch(queue):
+    """A worker that reports room for PREFETCH while frames sent to it still wait in its socket (after an ingress
+    restart, say) must not be given PREFETCH more: it would take more than PREFETCH at once, and answer with a
+    credit over PREFETCH, which ingress refuses (the messages then looked lost and went again)."""
+    q, ctx, address = queue
+    _worker = _serve_one(q, ctx, address, b"w", 40)
+    w = q.workers[b"w"]
+    assert w.credit == envelope.PREFETCH - 40
+    q.on_beat(b"w", envelope.PREFETCH, time.monotonic())  # its socket still holds the 40: it has not seen them
+    assert w.credit == envelope.PREFETCH - 40
+    q.on_credit(b"w", 30, time.monotonic())
+    assert w.credit == envelope.PREFETCH - 10 and len(w.order) == 10
