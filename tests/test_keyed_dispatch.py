@@ -77,14 +77,14 @@ def test_one_message_per_key_in_flight_and_the_next_goes_with_the_state_the_conf
     first = _got(w)
     assert [(m.id, m.key, m.state) for m in first] == [("b-0", "a", b""), ("b-2", "b", b"")]
     assert q.depth == 3 and q.levels()["keys"] == 2
-    q.confirm("b-0", store.encode({"n": 1}))
+    q.confirm("b-0", (store.encode({"n": 1}), 1))
     q.confirm("b-2", None)  # b's call left its state unchanged
     q.dispatch(time.monotonic())
     second = _got(w)
-    assert [(m.id, store.decode(m.state)) for m in second] == [("b-1", {"n": 1}), ("b-4", {})]
-    q.confirm("b-1", store.encode({"n": 2}))
+    assert [(m.id, store.decode(m.state), m.base) for m in second] == [("b-1", {"n": 1}, 1), ("b-4", {}, 0)]
+    q.confirm("b-1", (store.encode({"n": 2}), 2))
     q.dispatch(time.monotonic())
-    assert [(m.id, store.decode(m.state)) for m in _got(w)] == [("b-3", {"n": 2})]
+    assert [(m.id, store.decode(m.state), m.base) for m in _got(w)] == [("b-3", {"n": 2}, 2)]
 
 
 def test_a_key_sticks_to_its_worker_and_a_busy_key_holds_back_only_its_own(keyed):
@@ -137,12 +137,12 @@ def test_a_dead_letter_or_a_lost_qos0_message_lets_its_key_go_on_and_its_state_i
     q.on_timeout(b"w2", "b-0", [], time.monotonic())  # attempt 2 of 2: a dead letter
     assert [r.message_id for r in letters] == ["b-0"]
     outbox = Outbox(db, 1 << 20)  # egress committed a state meanwhile: the next message must carry it
-    outbox.commit([Entry(None, Keyed("r", "k", "local", 99, 1, "other", b"", False, store.encode({"n": 7})))])
+    outbox.commit([Entry(None, Keyed("r", "k", "local", 99, 1, "other", b"", False, store.encode({"n": 7}), 0))])
     outbox.close()
     w3 = _worker(q, ctx, address, b"w3")
     q.dispatch(time.monotonic())
     sent = _got(w3)
-    assert [(m.id, store.decode(m.state)) for m in sent] == [("b-1", {"n": 7})]
+    assert [(m.id, store.decode(m.state), m.base) for m in sent] == [("b-1", {"n": 7}, 1)]
     q.on_timeout(b"w3", "b-1", [], time.monotonic())  # a QoS 0 message is not sent again: dropped
     assert q.stats.counters.get("dropped.r") == 1
     w4 = _worker(q, ctx, address, b"w4")
@@ -160,8 +160,64 @@ def test_clearing_the_backlog_keeps_what_is_in_flight(keyed):
     assert set(q.in_flight) == {"b-0", "b-2"}
 
 
-def _keyed(mid: int, msg_id: str, state: dict | None, dup: bool = False, digest: bytes = b"d1") -> Keyed:
-    return Keyed("r", "k", "local", mid, 1, msg_id, digest, dup, None if state is None else store.encode(state))
+def test_a_stale_result_sends_its_message_again_with_the_state_read_from_the_file(keyed):
+    q, ctx, address, _, db = keyed
+    w = _worker(q, ctx, address, b"w")
+    q.offer(_msg(0, "k"))
+    q.dispatch(time.monotonic())
+    assert [(m.id, m.base) for m in _got(w)] == [("b-0", 0)]
+    outbox = Outbox(db, 1 << 20)  # a late result of an earlier message of the key was stored meanwhile
+    _commit(outbox, None, _keyed(9, "old-1", {"n": 5}))
+    outbox.close()
+    q.again_stale("b-0")  # egress: b-0's result was computed from version 0, the file holds version 1
+    q.dispatch(time.monotonic())
+    assert [(m.id, m.attempt, store.decode(m.state), m.base) for m in _got(w)] == [("b-0", 1, {"n": 5}, 1)]
+    assert q.stats.counters.get("stale.r") == 1
+
+
+def test_a_buried_worker_s_answered_messages_keep_their_deadline_and_are_not_sent_twice(keyed):
+    q, ctx, address, _, _ = keyed
+    _w1 = _worker(q, ctx, address, b"w1")
+    q.offer(_msg(0, "a"))
+    q.offer(_msg(1, "b"))
+    q.dispatch(time.monotonic())
+    q.on_credit(b"w1", 1, time.monotonic())  # it answered b-0: the result is on its way to egress
+    w2 = _worker(q, ctx, address, b"w2")
+    q.workers[b"w2"].seen = time.monotonic() + 60
+    q.expire(time.monotonic() + WORKER_SILENT + 0.1)  # w1 falls silent
+    q.dispatch(time.monotonic())
+    assert [(m.id, m.attempt) for m in _got(w2)] == [("b-1", 2)]  # only the unanswered one
+    assert q.in_flight["b-0"][1] == b"w1"  # its confirm, naming w1, is still accepted
+    q.confirm("b-0")
+    assert "a" not in q.lines
+
+
+def test_past_the_known_keys_the_least_recently_used_idle_ones_are_forgotten(keyed, monkeypatch):
+    from pipeline.stages.ingress import keyed as keyed_module
+
+    q, ctx, address, _, _ = keyed
+    monkeypatch.setattr(keyed_module, "KNOWN_KEYS", 3)
+    w = _worker(q, ctx, address, b"w")
+    for i, key in enumerate("abcde"):
+        q.offer(_msg(i, key))
+        q.dispatch(time.monotonic())
+        if key != "a":
+            q.confirm(f"b-{i}")  # a stays in flight
+    _got(w)
+    assert "a" in q.known and len(q.known) == 3 and list(q.known)[-2:] == ["d", "e"]
+
+
+def _keyed(mid: int, msg_id: str, state: dict | None, dup: bool = False, digest: bytes = b"d1",
+           base: int | None = None) -> Keyed:
+    """A keyed QoS 1 entry of rule r, key k; `base`: the version it was computed from (default: the stored one)."""
+    return Keyed("r", "k", "local", mid, 1, msg_id, digest, dup, None if state is None else store.encode(state),
+                 -1 if base is None else base)
+
+
+def _commit(outbox: Outbox, row: tuple | None, k: Keyed):
+    if k.base == -1:
+        k = k._replace(base=(store.read(outbox.db, "r", "k") or store.NONE).version)
+    return outbox.commit([Entry(row, k)])
 
 
 def _row(n: int) -> tuple:
@@ -170,23 +226,45 @@ def _row(n: int) -> tuple:
 
 def test_the_outbox_commits_a_state_with_its_row_and_recognises_a_message_delivered_again(tmp_path):
     outbox = Outbox(tmp_path / store.OUTBOX_FILE, 1 << 20)
-    first = outbox.commit([Entry(_row(1), _keyed(5, "a-1", {"n": 1}))])
-    assert first.states == [store.encode({"n": 1})] and first.state_writes == 1 and outbox.rows == 1
-    again = outbox.commit([Entry(_row(2), _keyed(5, "a-1", {"n": 2}))])  # the same message, sent again by ingress
-    assert again.recognised == 1 and again.states == [store.encode({"n": 1})] and outbox.rows == 1
-    dup = outbox.commit([Entry(_row(2), _keyed(5, "b-9", {"n": 2}, dup=True))])  # the broker's DUP, after a restart
+    first = _commit(outbox, _row(1), _keyed(5, "a-1", {"n": 1}))
+    assert first.states == [[store.encode({"n": 1}), 1]] and first.state_writes == 1 and outbox.rows == 1
+    again = _commit(outbox, _row(2), _keyed(5, "a-1", {"n": 2}))  # the same message, sent again by ingress
+    assert again.recognised == 1 and again.states == [[store.encode({"n": 1}), 1]] and outbox.rows == 1
+    dup = _commit(outbox, _row(2), _keyed(5, "b-9", {"n": 2}, dup=True))  # the broker's DUP, after a restart
     assert dup.recognised == 1 and outbox.rows == 1
-    other = outbox.commit([Entry(_row(2), _keyed(5, "b-10", {"n": 2}, dup=True, digest=b"d2"))])  # not the same
+    other = _commit(outbox, _row(2), _keyed(5, "b-10", {"n": 2}, dup=True, digest=b"d2"))  # not the same message
     assert other.recognised == 0 and outbox.rows == 2
-    fresh = outbox.commit([Entry(_row(3), _keyed(5, "b-11", {"n": 3}, digest=b"d1"))])  # packet id reused, no DUP
+    fresh = _commit(outbox, _row(3), _keyed(5, "b-11", {"n": 3}, digest=b"d1"))  # packet id reused, no DUP
     assert fresh.recognised == 0 and outbox.rows == 3
-    assert store.decode(store.read(outbox.db, "r", "k").value) == {"n": 3}
+    assert store.read(outbox.db, "r", "k")[::2] == (store.encode({"n": 3}), 3)
+    outbox.close()
+
+
+def test_a_message_that_left_the_state_unchanged_is_recognised_too(tmp_path):
+    """Its DUP must not be called on the state later messages left and change it (a reading under the limit
+    ending a run that is still going)."""
+    outbox = Outbox(tmp_path / store.OUTBOX_FILE, 1 << 20)
+    _commit(outbox, _row(1), _keyed(1, "a-1", None))  # left the state as it was
+    _commit(outbox, _row(2), _keyed(2, "a-2", {"over": 1}))
+    dup = _commit(outbox, _row(3), _keyed(1, "b-1", {}, dup=True))
+    assert dup.recognised == 1 and outbox.rows == 2
+    assert store.decode(store.read(outbox.db, "r", "k").value) == {"over": 1}
+    outbox.close()
+
+
+def test_a_result_computed_from_an_older_state_stores_nothing(tmp_path):
+    outbox = Outbox(tmp_path / store.OUTBOX_FILE, 1 << 20)
+    _commit(outbox, _row(1), _keyed(1, "a-1", {"n": 1}))
+    _commit(outbox, _row(2), _keyed(2, "a-2", {"n": 2}))
+    late = _commit(outbox, _row(1), _keyed(3, "old-1", {"n": 1}, base=0))  # an earlier ingress's message, late
+    assert late.states == [False] and late.stale == 1 and outbox.rows == 2
+    assert store.decode(store.read(outbox.db, "r", "k").value) == {"n": 2}
     outbox.close()
 
 
 def test_expired_states_count_as_empty_and_are_deleted_after_the_margin(tmp_path):
     outbox = Outbox(tmp_path / store.OUTBOX_FILE, 1 << 20)
-    outbox.commit([Entry(None, _keyed(1, "a-1", {"n": 1}))])
+    _commit(outbox, None, _keyed(1, "a-1", {"n": 1}))
     stored = store.read(outbox.db, "r", "k")
     assert store.current(stored, 60.0) == store.encode({"n": 1})
     assert store.current(stored, 60.0, now=stored.updated_at + 61) == b""

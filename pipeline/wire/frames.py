@@ -43,6 +43,7 @@ class Message(NamedTuple):
     key: str | None = None  # the message's key value (a keyed rule), else None
     state: bytes = b""  # the key's committed state (see pipeline.keyed.store.encode), b"": empty
     dup: bool = False  # the broker sent it again (MQTT DUP): it may be one whose result is stored already
+    base: int = 0  # the version of `state` (pipeline.keyed.store), 0: none stored
 
 
 class Result(NamedTuple):
@@ -62,6 +63,7 @@ class Result(NamedTuple):
     state: bytes | None = None  # the key's new state, None when the call left it unchanged
     digest: bytes = b""  # of the input's topic and payload (keyed QoS 1): tells the broker's DUP of this message
     dup: bool = False  # the input was the broker's DUP
+    base: int = 0  # the version of the state the call started from
 
 
 E = TypeVar("E", Message, Result)
@@ -95,13 +97,15 @@ def _keyed_problem(r: Result) -> str | None:
         return f"a state is bytes, and only with a key (got {type(r.state).__name__})"
     if type(r.digest) is not bytes or len(r.digest) > 32 or type(r.dup) is not bool:
         return "a digest is at most 32 bytes and dup a boolean"
+    if type(r.base) is not int or not 0 <= r.base < 1 << 62:
+        return f"a base version is an int from 0 (got {r.base!r:.30})"
     return None
 
 
 def result_for(msg: Message, kind: int, topic: str, payload: bytes, latency: float) -> Result:
     """The Result answering `msg` (a keyed message's state unchanged)."""
     return Result(msg.id, msg.rule, kind, topic, payload, msg.broker, msg.mid, msg.qos, msg.received_at, latency,
-                  msg.key, None, digest_of(msg) if msg.key is not None and msg.qos else b"", msg.dup)
+                  msg.key, None, digest_of(msg) if msg.key is not None and msg.qos else b"", msg.dup, msg.base)
 
 
 def digest_of(msg: Message) -> bytes:
@@ -126,7 +130,8 @@ def error_result(msg: Message, topic: str, reason: str, err: BaseException | str
 #                                              [worker id, rule index, TIMEOUT, [message id, [answered ids]]]
 #                                              (message id nil: a handler_batch call of several timed out)
 #   egress -> ingress, on confirms (PUSH):     [[message id, rule, broker, sender(, state)], ...]   these results
-#                                              are safe (state: of a keyed rule's result, what it left, nil: unchanged);
+#                                              are safe; state, for a keyed rule's result: [value, version] stored,
+#                                              nil: unchanged, false: not stored (computed from an older state);
 #                                              [] once at egress start: results sent to an earlier egress are lost
 CREDIT, BEAT, TIMEOUT = 0, 1, 2
 PREFETCH = 64  # messages a worker may hold (its first CREDIT); a BEAT's free credit is PREFETCH - what it holds

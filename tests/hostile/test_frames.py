@@ -54,7 +54,8 @@ BAD = {  # socket -> frames (a list: one multipart message), each refused
                     [envelope.encode([envelope.Result(*result(rule="nosuch"))], "w")],
                     [envelope.encode([envelope.Result(*result(kind=7))], "w")],
                     [envelope.encode([envelope.Result(*result(source_mid=-1))], "w")],
-                    [envelope.encode([envelope.Result(*result(message_id="é" * 100))], "w")]],
+                    [envelope.encode([envelope.Result(*result(message_id="é" * 100))], "w")],
+                    [envelope.encode([envelope.Result(*result(), key="k", state=b"\x80")], "w")]],  # r has no key:
     "stats": [[b"\xc1"], [msgpack.packb({"stage": 1})]],
 }
 

@@ -30,8 +30,9 @@ _INSERT = "INSERT INTO outbox (broker, topic, payload, qos, retain, rule, receiv
 
 
 class Keyed(NamedTuple):
-    """What a keyed rule's result writes besides its outbox row: the key's new state (None: unchanged) and, for a
-    QoS 1 input, the `done` row by which a second delivery of the same message is recognised."""
+    """What a keyed rule's result writes besides its outbox row: the key's new state (None: unchanged), stored only
+    if the key's state is still at version `base`, and, for a QoS 1 input, the `done` row by which a second
+    delivery of the same message is recognised."""
 
     rule: str
     key: str
@@ -42,6 +43,10 @@ class Keyed(NamedTuple):
     digest: bytes
     dup: bool
     state: bytes | None
+    base: int
+
+
+STALE = False  # a keyed result computed from a state that is no longer the stored one: nothing of it was stored
 
 
 class Entry(NamedTuple):
@@ -52,12 +57,13 @@ class Entry(NamedTuple):
 
 
 class Committed(NamedTuple):
-    """What `Outbox.commit` did: per entry, the state to confirm to ingress (None: unchanged; for a result
-    recognised as delivered again, the key's stored state, b"" when none), how many were recognised (and wrote
-    nothing), and how many states were written."""
+    """What `Outbox.commit` did: per entry, what to confirm to ingress of its key's state (None: unchanged; [value,
+    version] as stored, after a write or for a result recognised as delivered again; STALE: the result was not
+    stored), and how many results were recognised, how many were stale, how many states were written."""
 
-    states: list[bytes | None]
+    states: list[list | bool | None]
     recognised: int
+    stale: int
     state_writes: int
 
 
@@ -133,49 +139,52 @@ class Outbox:
         self.bytes += sum(len(r[2]) for r in rows)
 
     def commit(self, entries: list[Entry]) -> Committed:
-        """Write a frame's entries in one transaction: rows, keyed states and done rows."""
+        """Write a frame's entries in one transaction: rows, keyed states and done rows. A keyed result recognised
+        as delivered again, or computed from a state that is no longer the stored one, writes nothing."""
         if not any(e.keyed for e in entries):
             self.add([e.row for e in entries if e.row is not None])
-            return Committed([None] * len(entries), 0, 0)
-        states: list[bytes | None] = []
+            return Committed([None] * len(entries), 0, 0, 0)
+        states: list[list | bool | None] = []
         rows: list[tuple] = []
-        recognised = 0
-        writes = 0
+        counts = {"recognised": 0, "stale": 0, "state_writes": 0}
         now = time.time()
         with self._transaction():
             for e in entries:
-                k = e.keyed
-                if k is not None and k.qos and self._done(k):
-                    recognised += 1
-                    stored = store.read(self.db, k.rule, k.key)
-                    states.append(stored.value if stored else b"")
-                    continue
-                if e.row is not None:
+                answer, stored = self._keyed(e.keyed, now, counts) if e.keyed is not None else (None, True)
+                if stored and e.row is not None:
                     self.db.execute(_INSERT, e.row)
                     rows.append(e.row)
-                written = self._write_state(k, now) if k is not None else None
-                writes += written is not None
-                states.append(written)
+                states.append(answer)
         self.rows += len(rows)
         self.bytes += sum(len(r[2]) for r in rows)
-        return Committed(states, recognised, writes)
+        return Committed(states, counts["recognised"], counts["stale"], counts["state_writes"])
 
-    def _done(self, k: Keyed) -> bool:
-        """Whether the message of `k` had its state change committed already: the same message id (ingress sent it
-        again), or the broker's DUP with the packet id, topic and payload of the one committed under that id."""
-        row = self.db.execute("SELECT message_id, digest FROM done WHERE rule = ? AND broker = ? AND mid = ?",
-                              (k.rule, k.broker, k.mid)).fetchone()
-        return row is not None and (row[0] == k.message_id or (k.dup and bytes(row[1]) == k.digest))
-
-    def _write_state(self, k: Keyed, now: float) -> bytes | None:
-        if k.state is None:
-            return None
-        self.db.execute("INSERT OR REPLACE INTO state (rule, key, value, updated_at) VALUES (?,?,?,?)",
-                        (k.rule, k.key, k.state, now))
+    def _keyed(self, k: Keyed, now: float, counts: dict[str, int]) -> tuple[list | bool | None, bool]:
+        """Store the keyed part of a result (in the open transaction). Return what to confirm of the key's state,
+        and whether the result's row is to be stored (not when it was recognised as done, or is stale)."""
+        stored = store.read(self.db, k.rule, k.key) or store.NONE
+        if k.qos and self._done(k):
+            counts["recognised"] += 1
+            return [stored.value, stored.version], False
+        if k.base != stored.version:
+            counts["stale"] += 1
+            return STALE, False
         if k.qos:
             self.db.execute("INSERT OR REPLACE INTO done (rule, broker, mid, message_id, digest) VALUES (?,?,?,?,?)",
                             (k.rule, k.broker, k.mid, k.message_id, k.digest))
-        return k.state
+        if k.state is None:
+            return None, True
+        self.db.execute("INSERT OR REPLACE INTO state (rule, key, value, updated_at, version) VALUES (?,?,?,?,?)",
+                        (k.rule, k.key, k.state, now, k.base + 1))
+        counts["state_writes"] += 1
+        return [k.state, k.base + 1], True
+
+    def _done(self, k: Keyed) -> bool:
+        """Whether a result of the message of `k` was stored already: the same message id (ingress sent it again),
+        or the broker's DUP with the packet id, topic and payload of the one stored under that id."""
+        row = self.db.execute("SELECT message_id, digest FROM done WHERE rule = ? AND broker = ? AND mid = ?",
+                              (k.rule, k.broker, k.mid)).fetchone()
+        return row is not None and (row[0] == k.message_id or (k.dup and bytes(row[1]) == k.digest))
 
     def expire_states(self, expire_after: dict[str, float], margin: float) -> int:
         """Delete the states of each rule not written for its `expire_after` plus `margin` seconds (readers count

@@ -14,6 +14,7 @@ import logging
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import zmq
@@ -24,7 +25,7 @@ from pipeline import topics
 from pipeline.errors import DecodeError
 from pipeline.keyed import store
 from pipeline.models import codec
-from pipeline.stages.egress.outbox import Entry, Keyed, Outbox, Row
+from pipeline.stages.egress.outbox import STALE, Entry, Keyed, Outbox, Row
 from pipeline.telemetry.reporter import Reporter
 from pipeline.telemetry.schema import OutboxLevels
 from pipeline.wire import frames
@@ -83,7 +84,32 @@ def _keyed(r: Result) -> Keyed | None:
     """The keyed part of a result of a keyed rule (None for another rule's)."""
     if r.key is None:
         return None
-    return Keyed(r.rule, r.key, r.source_broker, r.source_mid, r.source_qos, r.message_id, r.digest, r.dup, r.state)
+    return Keyed(r.rule, r.key, r.source_broker, r.source_mid, r.source_qos, r.message_id, r.digest, r.dup, r.state,
+                 r.base)
+
+
+@dataclass
+class Stored:
+    """A frame of results as the outbox takes it: its entries, the confirms to send once they are stored (a keyed
+    result's with the index of its entry, whose answer it carries), and a keyed rule's QoS 0 publishes, made only
+    once their state is stored (by entry index)."""
+
+    entries: list[Entry] = field(default_factory=list)
+    confirms: list[list] = field(default_factory=list)
+    keyed_confirms: list[tuple[int, list]] = field(default_factory=list)
+    direct: list[tuple[int, tuple]] = field(default_factory=list)
+
+    def add(self, r: Result, keyed: Keyed | None, output: tuple | None, sender: str) -> None:
+        """One result: `output` from `Egress._output` (an outbox row, a keyed QoS 0 publish, or None)."""
+        row = output if output is not None and r.source_qos else None
+        if row is not None or keyed is not None:
+            self.entries.append(Entry(row, keyed))
+        if keyed is not None and output is not None and not r.source_qos:
+            self.direct.append((len(self.entries) - 1, output))
+        if r.source_qos or keyed is not None:
+            self.confirms.append([r.message_id, r.rule, r.source_broker, sender])
+        if keyed is not None:
+            self.keyed_confirms.append((len(self.entries) - 1, self.confirms[-1]))
 
 
 def run(cfg: Config, eps: Endpoints, stop: threading.Event) -> None:
@@ -139,9 +165,10 @@ class Egress:
         self.hub = Hub(list(self.links.values()))
         self.hub.register(self.pull)
         self.reading = True
-        self.unstored: list[tuple[list[Entry], list[list], list[list]]] = []  # frames not written: the disk is full
+        self.unstored: list[Stored] = []  # frames not written: the disk is full
         self.store_retry_at = 0.0
         self.expire_after = {r.name: r.state.expire_after for r in cfg.rules if r.key is not None}
+        self.state_limits = {r.name: int(r.state.max_bytes) for r in cfg.rules if r.key is not None}
         self.expire_at = 0.0  # monotonic time of the next sweep of expired states
         g = self.stats.gauges
         g["brokers"] = lambda: {n: lk.state for n, lk in self.links.items()}
@@ -198,36 +225,40 @@ class Egress:
             self.hub.register(self.pull)
         self.reading = not blocked
 
-    def _store(self, entries: list[Entry], confirms: list[list], keyed_confirms: list[list]) -> None:
-        """Write a frame's results to the outbox, then confirm them (a keyed one with the state it left: None when
-        unchanged); when the disk is full, keep them (in order) until a write succeeds again, and confirm nothing
-        meanwhile."""
+    def _store(self, frame: Stored) -> None:
+        """Write a frame's results to the outbox, then publish its keyed QoS 0 results and confirm them all (a keyed
+        one with what it left of its key's state); when the disk is full, keep them (in order) until a write
+        succeeds again, and confirm nothing meanwhile."""
         if self.unstored:
-            self.unstored.append((entries, confirms, keyed_confirms))
+            self.unstored.append(frame)
             return
         try:
-            done = self.outbox.commit(entries)
+            done = self.outbox.commit(frame.entries)
         except sqlite3.OperationalError as e:
             if not disk_full(e):
                 raise
-            self.unstored.append((entries, confirms, keyed_confirms))
+            self.unstored.append(frame)
             self.store_retry_at = time.monotonic() + 1.0
             self.stats.reject("disk_full", f"outbox {self.outbox.path}: {e}; results wait, nothing is confirmed")
             return
-        if done.recognised:
-            self.stats.count("already_done", done.recognised)  # delivered again: their first result is stored
-        if done.state_writes:
-            self.stats.count("state_writes", done.state_writes)
-        written = [st for e, st in zip(entries, done.states, strict=True) if e.keyed is not None]
-        for c, st in zip(keyed_confirms, written, strict=True):
-            c.append(st)
-        if confirms:
-            self.confirm.send(frames.pack(confirms))
+        counts = {"already_done": done.recognised,  # delivered again: their first result is stored
+                  "stale_results": done.stale,  # computed from a state written since: ingress sends them again
+                  "state_writes": done.state_writes}
+        for name, n in counts.items():
+            if n:
+                self.stats.count(name, n)
+        for i, (broker, topic, payload, qos, retain) in frame.direct:
+            if done.states[i] is not STALE:
+                self.publisher[broker].direct(topic, payload, qos, retain)
+        for i, c in frame.keyed_confirms:
+            c.append(done.states[i])
+        if frame.confirms:
+            self.confirm.send(frames.pack(frame.confirms))
 
     def _retry_store(self) -> None:
         waiting, self.unstored = self.unstored, []
         for i, frame in enumerate(waiting):
-            self._store(*frame)
+            self._store(frame)
             if self.unstored:  # still full: the rest waits behind it, in order
                 self.unstored += waiting[i + 1:]
                 return
@@ -249,7 +280,18 @@ class Egress:
             problem = f"no rule named {r.rule!r:.80}"
         if problem is None and r.source_qos and r.source_broker not in self.sources:
             problem = f"no input broker named {r.source_broker!r:.80}"
+        if problem is None and r.key is not None:
+            problem = self._keyed_problem(r)
         return problem
+
+    def _keyed_problem(self, r: Result) -> str | None:
+        """Why a result with a key cannot be acted on: its rule has no key, or its state passes the rule's bound."""
+        limit = self.state_limits.get(r.rule)
+        if limit is None:
+            return f"a key for rule {r.rule!r:.80}, which has no key:"
+        if r.state is not None and len(r.state) > limit:
+            return f"a state of {len(r.state)} bytes for rule {r.rule!r:.80}, over its state.max_bytes ({limit})"
+        return None
 
     def _publishable(self, r: Result, broker: str) -> Result | None:
         """`r`, or the error record that replaces it when its broker would refuse it (a topic that is not a
@@ -281,9 +323,7 @@ class Egress:
         """Store (QoS 1) or publish (QoS 0) the results of one frame, commit the states of a keyed rule's results,
         then confirm the QoS 1 and keyed ones to ingress, naming `sender`, the worker that sent them, which ingress
         checks against the one holding each."""
-        entries: list[Entry] = []
-        confirms: list[list] = []
-        keyed_confirms: list[list] = []  # those of keyed results: each gets the state its entry left
+        frame = Stored()
         for r in results:
             problem = self._problem(r)
             if problem is not None:
@@ -292,20 +332,14 @@ class Egress:
             self.stats.count("received")
             self.stats.count("received." + r.rule)
             self.stats.observe("end_to_end." + r.rule, time.time() - r.received_at)
-            keyed = _keyed(r)
-            row = self._output(r)
-            if row is not None or keyed is not None:
-                entries.append(Entry(row, keyed))
-            if r.source_qos or keyed is not None:
-                confirms.append([r.message_id, r.rule, r.source_broker, sender])
-            if keyed is not None:
-                keyed_confirms.append(confirms[-1])
-        if entries or confirms:
-            self._store(entries, confirms, keyed_confirms)
+            frame.add(r, _keyed(r) if sender else None, self._output(r), sender)  # "": ingress's own error records
+        if frame.entries or frame.confirms:
+            self._store(frame)
 
     def _output(self, r: Result) -> tuple | None:
-        """Publish a result of a QoS 0 input now; return the outbox row of one of a QoS 1 input (None when there is
-        nothing to publish: the model returned None, or nothing the broker takes can be made of it)."""
+        """What to publish of a result: an outbox row (QoS 1 input), a publish to make now (QoS 0 input; `Stored`
+        makes a keyed rule's once its state is stored), or None (the model returned None, or nothing the broker
+        takes can be made of it)."""
         if r.kind == frames.NOTHING:
             self.stats.count("nothing")
             return None
@@ -318,8 +352,10 @@ class Egress:
         retain = int(retain and r.kind == frames.PUBLISH)
         if r.source_qos:
             return (broker, r.topic, r.payload, qos, retain, r.rule, r.received_at)
-        self.publisher[broker].direct(r.topic, r.payload, qos, retain)
-        return None
+        if r.key is None:
+            self.publisher[broker].direct(r.topic, r.payload, qos, retain)
+            return None
+        return (broker, r.topic, r.payload, qos, retain)
 
     def finish(self, deadline: float) -> None:
         while self.pull.poll(300):

@@ -243,13 +243,15 @@ class RuleQueue:
             self._again(self.in_flight[msg_id][0], now, "no result before the deadline", "lost")
 
     def _bury(self, w: Worker, now: float, suspects: bool) -> None:
-        """Forget a dead worker. Its QoS 1 messages go again: as suspects (attempt + 1, one per frame) when
-        it died without saying why, else as they were, at the head of the backlog."""
+        """Forget a dead worker. Its QoS 1 messages it did not answer go again: as suspects (attempt + 1, one per
+        frame) when it died without saying why, else as they were, at the head of the backlog. Those it answered
+        keep their deadline: their results are on the way to egress, whose confirm (naming this worker) is
+        accepted, and only a result lost on the way makes them go again."""
         self.workers.pop(w.ident, None)
         self.buried.append(w.ident)
         if w.qos0:
             self.stats.count(self._k["dropped"], w.qos0)
-        held = [m for m in w.held.values() if m.id in self.in_flight]
+        held = [m for m in w.held.values() if self.in_flight.get(m.id, (None, None, 0.0))[2] == UNANSWERED]
         if not suspects:
             for m in held:
                 del self.in_flight[m.id]

@@ -86,15 +86,17 @@ def beat(frame: bytes, rules: int) -> Beat:
 
 class Confirm(NamedTuple):
     """Egress has this result safe: the message, its rule and input broker, and the worker that answered it
-    ("" for an error record ingress sent itself); for a keyed rule's result (`keyed`), the state it left of its key
-    (None: unchanged)."""
+    ("" for an error record ingress sent itself). For a keyed rule's result (`keyed`): `state`, the key's state
+    as stored (value, version), None when the call left it unchanged; `stale`: the result was computed from an
+    older state and nothing of it was stored."""
 
     msg_id: str
     rule: str
     broker: str
     sender: str
-    state: bytes | None = None
+    state: tuple[bytes, int] | None = None
     keyed: bool = False
+    stale: bool = False
 
 
 def _confirm(c: Any) -> Confirm | None:
@@ -102,9 +104,12 @@ def _confirm(c: Any) -> Confirm | None:
         return None
     if len(c) == 4:
         return Confirm(*c)
-    if not (c[4] is None or isinstance(c[4], bytes)):
+    st = c[4]
+    if st is None or st is False:
+        return Confirm(*c[:4], keyed=True, stale=st is False)
+    if not (isinstance(st, list) and len(st) == 2 and isinstance(st[0], bytes) and type(st[1]) is int and st[1] > 0):
         return None
-    return Confirm(*c, keyed=True)
+    return Confirm(*c[:4], state=(st[0], st[1]), keyed=True)
 
 
 def confirms(frame: bytes) -> list[Confirm] | None:
@@ -114,5 +119,6 @@ def confirms(frame: bytes) -> list[Confirm] | None:
         return None
     confirms = [_confirm(c) for c in body] if isinstance(body, list) else [None]
     if None in confirms:
-        raise BadFrame(f"expected a list of [message id, rule, broker, sender(, state)] (got {body!r:.80})")
+        raise BadFrame(f"expected a list of [message id, rule, broker, sender(, nil | false | [state, version])] "
+                       f"(got {body!r:.80})")
     return confirms  # type: ignore[return-value]

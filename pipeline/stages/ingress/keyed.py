@@ -144,7 +144,8 @@ class KeyedQueue(RuleQueue):
 
     @property
     def backlogged(self) -> bool:
-        return self.waiting > 0
+        """Whether a key could be sent now (a hot key waiting for its own result is not a backlog)."""
+        return bool(self.free) or any(self.mine.get(i) for i in self.workers)
 
     @property
     def depth(self) -> int:
@@ -187,7 +188,7 @@ class KeyedQueue(RuleQueue):
                 return False
             if self.lines[key].suspect:
                 self.lines[key].suspect = False
-                if not self._send_or_put_back(w, [msg], now):
+                if not self._send_or_put_back(w, [msg], now, suspect=True):
                     break
                 continue
             batch.append(msg)
@@ -208,35 +209,43 @@ class KeyedQueue(RuleQueue):
                 self._forget_idle()
         self.known.move_to_end(key)
         if known.state is None:
-            known.state = self.states.read(self.rule.name, key) or store.Stored(b"", time.time())
+            known.state = self.states.read(self.rule.name, key) or store.NONE
         line = self.lines[key]
         msg = line.waiting.popleft()
         self.waiting -= 1
-        known.owner = w.ident
         line.busy = msg.id
-        return msg._replace(key=key, state=store.current(known.state, self.rule.state.expire_after))
+        state = store.current(known.state, self.rule.state.expire_after)
+        return msg._replace(key=key, state=state, base=known.state.version)
 
     def _forget_idle(self) -> None:
-        """Forget the least recently used keys that have nothing here (their state is read again when needed)."""
-        for key in list(self.known)[: len(self.known) - KNOWN_KEYS]:
-            if key not in self.lines:
-                del self.known[key]
+        """Forget the least recently used keys that have nothing here (their state is read again when needed); a
+        key with messages here is kept, as the most recently used."""
+        for _ in range(len(self.known) - KNOWN_KEYS):
+            key, known = self.known.popitem(last=False)
+            if key in self.lines:
+                self.known[key] = known
 
-    def _send_or_put_back(self, w: Worker, batch: list[Message], now: float) -> bool:
-        """Send `batch` to `w`; when it cannot be (no connection to it), put each message back at the head of its
-        key, and its key at the head of the ready keys."""
-        if not batch or self._send(w, batch, now):
+    def _send_or_put_back(self, w: Worker, batch: list[Message], now: float, suspect: bool = False) -> bool:
+        """Send `batch` to `w`, which its keys then stick to; when it cannot be (no connection to it), put each
+        message back at the head of its key (a suspect stays one), and its key at the head of the ready keys."""
+        if not batch:
+            return True
+        if self._send(w, batch, now):
+            for msg in batch:
+                self.known[msg.key or ""].owner = w.ident
             return True
         for msg in reversed(batch):
             line = self.lines[msg.key or ""]
             line.waiting.appendleft(msg)
             line.busy = None
+            line.suspect = suspect
             self.waiting += 1
             self._ready(msg.key or "", first=True)
         return False
 
-    def confirm(self, msg_id: str, state: bytes | None = None) -> None:
-        """Egress has the result of `msg_id` safe; `state`: the state it left (None: unchanged)."""
+    def confirm(self, msg_id: str, state: tuple[bytes, int] | None = None) -> None:
+        """Egress has the result of `msg_id` safe; `state`: the key's state as stored (value, version), None when the
+        call left it unchanged."""
         entry = self.in_flight.get(msg_id)
         super().confirm(msg_id)
         if entry is None:
@@ -244,8 +253,19 @@ class KeyedQueue(RuleQueue):
         key = entry[0].key or ""
         known = self.known.get(key)
         if known is not None and state is not None:
-            known.state = store.Stored(state, time.time())
+            known.state = store.Stored(state[0], time.time(), state[1])
         self._settle(key, msg_id)
+
+    def again_stale(self, msg_id: str) -> None:
+        """Egress did not store the result of `msg_id`: it was computed from a state written since (a late result
+        of a message this key sent again). The message goes again, as it was, after its key's state is read."""
+        entry = self.in_flight.get(msg_id)
+        super().confirm(msg_id)
+        if entry is None:
+            return
+        msg = entry[0]
+        self.stats.count(f"stale.{self.rule.name}")
+        self._requeue([msg])
 
     def _settle(self, key: str, msg_id: str) -> None:
         """The message `msg_id` of `key` is done with: the key's next message may go."""

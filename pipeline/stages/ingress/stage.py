@@ -285,6 +285,9 @@ class Ingress:
         key = (c.rule, c.msg_id)
         if (held is not None and holder == sender and held[0].broker == c.broker) or \
                 (not c.sender and self._letter_confirmed(key, c.broker)):
+            if c.stale and isinstance(q, KeyedQueue):  # not stored: it goes again, after the state it missed
+                q.again_stale(c.msg_id)
+                return
             q.confirm(c.msg_id, c.state)
             acks.done(c.msg_id, c.rule)
             self.confirmed[key] = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -122,6 +123,8 @@ class Processor:
         t0 = self.call_started = time.monotonic()
         try:
             values = check_batch(self.model.handler_batch(events, ctx), len(events))  # type: ignore[misc]
+            if len(msgs) == 1 and ctx.state is not ctx.batch[0].state:  # a batch of one: context.state replaced
+                ctx.batch[0] = replace(ctx.batch[0], state=ctx.state)
         except (Exception, SystemExit) as e:
             took = (time.monotonic() - t0) / len(msgs)
             return [self.error(m, "model_error", e, took) for m in msgs]
