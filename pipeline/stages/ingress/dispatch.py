@@ -8,8 +8,9 @@ deadline, however slow the model: the watchdog's timeout and the heartbeat cover
 worker that reports itself idle on two heartbeats while messages sent to it are unanswered never got them
 (lost with a dropped connection): they go again.
 
-A worker that stops sending heartbeats is dead: its QoS 1 messages go again, one per frame (so a message
-that kills workers is singled out), with attempt + 1; past `max_attempts` a message becomes a dead letter.
+A worker that stops sending heartbeats is dead: the QoS 1 messages it had not answered go again, one per frame
+(so a message that kills workers is singled out), with attempt + 1; past `max_attempts` a message becomes a dead
+letter. Those it answered keep their deadline (their results are on the way to egress).
 QoS 0 messages are never sent twice (at most once): a dead worker's QoS 0 messages are counted as dropped.
 """
 
