@@ -8,9 +8,8 @@ deadline, however slow the model: the watchdog's timeout and the heartbeat cover
 worker that reports itself idle on two heartbeats while messages sent to it are unanswered never got them
 (lost with a dropped connection): they go again.
 
-A worker that stops sending heartbeats is dead: the QoS 1 messages it had not answered go again, one per frame
-(so a message that kills workers is singled out), with attempt + 1; past `max_attempts` a message becomes a dead
-letter. Those it answered keep their deadline (their results are on the way to egress).
+A worker that stops sending heartbeats is dead: its QoS 1 messages go again, one per frame (so a message
+that kills workers is singled out), with attempt + 1; past `max_attempts` a message becomes a dead letter.
 QoS 0 messages are never sent twice (at most once): a dead worker's QoS 0 messages are counted as dropped.
 """
 
@@ -244,15 +243,13 @@ class RuleQueue:
             self._again(self.in_flight[msg_id][0], now, "no result before the deadline", "lost")
 
     def _bury(self, w: Worker, now: float, suspects: bool) -> None:
-        """Forget a dead worker. Its QoS 1 messages it did not answer go again: as suspects (attempt + 1, one per
-        frame) when it died without saying why, else as they were, at the head of the backlog. Those it answered
-        keep their deadline: their results are on the way to egress, whose confirm (naming this worker) is
-        accepted, and only a result lost on the way makes them go again."""
+        """Forget a dead worker. Its QoS 1 messages go again (see `_taken_back`): as suspects (attempt + 1, one per
+        frame) when it died without saying why, else as they were, at the head of the backlog."""
         self.workers.pop(w.ident, None)
         self.buried.append(w.ident)
         if w.qos0:
             self.stats.count(self._k["dropped"], w.qos0)
-        held = [m for m in w.held.values() if self.in_flight.get(m.id, (None, None, 0.0))[2] == UNANSWERED]
+        held = self._taken_back(w)
         if not suspects:
             for m in held:
                 del self.in_flight[m.id]
@@ -261,6 +258,11 @@ class RuleQueue:
             return
         for m in held:
             self._again(m, now, "worker died while holding it", "worker_died")
+
+    def _taken_back(self, w: Worker) -> list[Message]:
+        """The messages of a dead worker that go again: every one it holds, its answered ones too (a result on the
+        way may be a duplicate then; a confirm that is slow under load does not turn into a lost message)."""
+        return [m for m in w.held.values() if m.id in self.in_flight]
 
     def _requeue(self, msgs: list[Message]) -> None:
         """Put messages a worker never called back at the head of the backlog, as they were."""

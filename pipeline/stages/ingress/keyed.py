@@ -28,7 +28,7 @@ import zmq
 
 from pipeline.keyed import keys, store
 from pipeline.models import codec
-from pipeline.stages.ingress.dispatch import BATCH, RuleQueue, Worker
+from pipeline.stages.ingress.dispatch import BATCH, UNANSWERED, RuleQueue, Worker
 from pipeline.telemetry.reporter import Reporter
 from pipeline.telemetry.schema import RuleQueueLevels
 from pipeline.wire.frames import Message, Result
@@ -320,6 +320,12 @@ class KeyedQueue(RuleQueue):
 
     def _dead(self, msg: Message) -> None:
         self._settle(msg.key or "", msg.id)
+
+    def _taken_back(self, w: Worker) -> list[Message]:
+        """Only the messages `w` had not answered: an answered one's result is on the way to egress, and sent again
+        its second call would start from the state the first one stored (a QoS 0 message has no done row to tell
+        it). It keeps its deadline; the confirm naming `w` is accepted."""
+        return [m for m in w.held.values() if self.in_flight.get(m.id, (None, None, 0.0))[2] == UNANSWERED]
 
     def _bury(self, w: Worker, now: float, suspects: bool) -> None:
         super()._bury(w, now, suspects)
