@@ -45,7 +45,7 @@ def write_state(cfg: config.Config, rows: list[tuple[str, str, dict, float]]) ->
     db.execute("PRAGMA journal_mode=WAL")
     for statement in store.SCHEMA:
         db.execute(statement)
-    db.executemany("INSERT INTO state (rule, key, value, updated_at) VALUES (?, ?, ?, ?)",
+    db.executemany("INSERT INTO state (rule, key, value, updated_at, version) VALUES (?, ?, ?, ?, 1)",
                    [(rule, key, store.encode(state), at) for rule, key, state, at in rows])
     db.close()
 
@@ -68,7 +68,7 @@ def test_a_keys_state_is_shown_decoded_with_its_size_and_time(cfg):
     assert r.headers["content-type"].startswith("application/json")
     assert r.json == {"rule": "named", "key": "pump-3", "state": {"over": 2, "last": [31.5, 32.0], "ok": None},
                       "bytes": len(store.encode({"over": 2, "last": [31.5, 32.0], "ok": None})),
-                      "updated_at": pytest.approx(now - 60)}
+                      "updated_at": pytest.approx(now - 60), "version": 1}
 
 
 @pytest.mark.parametrize("path", ["/rules/devices/state/site1/dev7", "/rules/devices/state/site1%2Fdev7"])

@@ -69,9 +69,10 @@ def _text(key: Any) -> str:
 
 
 class KeyState:
-    """GET /rules/{name}/state/{key}: `{"rule", "key", "state", "bytes", "updated_at"}`, where `state` is the
-    decoded map with bytes values rendered as base64 strings, `bytes` the size of its encoding (what
-    `state.max_bytes` bounds) and `updated_at` the unix time egress last wrote it. The key is the rest of the path,
+    """GET /rules/{name}/state/{key}: `{"rule", "key", "state", "bytes", "updated_at", "version"}`, where `state`
+    is the decoded map with bytes values rendered as base64 strings, `bytes` the size of its encoding (what
+    `state.max_bytes` bounds), `updated_at` the unix time egress last wrote it and `version` how many writes made
+    it. The key is the rest of the path,
     so a key with "/" in it (a list key, a topic level) is written as it is; other characters percent-encoded.
     404 naming what is missing: no such rule, a rule without `key:`, or no state for the key (never written, or
     expired)."""
@@ -89,4 +90,4 @@ class KeyState:
                 title="no state", description=f"rule '{name}' has no state for key '{key}' (none was written, or "
                 f"none for the last {rule.state.expire_after:g} s, its state.expire_after)")
         send_json(resp, {"rule": name, "key": key, "state": plain(store.decode(value)), "bytes": len(value),
-                         "updated_at": found.updated_at})
+                         "updated_at": found.updated_at, "version": found.version})
