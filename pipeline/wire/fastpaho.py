@@ -24,6 +24,7 @@ PAHO_CHECKED = "2.2"  # the paho-mqtt minor version whose internals FastClient w
 PAHO_INTERNALS = (  # private names of paho's Client that FastClient overrides, calls or reads
     "_sock_recv", "_sock_send", "_mid_generate", "_handle_pubackcomp", "_update_inflight",  # methods
     "_sock", "_in_packet", "_out_messages", "_inflight_messages", "_msgtime_mutex", "_last_bytes_received",
+    "_protocol", "_clean_session",  # set by use_protocol
 )
 
 
@@ -51,6 +52,14 @@ class FastClient(mqtt.Client):
         # authorized), 0x97 (quota exceeded)... mean the broker did not take the message
         self.on_puback: Acked | None = None
         self.read_error = mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS  # why the last `read` failed (PROTOCOL: malformed)
+
+    def use_protocol(self, protocol: int, clean_session: bool) -> None:
+        """Speak `protocol` (MQTTv5 or MQTTv311) from the next connect on; `clean_session` for 3.1.1 (MQTT 5's
+        clean_start and session expiry come from `connect_async`). Call only while not connected."""
+        self._protocol = protocol
+        self._clean_session = clean_session
+        self._props = b"\x00" if protocol == mqtt.MQTTv5 else b""
+        self._topics.clear()  # encoded with the properties byte of the old version
 
     def buffered(self) -> bool:
         """True when bytes already read from the socket wait to be parsed (no syscall needed)."""

@@ -4,6 +4,13 @@ A stage polls its ZeroMQ sockets and its MQTT sockets together in one `zmq.Polle
 does everything: paho callbacks run inside `Hub.poll()` on the stage thread and may touch the stage's ZMQ
 sockets, and no message crosses a thread. A `Link` reconnects with backoff (1 s doubling to 5 s, so a broker
 back after an outage is in use within 5 s), re-subscribes on every connect, and sets TCP_NODELAY on its socket.
+
+With `protocol: auto` a Link tries MQTT 5 and steps down to 3.1.1 when a connect fails after the TCP connection
+was made: a CONNACK refusing the version (Mosquitto < 1.6 answers return code 1), a close before any CONNACK,
+or no CONNACK in time (amqtt reads the properties of an MQTT 5 CONNECT as its client id and waits for ever). A
+3.1.1 connect failing that way steps back up to 5, so a broker that is only unreachable is tried in both.
+The version of an accepted connection is kept for the reconnects; it is logged once per change, and
+`protocols` (stage snapshots, /rules) shows it. An embedded broker (amqtt) is spoken to in 3.1.1 only.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ TICK = 0.1
 SESSION_EXPIRY = 0xFFFFFFFF  # MQTT 5: a persistent session never expires, as clean_session=False does in 3.1.1
 MAX_PACKET = 268_435_460  # bytes: the largest MQTT packet (a remaining length of 268,435,455 + its header)
 REFUSED = "refusing the connection"  # state prefix after a failed CONNACK: /readyz shows the broker's reason
+UNSUPPORTED_VERSION = 0x84  # CONNACK reason; paho reports a 3.1.1 broker's return code 1 to an MQTT 5 client so
 
 
 class Link:
@@ -61,7 +69,11 @@ class Link:
         self.on_bad_topic: Callable[[bytes, bytes, int, int, bool], None] | None = None
         self.max_packet = min(MAX_PACKET, broker.max_packet_bytes or MAX_PACKET)  # MQTT 5: the broker says it too
         self._retry_at, self._backoff, self._since = 0.0, 1.0, 0.0
-        v5 = broker.protocol == "5"  # MQTT 5 has no clean_session: clean_start and a session expiry instead
+        self.auto = broker.protocol == "auto" and not broker.embedded  # may step between MQTT 5 and 3.1.1
+        self.protocol = first_version(broker)  # of the next connect: "5" or "3.1.1"
+        self.chosen: str | None = None  # the version of the last accepted connection
+        self._clean = clean_session
+        v5 = self.protocol == "5"  # MQTT 5 has no clean_session: clean_start and a session expiry instead
         c = self.client = FastClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                       clean_session=None if v5 else clean_session,
                                       protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
@@ -76,8 +88,8 @@ class Link:
         c.on_socket_open = _nodelay
         c.on_connect, c.on_disconnect, c.on_subscribe = self._on_connect, self._on_disconnect, self._on_subscribe
         c.on_message = self._on_message
-        c.connect_async(broker.host, broker.port, broker.keepalive,  # only records the target
-                        **(_session(clean_session) if v5 else {}))
+        # only records the target; the MQTT 5 session arguments are kept, and unused while speaking 3.1.1
+        c.connect_async(broker.host, broker.port, broker.keepalive, **_session(clean_session))
 
     @property
     def connected(self) -> bool:
@@ -104,7 +116,7 @@ class Link:
                 self._connect(now)
             return
         if self.state == "connecting" and now - self._since > CONNECT_TIMEOUT + 2:
-            self._lost(now, self._before_connack(f"no CONNACK within {CONNECT_TIMEOUT + 2:g} s"))
+            self._no_connack(now, f"no CONNACK within {CONNECT_TIMEOUT + 2:g} s")
             return
         if self.client.loop_misc() != mqtt.MQTT_ERR_SUCCESS and self.state != "disconnected":
             self._lost(now, "keepalive")
@@ -161,16 +173,37 @@ class Link:
         self.state = "disconnected"
         self._retry_at, self._backoff = now + self._backoff, min(self._backoff * 2, MAX_BACKOFF)
 
-    def _before_connack(self, why: str) -> str:
-        """`why` with the likely causes of a connection that never got its CONNACK."""
+    def _no_connack(self, now: float, why: str) -> None:
+        """A connection that never got its CONNACK: lost, with its likely causes; with auto, the next connect
+        speaks the other version."""
+        if self.auto and self.protocol == "5":  # likely a broker that speaks only 3.1.1: no warning yet
+            self._switch(now, why)
+            return
         hints = ["a TLS port? then use mqtts://"] if self.broker.scheme == "mqtt" else []
         if self.broker.protocol == "5":  # amqtt, Mosquitto < 1.6: no answer, or a close, to an MQTT 5 CONNECT
             hints.append('a broker that speaks only MQTT 3.1.1? then set protocol: "3.1.1"')
-        return f"{why} ({'; '.join(hints)})" if hints else why
+        self._lost(now, f"{why} ({'; '.join(hints)})" if hints else why)
+        if self.auto:
+            self._switch(now, why)
+
+    def _switch(self, now: float, why: str) -> None:
+        """auto: the next connect speaks the other MQTT version: at once when stepping down to 3.1.1, after the
+        backoff when stepping back up (a broker that fails both is retried no faster than any other)."""
+        was, self.protocol = self.protocol, "3.1.1" if self.protocol == "5" else "5"
+        self.client.use_protocol(mqtt.MQTTv5 if self.protocol == "5" else mqtt.MQTTv311, self._clean)
+        log.info("broker %s: MQTT %s connect failed (%s); trying MQTT %s", self.name, was, why, self.protocol)
+        if self.protocol == "3.1.1":  # the backoff is left as it was: the 3.1.1 connect warns as any other would
+            self.state, self._retry_at = "disconnected", now
+        elif self.state != "disconnected":  # refused by CONNACK (a failed connect already took its backoff)
+            self.state, self._retry_at = "disconnected", now + self._backoff
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
 
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, props: object) -> None:
         said = getattr(props, "MaximumPacketSize", None)  # MQTT 5 CONNACK: the largest packet the broker takes
         self.max_packet = min(MAX_PACKET, self.broker.max_packet_bytes or MAX_PACKET, said or MAX_PACKET)
+        if rc.is_failure and self.auto and rc.value == UNSUPPORTED_VERSION:
+            self._switch(time.monotonic(), f"the broker refused it: {rc}")  # it closes the socket: nothing to do
+            return
         if rc.is_failure:
             log.error("broker %s refused the connection: %s", self.name, rc)
             self._lost(time.monotonic(), str(rc))
@@ -178,8 +211,17 @@ class Link:
             return
         self._backoff = 1.0
         self.connects += 1
-        log.info("connected to broker %s (%s:%s)", self.name, self.broker.host, self.broker.port)
+        log.info("connected to broker %s (%s:%s, MQTT %s)", self.name, self.broker.host, self.broker.port,
+                 self.protocol)
+        if self.auto and self.chosen != self.protocol:
+            log.info("broker %s: MQTT %s chosen (protocol: auto)", self.name, self.protocol)
+        self.chosen = self.protocol
         self.on_connected(self)
+        shared = [f for f in self.subscriptions if f.startswith("$share/")]
+        if shared and self.protocol != "5":
+            self.state = "subscription refused"
+            log.error("broker %s speaks only MQTT 3.1.1: not subscribing, %s needs MQTT 5", self.name, shared[0])
+            return
         if self.subscriptions:
             self.state = "subscribing"  # "connected" once the broker acknowledged every subscription
             client.subscribe(list(self.subscriptions.items()))
@@ -212,11 +254,10 @@ class Link:
         self.state = "connected"
 
     def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
-        why = str(rc)
         if self.state == "connecting":
-            why = self._before_connack(f"{why}: the broker closed the connection before CONNACK")
-        if self.state not in ("stopped", "disconnected"):
-            self._lost(time.monotonic(), why)
+            self._no_connack(time.monotonic(), f"{rc}: the broker closed the connection before CONNACK")
+        elif self.state not in ("stopped", "disconnected") and not self.state.startswith(REFUSED):
+            self._lost(time.monotonic(), str(rc))
 
 
 class Hub:
@@ -275,6 +316,13 @@ class Hub:
                 self.poller.register(fd, flags)
                 self._fds[fd] = link
         self._wanted = wanted
+
+
+def first_version(broker: Broker) -> str:
+    """The MQTT version a Link speaks first: auto tries 5, except with the embedded broker (amqtt: 3.1.1 only)."""
+    if broker.protocol == "auto":
+        return "3.1.1" if broker.embedded else "5"
+    return broker.protocol
 
 
 def _nodelay(_client: mqtt.Client, _userdata: object, sock: socket.socket) -> None:
