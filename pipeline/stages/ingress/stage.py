@@ -111,6 +111,7 @@ class Ingress:
     def _gauges(self) -> None:
         g = self.stats.gauges
         g["brokers"] = lambda: {n: lk.state for n, lk in self.links.items()}
+        g["protocols"] = lambda: {n: lk.chosen for n, lk in self.links.items() if lk.chosen}
         g["depth"] = lambda: sum(q.depth for q in self.queues)
         g["rules"] = lambda: {q.rule.name: q.levels() for q in self.queues}
         g["unacked"] = lambda: {n: len(a) for n, a in self.acks.items()}
