@@ -105,6 +105,16 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     m.stop()
 
 
+@pytest.fixture
+def pbroker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A test's own Mosquitto with persistence: sessions and queued messages survive its restart (tests/faults)."""
+    (tmp_path / "mosquitto").mkdir()
+    m = Mosquitto(tmp_path / "mosquitto", persistence=True)
+    m.start()
+    yield m
+    m.stop()
+
+
 class Probe:
     """A test-side MQTT client: collects what arrives on its subscriptions, publishes test input."""
 

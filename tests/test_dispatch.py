@@ -231,3 +231,19 @@ def test_spaced_reads_end_one_window_after_input_slows():
         t += 0.0001
     assert not pace.fast and pace.step(t, received, False)
     assert pace.timeout_ms(t) == 50
+
+
+def test_credit_never_lets_a_worker_hold_more_than_prefetch(queue):
+    """The confirms of a frame can reach ingress before the worker's credit for it (two sockets): a heartbeat in
+    between says the worker has room for PREFETCH and nothing is held. Taken as credit, and the credit added on
+    top, the worker would be sent more than PREFETCH: it takes them at once and answers with a credit over
+    PREFETCH, which ingress refuses (the messages then looked lost and went again)."""
+    q, ctx, address = queue
+    _worker = _serve_one(q, ctx, address, b"w", 40)
+    w = q.workers[b"w"]
+    for i in range(40):
+        q.confirm(f"b-{i}")  # egress has them safe; the credit is still on its way
+    q.on_beat(b"w", envelope.PREFETCH, time.monotonic())
+    assert w.credit == envelope.PREFETCH - 40
+    q.on_credit(b"w", 40, time.monotonic())
+    assert w.credit == envelope.PREFETCH and not w.order

@@ -40,15 +40,6 @@ control: {listen: CONTROL}
 """
 
 
-@pytest.fixture
-def pbroker(tmp_path: Path):
-    (tmp_path / "mosquitto").mkdir()
-    m = Mosquitto(tmp_path / "mosquitto", persistence=True)
-    m.start()
-    yield m
-    m.stop()
-
-
 class Collector:
     """A persistent-session subscriber: sees everything published while it is away once it is back. By
     default on the outputs and error records; a witness subscribes to the inputs instead."""
@@ -88,8 +79,10 @@ class Collector:
         self.client.loop_stop()
 
 
-def publish(port: int, payload_for=lambda seq: {}, n: int = N) -> threading.Thread:
-    """Publish `n` QoS 1 messages evenly paced at RATE; paho re-sends what a broker restart interrupts."""
+def publish(port: int, payload_for=lambda seq: {}, n: int = N, topic_for=lambda seq: f"f/d{seq % 50}/in",
+            rate: float = RATE) -> threading.Thread:
+    """Publish `n` QoS 1 messages evenly paced at `rate`, message `seq` on `topic_for(seq)` with payload
+    {"seq": seq, **payload_for(seq)}; paho re-sends what a broker restart interrupts."""
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"loader-{port}", clean_session=False)
     c.max_inflight_messages_set(100)
     c.max_queued_messages_set(0)
@@ -100,10 +93,10 @@ def publish(port: int, payload_for=lambda seq: {}, n: int = N) -> threading.Thre
     def body() -> None:
         t0 = time.monotonic()
         for seq in range(n):
-            delay = t0 + seq / RATE - time.monotonic()
+            delay = t0 + seq / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            c.publish(f"f/d{seq % 50}/in", orjson.dumps({"seq": seq, **payload_for(seq)}), 1)
+            c.publish(topic_for(seq), orjson.dumps({"seq": seq, **payload_for(seq)}), 1)
 
     t = threading.Thread(target=body, daemon=True)
     t.start()
@@ -158,7 +151,8 @@ def report(name: str, col: Collector, fault_at: float, t0: float, n: int = N) ->
 
 
 def kill(up, needle: str, count: int = 1) -> None:
-    pids = [p for p, cmd in processes().items() if p in up.pids() and needle in cmd][:count]
+    mine = set(up.pids())  # once: each call reads all of /proc, which takes seconds per process on a busy box
+    pids = [p for p, cmd in processes().items() if p in mine and needle in cmd][:count]
     assert pids, f"no process matching {needle!r}"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
@@ -239,23 +233,20 @@ def settled(up) -> bool:
         return False
 
 
-@pytest.mark.parametrize("name", list(CHAOS))
-def test_faults_that_come_together(pbroker, stack_factory, name, run):
-    """25,000 QoS 1 messages at 1,000/s while the steps of CHAOS[name] happen; a witness with a persistent
-    session on the input topics sees what the broker had to deliver, and all of that must come out."""
-    n = 25_000
-    cfg = (CONFIG.replace("BROKER", pbroker.url).replace("WORKERS", "2").replace("TIMEOUT", "2s")
-           .replace("ATTEMPTS", "3"))
-    up = stack_factory(cfg)
-    witness = Collector(pbroker.port, ("f/+/in",), name="witness")
-    col = Collector(pbroker.port)
-    t0 = time.monotonic()
-    loader = publish(pbroker.port, n=n)
+def through_chaos(name: str, broker: Mosquitto, up, loader: threading.Thread, witness: Collector, col: Collector,
+                  n: int) -> set:
+    """Take the steps of CHAOS[name] while `loader` publishes `n` messages; then wait (150 s at most) until the
+    loader is done, the witness (a Collector on the inputs) saw all `n` or nothing more for 5 s, and every key of
+    `witness.seen` came out in `col` (in `seen` or `errors`); then up to 30 s more for the stages to settle. Close
+    the loader, witness and collector; return the keys the witness saw that never came out."""
+    t0, taken = time.monotonic(), []
     for delay, step in CHAOS[name]:
         time.sleep(delay)
-        step(up, pbroker)
+        taken.append(round(time.monotonic() - t0, 1))
+        step(up, broker)
+    print(f"CHAOS {name!r}: steps taken {taken} s after the loader started")
     deadline = time.monotonic() + 150
-    lost: set[int] = set()
+    lost: set = set()
     witnessed, still_since = -1, time.monotonic()
     while time.monotonic() < deadline:
         with witness.lock, col.lock:
@@ -273,6 +264,21 @@ def test_faults_that_come_together(pbroker, stack_factory, name, run):
         time.sleep(0.5)
     witness.close()
     col.close()
+    return lost
+
+
+@pytest.mark.parametrize("name", list(CHAOS))
+def test_faults_that_come_together(pbroker, stack_factory, name, run):
+    """25,000 QoS 1 messages at 1,000/s while the steps of CHAOS[name] happen; a witness with a persistent
+    session on the input topics sees what the broker had to deliver, and all of that must come out."""
+    n = 25_000
+    cfg = (CONFIG.replace("BROKER", pbroker.url).replace("WORKERS", "2").replace("TIMEOUT", "2s")
+           .replace("ATTEMPTS", "3"))
+    up = stack_factory(cfg)
+    witness = Collector(pbroker.port, ("f/+/in",), name="witness")
+    col = Collector(pbroker.port)
+    t0 = time.monotonic()
+    lost = through_chaos(name, pbroker, up, publish(pbroker.port, n=n), witness, col, n)
     report(f"{name} (run {run + 1})", col, t0, t0, n)
     unseen = set(range(n)) - witness.seen.keys() - col.seen.keys() - col.errors.keys()
     print(f"CHAOS {name!r} run {run + 1}: witness saw {len(witness.seen)}, lost {len(lost)}, "

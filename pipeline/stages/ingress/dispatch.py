@@ -150,10 +150,10 @@ class RuleQueue:
         if w is None:
             w = self.workers[ident] = Worker(ident, 0, now)
             log.info("worker %s of rule %s is up", ident.decode(), self.rule.name)
-        w.credit += n
         w.seen = now
         w.qos0 = max(0, w.qos0 - n)  # QoS 0 messages it answered (credit returns count both kinds)
         self._answered(w, n, now)
+        w.credit = min(w.credit + n, self._room(w))
 
     def _answered(self, w: Worker, n: int, now: float) -> None:
         """The n oldest messages sent to `w` are answered: their results are on the way to egress, and the
@@ -175,7 +175,14 @@ class RuleQueue:
         w.seen = now
         self._check_idle(w, free, now)
         # credit lost with an earlier ingress comes back: what the worker has room for, minus what we sent it
-        w.credit = max(w.credit, free - len(w.held) - w.qos0)
+        w.credit = min(max(w.credit, free - len(w.held) - w.qos0), self._room(w))
+
+    @staticmethod
+    def _room(w: Worker) -> int:
+        """The most credit `w` can have: PREFETCH less what was sent to it and not answered. Credit above it (a
+        worker that reported room while frames of an earlier ingress still waited in its socket) would have it
+        take more than PREFETCH at once."""
+        return max(0, frames.PREFETCH - len(w.order))
 
     def _check_idle(self, w: Worker, free: int, now: float) -> None:
         """Two heartbeats saying `w` holds nothing, over a second after the last frame went to it, while

@@ -87,7 +87,8 @@ def _serve(proc: Processor, dealer: zmq.Socket, push: zmq.Socket, stats: Reporte
         results = proc.run_batch(batch)
         slow = time.monotonic() - started >= COALESCE_AFTER
         push.send(frames.encode(results, watchdog.ident))
-        dealer.send(frames.pack([frames.CREDIT, len(batch)]))
+        for done in range(0, len(batch), PREFETCH):  # a credit is at most PREFETCH (ingress checks it)
+            dealer.send(frames.pack([frames.CREDIT, min(PREFETCH, len(batch) - done)]))
         watchdog.holding -= len(batch)
         stats.count("received", len(results))
         for r in results:
