@@ -239,7 +239,8 @@ class Link:
                 self.on_bad_topic(bytes(m._topic), m.payload, m.qos, m.mid, m.dup)
             return
         if self.on_publish is not None:
-            self.on_publish(topic, m.payload, m.qos, m.mid, m.dup)
+            subs = getattr(m.properties, "SubscriptionIdentifier", None) or ()  # MQTT 5: a list (paho)
+            self.on_publish(topic, m.payload, m.qos, m.mid, m.dup, tuple(subs))
 
     def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, codes: list[mqtt.ReasonCode], _p: object) -> None:
         refused = [f for f, rc in zip(self.subscriptions, codes, strict=False) if rc.is_failure]

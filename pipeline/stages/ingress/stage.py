@@ -329,6 +329,6 @@ def _links(cfg: Config, arrive: object) -> dict[str, Link]:
         if name not in links:
             link = links[name] = Link(name, cfg.brokers[name], f"{cfg.instance}-ingress-{name}",
                                       clean_session=False, manual_ack=True)
-            link.on_publish = lambda t, p, q, mid, dup, b=name: arrive(b, t, p, q, mid, dup)
+            link.on_publish = lambda t, p, q, mid, dup, _subs, b=name: arrive(b, t, p, q, mid, dup)
         links[name].subscribe(rule.sub.topic, rule.sub.qos, rule.sub.share)
     return links
