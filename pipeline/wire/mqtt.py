@@ -19,6 +19,7 @@ import logging
 import socket
 import ssl
 import time
+import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ import paho.mqtt.client as mqtt
 import zmq
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from pipeline.errors import ConfigError
 from pipeline.wire.fastpaho import Deliver, FastClient
@@ -44,6 +46,7 @@ SESSION_EXPIRY = 0xFFFFFFFF  # MQTT 5: a persistent session never expires, as cl
 MAX_PACKET = 268_435_460  # bytes: the largest MQTT packet (a remaining length of 268,435,455 + its header)
 REFUSED = "refusing the connection"  # state prefix after a failed CONNACK: /readyz shows the broker's reason
 UNSUPPORTED_VERSION = 0x84  # CONNACK reason; paho reports a 3.1.1 broker's return code 1 to an MQTT 5 client so
+SUB_IDS = 16_383  # subscription ids are 1..SUB_IDS: at most two bytes on the wire (see `subscription_id`)
 
 
 class Link:
@@ -54,7 +57,9 @@ class Link:
                  manual_ack: bool = False) -> None:
         self.name, self.broker = name, broker
         self.state = "disconnected"
-        self.subscriptions: dict[str, int] = {}
+        self.subscriptions: dict[str, int] = {}  # filter ($share/GROUP/ prefix included) -> QoS
+        self.sub_ids: dict[str, int] = {}  # filter -> its MQTT 5 Subscription Identifier
+        self._suback: dict[int, list[str]] = {}  # SUBSCRIBE packet id -> its filters, until their SUBACK
         self.connects = 0  # accepted connections
         self.malformed = 0  # connections closed because the broker sent a malformed packet
         # called on every CONNACK, before any message of the new connection is handled: packet ids of an
@@ -102,6 +107,10 @@ class Link:
         if share:
             topic_filter = f"$share/{share}/{topic_filter}"
         self.subscriptions[topic_filter] = max(qos, self.subscriptions.get(topic_filter, 0))
+        taken: set[int] = set()
+        for f in sorted(self.subscriptions):  # in one order whatever the order of the rules
+            self.sub_ids[f] = subscription_id(f, taken)
+            taken.add(self.sub_ids[f])
 
     def fileno(self) -> int | None:
         sock = self.client.socket()
@@ -224,9 +233,24 @@ class Link:
             return
         if self.subscriptions:
             self.state = "subscribing"  # "connected" once the broker acknowledged every subscription
-            client.subscribe(list(self.subscriptions.items()))
+            self._subscribe(client)
         else:
             self._up()
+
+    def _subscribe(self, client: mqtt.Client) -> None:
+        """Every subscription: MQTT 3.1.1 in one SUBSCRIBE; MQTT 5 one SUBSCRIBE per filter, each with its
+        Subscription Identifier (a SUBSCRIBE carries one), so that each copy of a message says which
+        subscription it was sent for (a broker may send one copy per matching subscription)."""
+        self._suback.clear()
+        if self.protocol != "5":
+            _rc, mid = client.subscribe(list(self.subscriptions.items()))
+            self._suback[mid] = list(self.subscriptions)
+            return
+        for f, qos in self.subscriptions.items():
+            props = Properties(PacketTypes.SUBSCRIBE)
+            props.SubscriptionIdentifier = self.sub_ids[f]
+            _rc, mid = client.subscribe(f, options=SubscribeOptions(qos=qos), properties=props)
+            self._suback[mid] = [f]
 
     def _on_message(self, _c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
         """A PUBLISH paho read itself (split across reads, or not for the fast path): the same delivery. A topic
@@ -242,12 +266,17 @@ class Link:
             subs = getattr(m.properties, "SubscriptionIdentifier", None) or ()  # MQTT 5: a list (paho)
             self.on_publish(topic, m.payload, m.qos, m.mid, m.dup, tuple(subs))
 
-    def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, codes: list[mqtt.ReasonCode], _p: object) -> None:
-        refused = [f for f, rc in zip(self.subscriptions, codes, strict=False) if rc.is_failure]
+    def _on_subscribe(self, _c: mqtt.Client, _u: object, mid: int, codes: list[mqtt.ReasonCode], _p: object) -> None:
+        filters = self._suback.pop(mid, None)
+        if filters is None or self.state != "subscribing":
+            return  # a SUBACK of an earlier connection, or after a refusal
+        refused = [f for f, rc in zip(filters, codes, strict=False) if rc.is_failure]
         if refused:
             self.state = "subscription refused"
             log.error("broker %s refused the subscription to %s", self.name, ", ".join(refused))
             return
+        if self._suback:
+            return  # more SUBACKs to come
         log.info("subscribed on broker %s to %s", self.name, ", ".join(self.subscriptions))
         self._up()
 
@@ -317,6 +346,16 @@ class Hub:
                 self.poller.register(fd, flags)
                 self._fds[fd] = link
         self._wanted = wanted
+
+
+def subscription_id(topic_filter: str, taken: set[int]) -> int:
+    """The Subscription Identifier of a filter: derived from the filter itself, so it is the same in every run
+    (a persistent session keeps queued copies with the ids they were sent for, and a restart with other rules
+    must not read them as another filter's); the next free one after `taken` when two filters of a link meet."""
+    sid = zlib.crc32(topic_filter.encode()) % SUB_IDS + 1
+    while sid in taken:
+        sid = sid % SUB_IDS + 1
+    return sid
 
 
 def first_version(broker: Broker) -> str:
