@@ -246,7 +246,9 @@ class FastClient(mqtt.Client):
             if props is None or t == start + 2 or props[0] + props[1] > end:
                 return None
             p, size = props
-            if size:
+            if size == 3 and buf[p] == SUBSCRIPTION_ID and buf[p + 1] & 0x80 and 0 < buf[p + 2] < 0x80:
+                subs, p = (buf[p + 1] & 0x7F | buf[p + 2] << 7,), p + 3  # the usual: one id of two bytes
+            elif size:
                 ids = _sub_ids(buf, p, p + size)
                 if ids is None:
                     return None
@@ -289,11 +291,8 @@ def _sub_ids(buf: bytes, i: int, end: int) -> tuple[int, ...] | None:
     """The Subscription Identifiers (property 0x0B, a variable byte integer, one per subscription the copy was
     sent for) among the PUBLISH properties in buf[i:end], skipping the others by their types; None when one is
     unknown, a subscription id is 0, or a property runs past `end`: paho reads that packet."""
-    if buf[i] == SUBSCRIPTION_ID:  # the usual case: one id of one or two bytes (below 16,384)
-        if end - i == 2 and 0 < buf[i + 1] < 0x80:
-            return (buf[i + 1],)
-        if end - i == 3 and buf[i + 1] & 0x80 and 0 < buf[i + 2] < 0x80:
-            return (buf[i + 1] & 0x7F | buf[i + 2] << 7,)
+    if end - i == 2 and buf[i] == SUBSCRIPTION_ID and 0 < buf[i + 1] < 0x80:
+        return (buf[i + 1],)  # one id of one byte (a two-byte one, the usual, `_publish` reads itself)
     return _all_sub_ids(buf, i, end)
 
 
