@@ -252,7 +252,8 @@ def test_check_example():
     out = check(EXAMPLE)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"{EXAMPLE.resolve()}: OK")
-    for text in ("temperature-alarm", "calibration", "embedded://127.0.0.1:1883", "x2", "plant/{1}/alarm"):
+    for text in ("temperature-alarm", "calibration", "embedded://127.0.0.1:1883 (MQTT 3.1.1: the embedded broker)",
+                 "x2", "plant/{1}/alarm"):
         assert text in out.stdout
 
 
@@ -264,7 +265,7 @@ def test_check_misspelled_key(write):
 
 
 @pytest.mark.parametrize("password, extra, rc, shown", [
-    ('"${PT_SECRET}"', "", 0, "mqtt://127.0.0.1:1883 as bob"),
+    ('"${PT_SECRET}"', "", 0, "mqtt://127.0.0.1:1883 as bob (MQTT 5, or 3.1.1 if the broker refuses 5)"),
     ('"${PT_SECRET}"', ", keepalive: 1", 2, "brokers.local.keepalive: "),
     ('["${PT_SECRET}"]', "", 2, "brokers.local.password: "),
     ('{value: "${PT_SECRET}"}', "", 2, "brokers.local.password: "),

@@ -65,7 +65,7 @@ def healthy() -> list[dict]:
     ok = {"local": "connected"}
     return [
         snap("ingress", 1, counters={"received": 1000, "dispatched.first": 1000, "dispatched.second": 1000,
-                                     "dispatched": 2000}, brokers=ok, depth=4,
+                                     "dispatched": 2000}, brokers=ok, protocols={"local": "5"}, depth=4,
              prev={"time": 98.0, "counters": {"received": 200}, "histograms": {}}),
         snap("rule", 11, "first", alive=False, counters={"received": 300, "processed": 290, "errors": 10},
              histograms={"call": hist(b1=300)}),
@@ -76,6 +76,7 @@ def healthy() -> list[dict]:
              model="probe", sha256="abc", source="/m/probe", loaded_at=40.0),
         snap("rule", 21, "second", counters={"received": 1000, "processed": 1000}),
         snap("egress", 31, counters={"received": 1900, "published": 1890, "error_records": 10}, brokers=ok,
+             protocols={"local": "3.1.1"},
              histograms={"end_to_end.first": hist(b10=900), "end_to_end.second": hist(b10=1000)}),
     ]
 
@@ -187,7 +188,8 @@ def test_rules_never_show_a_password(cfg):
     assert doc["rules"][0]["workers"] == 2 and doc["rules"][0]["sub"]["topic"] == "in/+/data"
     assert doc["rules"][1]["error_topic"] == "pipeline/errors/second"
     assert doc["brokers"]["local"] == {"url": "mqtt://127.0.0.1:1883", "username": "u", "password_set": True,
-                                       "keepalive_s": 30}
+                                       "keepalive_s": 30, "protocol": "auto",
+                                       "protocol_in_use": {"ingress": "5", "egress": "3.1.1"}}
 
 
 def test_models_from_worker_snapshots_else_from_config(cfg):

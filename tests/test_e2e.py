@@ -53,6 +53,57 @@ def test_messages_flow_through_two_rules_with_templating(broker, probe_factory, 
     assert len({b["pid"] for b in by_rule["first"].values()}) >= 1
 
 
+def _ingress_counts(up, n: int) -> dict:
+    """The ingress row of /stages once it counted `n` received (snapshots may be 0.5 s behind)."""
+    deadline = time.monotonic() + 5
+    ing = up.get("/stages")[1]["stages"][0]
+    while ing["received"] < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+        ing = up.get("/stages")[1]["stages"][0]
+    time.sleep(0.6)  # and nothing more comes
+    return up.get("/stages")[1]["stages"][0]
+
+
+def test_overlapping_filters_over_mqtt5_feed_each_rule_every_message_once(broker, probe_factory, stack_factory):
+    """Over MQTT 5 Mosquitto sends one copy of a message per matching subscription (in/+/data and in/+/#): each
+    copy carries the Subscription Identifier of its subscription and feeds that subscription's rule only."""
+    up = stack_factory(config(broker).replace("local: {url: " + broker.url + "}",
+                                              "local: {url: " + broker.url + ', protocol: "5"}'))
+    probe = probe_factory("out/#")
+    for seq in range(50):
+        probe.publish(f"in/dev{seq % 5}/data", {"seq": seq})
+    for seq in range(50, 60):
+        probe.publish(f"in/dev{seq % 5}/other", {"seq": seq})  # second's filter only
+    got = probe.wait_for(110)
+    time.sleep(1)
+    seqs: dict[str, list[int]] = {"first": [], "second": []}
+    for topic, payload in probe.received():
+        seqs[topic.split("/")[2]].append(orjson.loads(payload)["seq"])
+    assert sorted(seqs["first"]) == list(range(50)) and sorted(seqs["second"]) == list(range(60)), len(got)
+    ing = _ingress_counts(up, 110)
+    assert ing["received"] == 110  # a copy per subscription: 50 x 2 + 10
+    assert ing["dispatched"] == 110 and ing["unrouted"] == 0
+    assert up.get("/rules")[1]["brokers"]["local"]["protocol_in_use"] == {"ingress": "5", "egress": "5"}
+
+
+def test_a_subscription_left_by_an_earlier_config_feeds_no_rule(broker, probe_factory, stack_factory):
+    """ingress's session is persistent and it never unsubscribes: after its filter changed from in/+/data to
+    in/+/#, Mosquitto still sends a copy for the old subscription; its id names no subscription of this config."""
+    one = config(broker).split("  - name: second")[0] + "control: {listen: CONTROL}\n"
+    one = one.replace("local: {url: " + broker.url + "}", "local: {url: " + broker.url + ', protocol: "5"}')
+    assert stack_factory(one).stop() == 0
+    up = stack_factory(one.replace('"in/+/data"', '"in/+/#"'))
+    probe = probe_factory("out/#")
+    for seq in range(20):
+        probe.publish(f"in/dev{seq % 5}/data", {"seq": seq})
+    probe.wait_for(20)
+    time.sleep(1)
+    assert sorted(orjson.loads(p)["seq"] for _, p in probe.received()) == list(range(20))
+    ing = _ingress_counts(up, 40)
+    assert ing["received"] == 40 and ing["dispatched"] == 20 and ing["unrouted"] == 20
+    assert ing["counters"]["stale_subscription"] == 20
+
+
 def test_bad_input_goes_to_error_topic_and_next_message_passes(broker, probe_factory, stack_factory):
     stack_factory(config(broker))
     probe = probe_factory("out/+/first", "pipeline/errors/#")

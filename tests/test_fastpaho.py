@@ -9,6 +9,8 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import free_port
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from pipeline.wire.fastpaho import PAHO_CHECKED, FastClient, missing_internals
 
@@ -46,14 +48,15 @@ def test_puback_bytes():
     assert bytes(c._wbuf) == b"\x40\x02\x12\x34"
 
 
-def _publish_packet(protocol: int, topic: str, payload: bytes, qos: int, mid: int, dup: bool = False) -> bytes:
+def _publish_packet(protocol: int, topic: str, payload: bytes, qos: int, mid: int, dup: bool = False,
+                    props: Properties | None = None) -> bytes:
     """A PUBLISH as a broker sends it, built by paho's own encoder."""
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
     a, b = socket.socketpair()
     c._sock = a
     packets: list[bytes] = []
     c._packet_queue = lambda _cmd, packet, _mid, _qos, _info=None: packets.append(bytes(packet)) or 0
-    c._send_publish(mid, topic.encode(), payload, qos, False, dup)
+    c._send_publish(mid, topic.encode(), payload, qos, False, dup, properties=props)
     b.close()
     return packets[0]
 
@@ -74,7 +77,79 @@ def test_take_publishes_reads_what_paho_would(protocol):
     got: list[tuple] = []
     c = _reader(protocol, data)
     assert c.take_publishes(lambda *m: got.append(m)) == 4
-    assert got == sent and not c.buffered()
+    assert got == [(*m, ()) for m in sent] and not c.buffered()  # no subscription ids
+
+
+def _props(**values: object) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    for name, value in values.items():
+        setattr(props, name, value)
+    return props
+
+
+OTHERS = {"PayloadFormatIndicator": 1, "MessageExpiryInterval": 60, "ContentType": "application/json",
+          "ResponseTopic": "re/ply", "CorrelationData": b"\x00\xffcorr"}
+SUB_ID_CASES = [  # (properties, the subscription ids the fast path must read)
+    ({}, ()),
+    ({"SubscriptionIdentifier": 5}, (5,)),
+    ({"SubscriptionIdentifier": 300}, (300,)),  # two bytes
+    ({"SubscriptionIdentifier": 268_435_455}, (268_435_455,)),  # the largest: four bytes
+    ({"SubscriptionIdentifier": [3, 200]}, (3, 200)),  # one copy for two subscriptions
+    ({**OTHERS, "SubscriptionIdentifier": 7}, (7,)),  # paho writes them before the id
+    ({"SubscriptionIdentifier": 9, "UserProperty": [("k", "v"), ("ké", "")]}, (9,)),
+    ({**OTHERS, "UserProperty": ("k", "v")}, ()),
+]
+
+
+@pytest.mark.parametrize(("values", "ids"), SUB_ID_CASES)
+def test_take_publishes_reads_the_subscription_ids_and_skips_the_other_properties(values, ids):
+    sent = ("in/d1/data", b'{"seq": 1}', 1, 42, False)
+    data = _publish_packet(mqtt.MQTTv5, *sent, props=_props(**values))
+    got: list[tuple] = []
+    c = _reader(mqtt.MQTTv5, data + data)
+    assert c.take_publishes(lambda *m: got.append(m)) == 2
+    assert got == [(*sent, ids)] * 2 and not c.buffered()
+
+
+@pytest.mark.parametrize(("name", "props"), [
+    ("a user property longer than the properties", b"\x26\x00\x09k\x00\x01v"),
+    ("a content type past the properties", b"\x0b\x01\x03\x00\x05ab"),
+    ("a four-byte integer cut short", b"\x0b\x01\x02\x00\x00"),
+    ("a subscription id cut short", b"\x0b\x81"),
+    ("subscription id 0", b"\x0b\x00"),
+    ("an unknown property", b"\x0b\x01\x7f\x00"),
+    ("a topic alias property's id only", b"\x23"),
+])
+def test_properties_the_fast_path_cannot_read_are_left_to_paho(name, props):
+    body = b"\x00\x01t" + b"\x00\x07" + bytes([len(props)]) + props + b"payload"
+    c = _reader(mqtt.MQTTv5, bytes([0x32, len(body)]) + body)
+    got: list[tuple] = []
+    assert c.take_publishes(lambda *m: got.append(m)) == 0 and got == [] and c._rpos == 0, name
+
+
+def test_a_publish_paho_reads_itself_still_carries_its_subscription_ids():
+    """A packet larger than one read is paho's to read; Link hands it over with the same ids."""
+    from pipeline.config.load import Broker
+    from pipeline.wire.mqtt import Link
+
+    link = Link("t", Broker(url="mqtt://127.0.0.1:1", protocol="5"), "slow-path", manual_ack=True)
+    got: list[tuple] = []
+    link.on_publish = lambda *m: got.append(m)
+    payload = b"x" * 300_000  # over FastClient.READ_SIZE
+    data = _publish_packet(mqtt.MQTTv5, "a/b", payload, 1, 9, props=_props(SubscriptionIdentifier=[4, 700]))
+    c = link.client
+    c._sock, peer = socket.socketpair()
+    c._sock.setblocking(False)
+    c._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+    sender = threading.Thread(target=peer.sendall, args=(data,))
+    sender.start()
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        c.read(link.on_publish)
+    sender.join()
+    peer.close()
+    c._sock.close()
+    assert got == [("a/b", payload, 1, 9, False, (4, 700))]
 
 
 def test_take_publishes_stops_at_other_packets_partial_packets_and_its_limit():
@@ -182,7 +257,7 @@ def test_an_mqtt5_link_asks_mosquitto_for_more_than_20_unacked_messages(broker, 
     got: list[int] = []
     link = Link("t", Broker(url=broker.url, protocol=protocol), f"rmax-{protocol}", manual_ack=True)
     link.subscribe(f"rmax/{protocol}", 1)
-    link.on_publish = lambda _t, _p, _q, mid, _d: got.append(mid)  # never acked
+    link.on_publish = lambda _t, _p, _q, mid, _d, _s: got.append(mid)  # never acked
     hub = Hub([link])
     deadline = time.monotonic() + 5
     while not link.connected and time.monotonic() < deadline:

@@ -106,8 +106,8 @@ def test_shared_subscription_splits_exactly_once(broker, two_stacks):
 
 
 @pytest.mark.parametrize("protocol, problem", [
-    (None, 'rules[0].sub.share: a shared subscription needs MQTT 5: set brokers.local.protocol: "5" (got \'g1\')'),
-    ('"3.1.1"', "rules[0].sub.share: a shared subscription needs MQTT 5"),
+    (None, None),  # auto: the link refuses to subscribe if the broker turns out to speak only 3.1.1
+    ('"3.1.1"', 'rules[0].sub.share: a shared subscription needs MQTT 5: set brokers.local.protocol: "5" (or auto)'),
     ("5", None),  # YAML reads 5 as a number: accepted as "5"
     ('"5"', None),
 ])
@@ -121,8 +121,22 @@ def test_share_needs_mqtt5(tmp_path, protocol, problem):
     (tmp_path / "p.yaml").write_text(text)
     if problem is None:
         cfg = config.load(tmp_path / "p.yaml")
-        assert cfg.brokers["local"].protocol == "5" and cfg.rules[0].sub.share == "g1"
+        assert cfg.brokers["local"].protocol == ("auto" if protocol is None else "5") and cfg.rules[0].sub.share == "g1"
         return
     with pytest.raises(ConfigError) as e:
         config.load(tmp_path / "p.yaml")
     assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
+
+
+def test_share_on_the_embedded_broker_is_refused_at_check(tmp_path):
+    """The embedded broker (amqtt) speaks only MQTT 3.1.1, so `auto` cannot reach 5 there: refused when loading."""
+    from pipeline.config import load as config
+    from pipeline.errors import ConfigError
+
+    text = CONFIG.replace("NAME", "s").replace("URL", "embedded://127.0.0.1:1883").replace("TAG", "a")
+    text = text.replace("MODELS", str(HERE / "models")).replace("CONTROL", "127.0.0.1:5888")
+    (tmp_path / "p.yaml").write_text(text.replace(", protocol: 5}", "}"))
+    with pytest.raises(ConfigError) as e:
+        config.load(tmp_path / "p.yaml")
+    assert any(p.startswith("rules[0].sub.share: a shared subscription needs MQTT 5, and the embedded broker speaks "
+                            "only 3.1.1") for p in e.value.problems), e.value.problems

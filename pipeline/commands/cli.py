@@ -20,7 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.stages import boot
 
 if TYPE_CHECKING:  # pipeline.config.load loads pydantic: only the commands that validate a file import it
-    from pipeline.config.load import Config
+    from pipeline.config.load import Broker, Config
 
 def cmd_broker(args: argparse.Namespace) -> int:
     """`pipeline broker`: the embedded MQTT broker, until SIGTERM."""
@@ -52,12 +52,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     return errors.OK
 
 
+def _protocol(b: Broker) -> str:
+    """The MQTT version a broker's links will speak, as `check` tells it."""
+    if b.protocol != "auto":
+        return f"MQTT {b.protocol}"
+    return "MQTT 3.1.1: the embedded broker" if b.embedded else "MQTT 5, or 3.1.1 if the broker refuses 5"
+
+
 def summary(cfg: Config) -> str:
     """One screen: brokers, models, rules, and a warning when control is exposed. Never shows a password."""
     out = [f"{cfg.source}: OK (stack '{cfg.instance}', control on {cfg.control.listen})", "brokers:"]
     for n, b in cfg.brokers.items():
         auth = f" as {b.username}" if b.username else ""
-        out.append(f"  {n:<16} {b.url}{auth}")
+        out.append(f"  {n:<16} {b.url}{auth} ({_protocol(b)})")
     out.append("models:")
     out += [f"  {n:<16} {m.where}  params={m.params}" for n, m in cfg.models.items()]
     out.append("rules:")

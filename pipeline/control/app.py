@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import falcon
-import orjson
 
 from pipeline.control import admin, catalog, gate, state, views
 from pipeline.control.http import send_json as _json
@@ -57,17 +56,6 @@ class Document:
         _json(resp, self.make(self.cfg, self.source.processes()))
 
 
-class Rules:
-    """GET /rules: the rules as configured (no secret)."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.doc = orjson.dumps(catalog.rules(cfg))
-
-    def on_get(self, _req: falcon.Request, resp: falcon.Response) -> None:
-        resp.content_type = falcon.MEDIA_JSON
-        resp.data = self.doc
-
-
 class Metrics:
     """GET /metrics: the Prometheus text of `Collector`."""
 
@@ -99,7 +87,7 @@ def create_app(cfg: Config, source: Source, run_dir: Path | None = None) -> falc
     app.add_route("/queue_size_metrics", Document(cfg, source, views.queue_size_metrics))
     app.add_route("/models", admin.Models(cfg, source, run_dir))
     app.add_route("/models/{name}/reload", admin.Reload(cfg, source, run_dir))
-    app.add_route("/rules", Rules(cfg))
+    app.add_route("/rules", Document(cfg, source, catalog.rules))  # the rules as configured (no secret)
     app.add_route("/rules/{name}/state/{key:path}", state.KeyState(cfg))  # a key may hold "/"
     app.add_route("/metrics", Metrics(cfg, source))
     app.add_route("/", Dashboard())

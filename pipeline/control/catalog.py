@@ -15,9 +15,17 @@ if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its confi
     from pipeline.config.load import Broker, Config, Rule
 
 
-def _broker(b: Broker) -> dict[str, Any]:
+def _broker(name: str, b: Broker, procs: list[Proc]) -> dict[str, Any]:
+    """A broker as configured, and the MQTT version each stage's link to it speaks (`protocol_in_use`: stage ->
+    "5" or "3.1.1", from the newest live snapshot of each stage; a stage is missing until its link connected)."""
+    in_use = {}
+    for stage in ("ingress", "egress"):
+        live = [p for p in procs if p["stage"] == stage and p.get("alive")]
+        chosen = (max(live, key=lambda p: p.get("time") or 0.0).get("protocols") or {}).get(name) if live else None
+        if chosen:
+            in_use[stage] = chosen
     return {"url": redact(b.url), "username": b.username, "password_set": b.password is not None,
-            "keepalive_s": b.keepalive}
+            "keepalive_s": b.keepalive, "protocol": b.protocol, "protocol_in_use": in_use}
 
 
 def _keyed(r: Rule) -> dict[str, Any]:
@@ -26,9 +34,9 @@ def _keyed(r: Rule) -> dict[str, Any]:
     return {"key": r.key, "key_default": r.key_default, "state": bounds}
 
 
-def rules(cfg: Config) -> dict[str, Any]:
+def rules(cfg: Config, procs: list[Proc]) -> dict[str, Any]:
     """The GET /rules document: every rule as configured (overrides applied; a keyed rule's key and state bounds),
-    and the brokers they use."""
+    and the brokers they use, with the MQTT version ingress and egress chose (`procs`: the stage snapshots)."""
     out = []
     for r in cfg.rules:
         out.append({
@@ -41,7 +49,7 @@ def rules(cfg: Config) -> dict[str, Any]:
             "error_topic": r.error_topic,
             **_keyed(r),
         })
-    return {"rules": out, "brokers": {n: _broker(b) for n, b in cfg.brokers.items()}}
+    return {"rules": out, "brokers": {n: _broker(n, b, procs) for n, b in cfg.brokers.items()}}
 
 
 def _loaded(workers: list[Proc]) -> dict[str, Any]:

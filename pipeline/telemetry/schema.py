@@ -3,7 +3,8 @@
 
 Every snapshot has the `Head` and `Snapshot` fields; a stage adds its own: ingress `depth`, `rules` (one
 `RuleQueueLevels` per rule) and `unacked` (per broker); egress `outbox` (`OutboxLevels`); ingress and egress
-`brokers` (name -> link state); a worker `model`, `sha256`, `source` and `loaded_at`. Counter and histogram names
+`brokers` (name -> link state) and `protocols` (name -> the MQTT version of its last accepted connection, "5" or
+"3.1.1"); a worker `model`, `sha256`, `source` and `loaded_at`. Counter and histogram names
 are the stage's own (`received`, `dispatched.<rule>`, `end_to_end.<rule>`...). The board adds `alive` and `prev`.
 """
 
@@ -53,6 +54,7 @@ class Snapshot(Head, total=False):
     rss_bytes: int
     cpu_seconds: float
     brokers: dict[str, str]
+    protocols: dict[str, str]
     depth: int
     rules: dict[str, RuleQueueLevels]
     unacked: dict[str, int]

@@ -17,13 +17,16 @@ import paho.mqtt.client as mqtt
 
 READ_SIZE = 256 * 1024
 QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
-Deliver = Callable[[str, bytes, int, int, bool], None]  # (topic, payload, qos, mid, dup)
+# (topic, payload, qos, mid, dup, subscription ids): the ids (MQTT 5) of the subscriptions this copy was sent for,
+# () when the packet carries none (MQTT 3.1.1, or a subscription made without one)
+Deliver = Callable[[str, bytes, int, int, bool, tuple[int, ...]], None]
 Acked = Callable[[int, int], None]  # (mid, reason): reason 0 = success; MQTT 5 codes >= 0x80 = refused
 
 PAHO_CHECKED = "2.2"  # the paho-mqtt minor version whose internals FastClient was written against
 PAHO_INTERNALS = (  # private names of paho's Client that FastClient overrides, calls or reads
     "_sock_recv", "_sock_send", "_mid_generate", "_handle_pubackcomp", "_update_inflight",  # methods
     "_sock", "_in_packet", "_out_messages", "_inflight_messages", "_msgtime_mutex", "_last_bytes_received",
+    "_protocol", "_clean_session",  # set by use_protocol
 )
 
 
@@ -51,6 +54,14 @@ class FastClient(mqtt.Client):
         # authorized), 0x97 (quota exceeded)... mean the broker did not take the message
         self.on_puback: Acked | None = None
         self.read_error = mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS  # why the last `read` failed (PROTOCOL: malformed)
+
+    def use_protocol(self, protocol: int, clean_session: bool) -> None:
+        """Speak `protocol` (MQTTv5 or MQTTv311) from the next connect on; `clean_session` for 3.1.1 (MQTT 5's
+        clean_start and session expiry come from `connect_async`). Call only while not connected."""
+        self._protocol = protocol
+        self._clean_session = clean_session
+        self._props = b"\x00" if protocol == mqtt.MQTTv5 else b""
+        self._topics.clear()  # encoded with the properties byte of the old version
 
     def buffered(self) -> bool:
         """True when bytes already read from the socket wait to be parsed (no syscall needed)."""
@@ -181,10 +192,11 @@ class FastClient(mqtt.Client):
     def take_publishes(self, deliver: Deliver | None, limit: int = 256,
                        on_puback: Acked | None = None) -> int:
         """Hand the complete QoS 0/1 PUBLISH packets at the head of the read buffer to
-        `deliver(topic, payload, qos, mid, dup)`, and PUBACKs to `on_puback(mid, reason)`, without paho's per-packet
-        machinery (MQTTMessage, ReasonCode, logging, callback lookup: ~4x the cost of this). Stops at anything
-        else (another packet type, QoS 2, a topic alias, bad UTF-8, an incomplete packet, or a packet paho has
-        started reading): paho reads that one. PUBLISH only for manually acknowledged QoS 1 (the caller
+        `deliver(topic, payload, qos, mid, dup, subscription ids)`, and PUBACKs to `on_puback(mid, reason)`,
+        without paho's per-packet machinery (MQTTMessage, ReasonCode, logging, callback lookup: ~4x the cost
+        of this). Stops at anything else (another packet type, QoS 2, a topic alias, bad UTF-8, a PUBLISH
+        property it does not know, an incomplete packet, or a packet paho has started reading): paho reads
+        that one. PUBLISH only for manually acknowledged QoS 1 (the caller
         acks), PUBACK only for packets sent with `publish1`; returns how many packets were taken."""
         if self._in_packet["command"] != 0 or self._sock is None:
             return 0
@@ -206,20 +218,21 @@ class FastClient(mqtt.Client):
             parsed = self._publish(buf, start, length, qos)
             if parsed is None:
                 break
-            topic, p, mid = parsed
+            topic, p, mid, subs = parsed
             pos = self._rpos = start + length
             n += 1
-            deliver(topic, buf[p:pos], qos, mid, bool(cmd & 8))
+            deliver(topic, buf[p:pos], qos, mid, bool(cmd & 8), subs)
         if n:
             with self._msgtime_mutex:
                 self._last_bytes_received = mqtt.time_func()
         return n
 
-    def _publish(self, buf: bytes, start: int, length: int, qos: int) -> tuple[str, int, int] | None:
-        """(topic, where the payload starts, packet id) of the PUBLISH whose variable header starts at
-        buf[start]; None when paho should read it: a topic alias, a topic that is not UTF-8, or a malformed
-        packet (shorter than its topic or packet id, an empty MQTT 3.1.1 topic, properties that run past its
-        end), which paho refuses by closing the connection. Nothing here reads past the packet."""
+    def _publish(self, buf: bytes, start: int, length: int, qos: int) -> tuple[str, int, int, tuple[int, ...]] | None:
+        """(topic, where the payload starts, packet id, subscription ids) of the PUBLISH whose variable header
+        starts at buf[start]; None when paho should read it: a topic alias, a topic that is not UTF-8, a property
+        this does not know, or a malformed packet (shorter than its topic or packet id, an empty MQTT 3.1.1
+        topic, properties that run past its end), which paho refuses by closing the connection. Nothing here
+        reads past the packet."""
         end = start + length
         if length < 2:
             return None
@@ -227,13 +240,21 @@ class FastClient(mqtt.Client):
         if t + (2 if qos else 0) > end or (t == start + 2 and not self._props):
             return None
         mid, p = (buf[t] << 8 | buf[t + 1], t + 2) if qos else (0, t)
-        if self._props:  # MQTT 5: skip the properties (we ask for no topic aliases)
+        subs: tuple[int, ...] = ()
+        if self._props:  # MQTT 5: the subscription ids; the other properties are skipped
             props = _remaining(buf, p, end)
             if props is None or t == start + 2 or props[0] + props[1] > end:
                 return None
-            p = props[0] + props[1]
+            p, size = props
+            if size == 3 and buf[p] == SUBSCRIPTION_ID and buf[p + 1] & 0x80 and 0 < buf[p + 2] < 0x80:
+                subs, p = (buf[p + 1] & 0x7F | buf[p + 2] << 7,), p + 3  # the usual: one id of two bytes
+            elif size:
+                ids = _sub_ids(buf, p, p + size)
+                if ids is None:
+                    return None
+                subs, p = ids, p + size
         try:
-            return buf[start + 2:t].decode(), p, mid
+            return buf[start + 2:t].decode(), p, mid, subs
         except UnicodeDecodeError:
             return None
 
@@ -258,6 +279,45 @@ class FastClient(mqtt.Client):
         self._rbuf, self._rpos = b"", 0  # bytes of an earlier connection mean nothing on the new one
         self._wbuf.clear()
         return super().reconnect()
+
+
+_SKIP_FIXED = {0x01: 1, 0x02: 4, 0x23: 2}  # PUBLISH properties of a fixed size: format, expiry, topic alias
+_SKIP_STRINGS = {0x03: 1, 0x08: 1, 0x09: 1, 0x26: 2}  # content type, response topic, correlation data: one
+# length-prefixed string each; a user property: two
+SUBSCRIPTION_ID = 0x0B
+
+
+def _sub_ids(buf: bytes, i: int, end: int) -> tuple[int, ...] | None:
+    """The Subscription Identifiers (property 0x0B, a variable byte integer, one per subscription the copy was
+    sent for) among the PUBLISH properties in buf[i:end], skipping the others by their types; None when one is
+    unknown, a subscription id is 0, or a property runs past `end`: paho reads that packet."""
+    if end - i == 2 and buf[i] == SUBSCRIPTION_ID and 0 < buf[i + 1] < 0x80:
+        return (buf[i + 1],)  # one id of one byte (a two-byte one, the usual, `_publish` reads itself)
+    return _all_sub_ids(buf, i, end)
+
+
+def _all_sub_ids(buf: bytes, i: int, end: int) -> tuple[int, ...] | None:
+    """`_sub_ids` for any list of properties: each read by its type."""
+    ids: list[int] = []
+    while i < end:
+        ident = buf[i]
+        i += 1
+        if ident == SUBSCRIPTION_ID:
+            v = _remaining(buf, i, end)
+            if v is None or not v[1]:
+                return None
+            i = v[0]
+            ids.append(v[1])
+        elif ident in _SKIP_FIXED:
+            i += _SKIP_FIXED[ident]
+        elif ident in _SKIP_STRINGS:
+            for _ in range(_SKIP_STRINGS[ident]):
+                if i + 2 > end:
+                    return None
+                i += 2 + (buf[i] << 8 | buf[i + 1])
+        else:
+            return None
+    return tuple(ids) if i == end else None
 
 
 def _remaining(buf: bytes, i: int, end: int) -> tuple[int, int] | None:

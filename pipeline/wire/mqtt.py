@@ -4,6 +4,13 @@ A stage polls its ZeroMQ sockets and its MQTT sockets together in one `zmq.Polle
 does everything: paho callbacks run inside `Hub.poll()` on the stage thread and may touch the stage's ZMQ
 sockets, and no message crosses a thread. A `Link` reconnects with backoff (1 s doubling to 5 s, so a broker
 back after an outage is in use within 5 s), re-subscribes on every connect, and sets TCP_NODELAY on its socket.
+
+With `protocol: auto` a Link tries MQTT 5 and steps down to 3.1.1 when a connect fails after the TCP connection
+was made: a CONNACK refusing the version (Mosquitto < 1.6 answers return code 1), a close before any CONNACK,
+or no CONNACK in time (amqtt reads the properties of an MQTT 5 CONNECT as its client id and waits for ever). A
+3.1.1 connect failing that way steps back up to 5, so a broker that is only unreachable is tried in both.
+The version of an accepted connection is kept for the reconnects; it is logged once per change, and
+`protocols` (stage snapshots, /rules) shows it. An embedded broker (amqtt) is spoken to in 3.1.1 only.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import logging
 import socket
 import ssl
 import time
+import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -19,6 +27,7 @@ import paho.mqtt.client as mqtt
 import zmq
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from pipeline.errors import ConfigError
 from pipeline.wire.fastpaho import Deliver, FastClient
@@ -36,6 +45,8 @@ TICK = 0.1
 SESSION_EXPIRY = 0xFFFFFFFF  # MQTT 5: a persistent session never expires, as clean_session=False does in 3.1.1
 MAX_PACKET = 268_435_460  # bytes: the largest MQTT packet (a remaining length of 268,435,455 + its header)
 REFUSED = "refusing the connection"  # state prefix after a failed CONNACK: /readyz shows the broker's reason
+UNSUPPORTED_VERSION = 0x84  # CONNACK reason; paho reports a 3.1.1 broker's return code 1 to an MQTT 5 client so
+SUB_IDS = 16_383  # subscription ids are 1..SUB_IDS: at most two bytes on the wire (see `subscription_id`)
 
 
 class Link:
@@ -46,7 +57,9 @@ class Link:
                  manual_ack: bool = False) -> None:
         self.name, self.broker = name, broker
         self.state = "disconnected"
-        self.subscriptions: dict[str, int] = {}
+        self.subscriptions: dict[str, int] = {}  # filter ($share/GROUP/ prefix included) -> QoS
+        self.sub_ids: dict[str, int] = {}  # filter -> its MQTT 5 Subscription Identifier
+        self._suback: dict[int, list[str]] = {}  # SUBSCRIBE packet id -> its filters, until their SUBACK
         self.connects = 0  # accepted connections
         self.malformed = 0  # connections closed because the broker sent a malformed packet
         # called on every CONNACK, before any message of the new connection is handled: packet ids of an
@@ -61,7 +74,11 @@ class Link:
         self.on_bad_topic: Callable[[bytes, bytes, int, int, bool], None] | None = None
         self.max_packet = min(MAX_PACKET, broker.max_packet_bytes or MAX_PACKET)  # MQTT 5: the broker says it too
         self._retry_at, self._backoff, self._since = 0.0, 1.0, 0.0
-        v5 = broker.protocol == "5"  # MQTT 5 has no clean_session: clean_start and a session expiry instead
+        self.auto = broker.protocol == "auto" and not broker.embedded  # may step between MQTT 5 and 3.1.1
+        self.protocol = first_version(broker)  # of the next connect: "5" or "3.1.1"
+        self.chosen: str | None = None  # the version of the last accepted connection
+        self._clean = clean_session
+        v5 = self.protocol == "5"  # MQTT 5 has no clean_session: clean_start and a session expiry instead
         c = self.client = FastClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                       clean_session=None if v5 else clean_session,
                                       protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
@@ -76,8 +93,8 @@ class Link:
         c.on_socket_open = _nodelay
         c.on_connect, c.on_disconnect, c.on_subscribe = self._on_connect, self._on_disconnect, self._on_subscribe
         c.on_message = self._on_message
-        c.connect_async(broker.host, broker.port, broker.keepalive,  # only records the target
-                        **(_session(clean_session) if v5 else {}))
+        # only records the target; the MQTT 5 session arguments are kept, and unused while speaking 3.1.1
+        c.connect_async(broker.host, broker.port, broker.keepalive, **_session(clean_session))
 
     @property
     def connected(self) -> bool:
@@ -90,6 +107,10 @@ class Link:
         if share:
             topic_filter = f"$share/{share}/{topic_filter}"
         self.subscriptions[topic_filter] = max(qos, self.subscriptions.get(topic_filter, 0))
+        taken: set[int] = set()
+        for f in sorted(self.subscriptions):  # in one order whatever the order of the rules
+            self.sub_ids[f] = subscription_id(f, taken)
+            taken.add(self.sub_ids[f])
 
     def fileno(self) -> int | None:
         sock = self.client.socket()
@@ -104,7 +125,7 @@ class Link:
                 self._connect(now)
             return
         if self.state == "connecting" and now - self._since > CONNECT_TIMEOUT + 2:
-            self._lost(now, self._before_connack(f"no CONNACK within {CONNECT_TIMEOUT + 2:g} s"))
+            self._no_connack(now, f"no CONNACK within {CONNECT_TIMEOUT + 2:g} s")
             return
         if self.client.loop_misc() != mqtt.MQTT_ERR_SUCCESS and self.state != "disconnected":
             self._lost(now, "keepalive")
@@ -161,16 +182,37 @@ class Link:
         self.state = "disconnected"
         self._retry_at, self._backoff = now + self._backoff, min(self._backoff * 2, MAX_BACKOFF)
 
-    def _before_connack(self, why: str) -> str:
-        """`why` with the likely causes of a connection that never got its CONNACK."""
+    def _no_connack(self, now: float, why: str) -> None:
+        """A connection that never got its CONNACK: lost, with its likely causes; with auto, the next connect
+        speaks the other version."""
+        if self.auto and self.protocol == "5":  # likely a broker that speaks only 3.1.1: no warning yet
+            self._switch(now, why)
+            return
         hints = ["a TLS port? then use mqtts://"] if self.broker.scheme == "mqtt" else []
         if self.broker.protocol == "5":  # amqtt, Mosquitto < 1.6: no answer, or a close, to an MQTT 5 CONNECT
             hints.append('a broker that speaks only MQTT 3.1.1? then set protocol: "3.1.1"')
-        return f"{why} ({'; '.join(hints)})" if hints else why
+        self._lost(now, f"{why} ({'; '.join(hints)})" if hints else why)
+        if self.auto:
+            self._switch(now, why)
+
+    def _switch(self, now: float, why: str) -> None:
+        """auto: the next connect speaks the other MQTT version: at once when stepping down to 3.1.1, after the
+        backoff when stepping back up (a broker that fails both is retried no faster than any other)."""
+        was, self.protocol = self.protocol, "3.1.1" if self.protocol == "5" else "5"
+        self.client.use_protocol(mqtt.MQTTv5 if self.protocol == "5" else mqtt.MQTTv311, self._clean)
+        log.info("broker %s: MQTT %s connect failed (%s); trying MQTT %s", self.name, was, why, self.protocol)
+        if self.protocol == "3.1.1":  # the backoff is left as it was: the 3.1.1 connect warns as any other would
+            self.state, self._retry_at = "disconnected", now
+        elif self.state != "disconnected":  # refused by CONNACK (a failed connect already took its backoff)
+            self.state, self._retry_at = "disconnected", now + self._backoff
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
 
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, props: object) -> None:
         said = getattr(props, "MaximumPacketSize", None)  # MQTT 5 CONNACK: the largest packet the broker takes
         self.max_packet = min(MAX_PACKET, self.broker.max_packet_bytes or MAX_PACKET, said or MAX_PACKET)
+        if rc.is_failure and self.auto and rc.value == UNSUPPORTED_VERSION:
+            self._switch(time.monotonic(), f"the broker refused it: {rc}")  # it closes the socket: nothing to do
+            return
         if rc.is_failure:
             log.error("broker %s refused the connection: %s", self.name, rc)
             self._lost(time.monotonic(), str(rc))
@@ -178,13 +220,37 @@ class Link:
             return
         self._backoff = 1.0
         self.connects += 1
-        log.info("connected to broker %s (%s:%s)", self.name, self.broker.host, self.broker.port)
+        log.info("connected to broker %s (%s:%s, MQTT %s)", self.name, self.broker.host, self.broker.port,
+                 self.protocol)
+        if self.auto and self.chosen != self.protocol:
+            log.info("broker %s: MQTT %s chosen (protocol: auto)", self.name, self.protocol)
+        self.chosen = self.protocol
         self.on_connected(self)
+        shared = [f for f in self.subscriptions if f.startswith("$share/")]
+        if shared and self.protocol != "5":
+            self.state = "subscription refused"
+            log.error("broker %s speaks only MQTT 3.1.1: not subscribing, %s needs MQTT 5", self.name, shared[0])
+            return
         if self.subscriptions:
             self.state = "subscribing"  # "connected" once the broker acknowledged every subscription
-            client.subscribe(list(self.subscriptions.items()))
+            self._subscribe(client)
         else:
             self._up()
+
+    def _subscribe(self, client: mqtt.Client) -> None:
+        """Every subscription: MQTT 3.1.1 in one SUBSCRIBE; MQTT 5 one SUBSCRIBE per filter, each with its
+        Subscription Identifier (a SUBSCRIBE carries one), so that each copy of a message says which
+        subscription it was sent for (a broker may send one copy per matching subscription)."""
+        self._suback.clear()
+        if self.protocol != "5":
+            _rc, mid = client.subscribe(list(self.subscriptions.items()))
+            self._suback[mid] = list(self.subscriptions)
+            return
+        for f, qos in self.subscriptions.items():
+            props = Properties(PacketTypes.SUBSCRIBE)
+            props.SubscriptionIdentifier = self.sub_ids[f]
+            _rc, mid = client.subscribe(f, options=SubscribeOptions(qos=qos), properties=props)
+            self._suback[mid] = [f]
 
     def _on_message(self, _c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
         """A PUBLISH paho read itself (split across reads, or not for the fast path): the same delivery. A topic
@@ -197,14 +263,20 @@ class Link:
                 self.on_bad_topic(bytes(m._topic), m.payload, m.qos, m.mid, m.dup)
             return
         if self.on_publish is not None:
-            self.on_publish(topic, m.payload, m.qos, m.mid, m.dup)
+            subs = getattr(m.properties, "SubscriptionIdentifier", None) or ()  # MQTT 5: a list (paho)
+            self.on_publish(topic, m.payload, m.qos, m.mid, m.dup, tuple(subs))
 
-    def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, codes: list[mqtt.ReasonCode], _p: object) -> None:
-        refused = [f for f, rc in zip(self.subscriptions, codes, strict=False) if rc.is_failure]
+    def _on_subscribe(self, _c: mqtt.Client, _u: object, mid: int, codes: list[mqtt.ReasonCode], _p: object) -> None:
+        filters = self._suback.pop(mid, None)
+        if filters is None or self.state != "subscribing":
+            return  # a SUBACK of an earlier connection, or after a refusal
+        refused = [f for f, rc in zip(filters, codes, strict=False) if rc.is_failure]
         if refused:
             self.state = "subscription refused"
             log.error("broker %s refused the subscription to %s", self.name, ", ".join(refused))
             return
+        if self._suback:
+            return  # more SUBACKs to come
         log.info("subscribed on broker %s to %s", self.name, ", ".join(self.subscriptions))
         self._up()
 
@@ -212,11 +284,10 @@ class Link:
         self.state = "connected"
 
     def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
-        why = str(rc)
         if self.state == "connecting":
-            why = self._before_connack(f"{why}: the broker closed the connection before CONNACK")
-        if self.state not in ("stopped", "disconnected"):
-            self._lost(time.monotonic(), why)
+            self._no_connack(time.monotonic(), f"{rc}: the broker closed the connection before CONNACK")
+        elif self.state not in ("stopped", "disconnected") and not self.state.startswith(REFUSED):
+            self._lost(time.monotonic(), str(rc))
 
 
 class Hub:
@@ -275,6 +346,23 @@ class Hub:
                 self.poller.register(fd, flags)
                 self._fds[fd] = link
         self._wanted = wanted
+
+
+def subscription_id(topic_filter: str, taken: set[int]) -> int:
+    """The Subscription Identifier of a filter: derived from the filter itself, so it is the same in every run
+    (a persistent session keeps queued copies with the ids they were sent for, and a restart with other rules
+    must not read them as another filter's); the next free one after `taken` when two filters of a link meet."""
+    sid = zlib.crc32(topic_filter.encode()) % SUB_IDS + 1
+    while sid in taken:
+        sid = sid % SUB_IDS + 1
+    return sid
+
+
+def first_version(broker: Broker) -> str:
+    """The MQTT version a Link speaks first: auto tries 5, except with the embedded broker (amqtt: 3.1.1 only)."""
+    if broker.protocol == "auto":
+        return "3.1.1" if broker.embedded else "5"
+    return broker.protocol
 
 
 def _nodelay(_client: mqtt.Client, _userdata: object, sock: socket.socket) -> None:

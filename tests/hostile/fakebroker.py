@@ -59,11 +59,13 @@ class FakeBroker:
     """Serves on 127.0.0.1 (a free port). Connection n, after its first SUBSCRIBE, gets the steps of
     `scripts[n]` (bytes are sent as they are; `Wait` waits for PUBACKs, a threading.Event until the test sets
     it). A QoS 1 PUBLISH it receives is
-    answered with PUBACK reason `puback_reason(n)`, n counting every QoS 1 PUBLISH from 0."""
+    answered with PUBACK reason `puback_reason(n)`, n counting every QoS 1 PUBLISH from 0. `speaks_5=False`:
+    an MQTT 5 CONNECT is refused as Mosquitto before 1.6 refuses it (CONNACK return code 1, then a close)."""
 
     def __init__(self, scripts: list[list[bytes | Wait | threading.Event]] | None = None,
-                 puback_reason: Callable[[int], int] = lambda _n: 0) -> None:
+                 puback_reason: Callable[[int], int] = lambda _n: 0, speaks_5: bool = True) -> None:
         self.scripts = scripts or []
+        self.speaks_5 = speaks_5
         self.puback_reason = puback_reason
         self.connections: list[Connection] = []
         self.qos1_received = 0
@@ -98,6 +100,10 @@ class FakeBroker:
             while self.running:
                 packet = _read_packet(sock)
                 if packet is None or packet[0] == 14:  # closed, or DISCONNECT
+                    return
+                if packet[0] == 1 and packet[2][6] == 5 and not self.speaks_5:
+                    conn.v5 = True
+                    sock.sendall(b"\x20\x02\x00\x01")  # unacceptable protocol version
                     return
                 self._answer(sock, conn, index, *packet)
         except OSError:

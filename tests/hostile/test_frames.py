@@ -111,7 +111,7 @@ def test_a_forged_confirm_releases_no_puback(broker, probe_factory, stack_factor
     try:
         up = stack_factory(CONFIG.replace("LOCAL", broker.url).replace("broker: local, topic: \"in",
                                                                        "broker: odd, topic: \"in")
-                           .replace("brokers:\n", f"brokers:\n  odd: {{url: {fake.url}}}\n"))
+                           .replace("brokers:\n", f"brokers:\n  odd: {{url: {fake.url}, protocol: \"3.1.1\"}}\n"))
         go.set()
         first = probe.wait_for(1, timeout=20)
         boot = orjson.loads(first[0][1])["message_id"].rsplit("-", 1)[0]

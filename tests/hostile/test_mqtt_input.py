@@ -13,7 +13,7 @@ from fakebroker import FakeBroker, Wait, publish
 
 CONFIG = """
 brokers:
-  odd: {url: FAKE}
+  odd: {url: FAKE, protocol: "3.1.1"}  # the scripts are 3.1.1 packets
   local: {url: LOCAL}
 models:
   probe: {path: MODELS/probe}

@@ -107,7 +107,7 @@ class Receiver:
             self.hub.poll(50)
             self.hub.flush()
 
-    def _got(self, topic: str, payload: bytes, qos: int, mid: int, _dup: bool) -> None:
+    def _got(self, topic: str, payload: bytes, qos: int, mid: int, _dup: bool, _subs: tuple[int, ...]) -> None:
         now = time.time()
         if qos:
             self.link.client.puback(mid)

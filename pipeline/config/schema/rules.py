@@ -39,10 +39,16 @@ class Sub(Strict):
 
     @model_validator(mode="after")
     def _share_needs_mqtt5(self, info: ValidationInfo) -> Sub:
+        """`auto` is allowed: the link refuses to subscribe, and says why, if the broker turns out to speak only
+        3.1.1. An explicit 3.1.1, or the embedded broker (3.1.1 only), is refused here."""
         protocol = ((info.context or {}).get("protocols") or {}).get(self.broker, "5")
-        if self.share is not None and protocol != "5":
+        if self.share is not None and protocol == "embedded":
             raise PydanticCustomError(
-                "share_protocol", "a shared subscription needs MQTT 5: set brokers.{broker}.protocol: \"5\"",
+                "share_protocol", "a shared subscription needs MQTT 5, and the embedded broker speaks only 3.1.1: "
+                "use a broker that speaks MQTT 5 (Mosquitto)", {"at": "share", "value": self.share})
+        if self.share is not None and protocol not in ("5", "auto"):
+            raise PydanticCustomError(
+                "share_protocol", "a shared subscription needs MQTT 5: set brokers.{broker}.protocol: \"5\" (or auto)",
                 {"at": "share", "broker": self.broker, "value": self.share})
         return self
 

@@ -29,7 +29,8 @@ class Broker(BrokerMixin, Strict):  # scheme, host, port, embedded
     username: str | None = None
     password: SecretStr | None = None
     keepalive: int = Field(30, ge=5, le=3600)
-    protocol: Literal["3.1.1", "5"] = "3.1.1"  # MQTT version; "5" for shared subscriptions (sub.share)
+    # MQTT version. auto: MQTT 5, or 3.1.1 when the broker refuses 5 (the embedded broker: 3.1.1 only)
+    protocol: Literal["auto", "3.1.1", "5"] = "auto"
     ca: Path | None = None  # mqtts: CA certificate(s) (PEM) the broker's certificate must chain to; default: system CAs
     cert: Path | None = None  # mqtts: client certificate (PEM), for brokers that authenticate clients by certificate
     key: Path | None = None  # mqtts: the client certificate's private key (PEM, unencrypted) when not in `cert`
@@ -90,9 +91,16 @@ class Broker(BrokerMixin, Strict):  # scheme, host, port, embedded
 
     @staticmethod
     def protocols(raw: Any) -> dict[str, str]:
-        """Broker name -> MQTT version, from the raw `brokers:` mapping (rules validate `sub.share` against it)."""
+        """Broker name -> MQTT version ("auto", "3.1.1", "5"; "embedded" for an embedded broker left on auto: it
+        speaks 3.1.1 only), from the raw `brokers:` mapping (rules validate `sub.share` against it)."""
         items = raw.items() if isinstance(raw, dict) else ()
-        return {str(n): str(b.get("protocol", "3.1.1")) for n, b in items if isinstance(b, dict)}
+        return {str(n): _protocol(b) for n, b in items if isinstance(b, dict)}
+
+
+def _protocol(raw: dict[str, Any]) -> str:
+    """One raw broker's MQTT version, as `Broker.protocols` tells it."""
+    protocol, url = str(raw.get("protocol", "auto")), str(raw.get("url", ""))
+    return "embedded" if protocol == "auto" and (url == "embedded" or url.startswith("embedded:")) else protocol
 
 
 class Model(ModelMixin, Strict):  # source, where

@@ -172,6 +172,7 @@ class Egress:
         self.expire_at = 0.0  # monotonic time of the next sweep of expired states
         g = self.stats.gauges
         g["brokers"] = lambda: {n: lk.state for n, lk in self.links.items()}
+        g["protocols"] = lambda: {n: lk.chosen for n, lk in self.links.items() if lk.chosen}
         g["outbox"] = self._outbox_levels
         if self.outbox.rows:
             log.info("outbox holds %d result(s) from an earlier run: publishing them first", self.outbox.rows)

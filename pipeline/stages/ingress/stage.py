@@ -46,19 +46,31 @@ RECENT_CONFIRMS = 10_000  # confirms remembered to tell a duplicate from a forge
 
 
 class Router:
-    """(broker, topic) -> indices of the rules it feeds, memoised (device topics repeat)."""
+    """(broker, topic, subscription ids) -> indices of the rules a copy of a message feeds, memoised (device
+    topics repeat).
 
-    def __init__(self, cfg: Config) -> None:
-        self._subs = [(i, r.sub.broker, r.sub.topic) for i, r in enumerate(cfg.rules)]
-        self._cache: dict[tuple[str, str], tuple[int, ...]] = {}
+    Over MQTT 3.1.1 a broker sends a client one copy of a message however many of its subscriptions match, and
+    that copy feeds every rule whose filter matches the topic. Over MQTT 5 it may send one copy per matching
+    subscription (Mosquitto 2 does), each carrying the Subscription Identifier of the subscription(s) it was
+    sent for: a copy then feeds only the rules of those subscriptions, so each rule gets each message once
+    and each copy is acked once its own rules confirmed it. A copy whose ids name no subscription of a rule
+    matching its topic feeds no rule: it was sent for a subscription an earlier configuration made, which the
+    persistent session keeps (ingress never unsubscribes), and the rules now matching get their own copies.
+    A copy without ids (MQTT 3.1.1; a subscription made before ids were used) feeds every matching rule."""
 
-    def __call__(self, broker: str, topic: str) -> tuple[int, ...]:
-        key = (broker, topic)
+    def __init__(self, cfg: Config, sub_ids: list[int]) -> None:
+        self._subs = [(i, r.sub.broker, r.sub.topic, sid) for (i, r), sid in zip(enumerate(cfg.rules), sub_ids,
+                                                                                   strict=True)]
+        self._cache: dict[tuple[str, str, tuple[int, ...]], tuple[int, ...]] = {}
+
+    def __call__(self, broker: str, topic: str, subs: tuple[int, ...] = ()) -> tuple[int, ...]:
+        key = (broker, topic, subs)
         hit = self._cache.get(key)
         if hit is None:
             if len(self._cache) > 100_000:
                 self._cache.clear()
-            hit = self._cache[key] = tuple(i for i, b, f in self._subs if b == broker and topics.matches(f, topic))
+            matching = [(i, sid) for i, b, f, sid in self._subs if b == broker and topics.matches(f, topic)]
+            hit = self._cache[key] = tuple(i for i, sid in matching if not subs or sid in subs)
         return hit
 
 
@@ -96,7 +108,8 @@ class Ingress:
         self.hub = Hub(list(self.links.values()))
         for s in (*self.routers, self.beats, self.confirms):
             self.hub.register(s)
-        self.route, self.boot, self.seq = Router(cfg), os.urandom(3).hex(), 0
+        sub_ids = [self.links[r.sub.broker].sub_ids[_filter(r)] for r in cfg.rules]
+        self.route, self.boot, self.seq = Router(cfg, sub_ids), os.urandom(3).hex(), 0
         self.letters_out: OrderedDict[tuple[str, str], Result] = OrderedDict()  # QoS 1 error records not confirmed
         self.confirmed: OrderedDict[tuple[str, str], None] = OrderedDict()  # the last RECENT_CONFIRMS accepted
         self._gauges()
@@ -111,6 +124,7 @@ class Ingress:
     def _gauges(self) -> None:
         g = self.stats.gauges
         g["brokers"] = lambda: {n: lk.state for n, lk in self.links.items()}
+        g["protocols"] = lambda: {n: lk.chosen for n, lk in self.links.items() if lk.chosen}
         g["depth"] = lambda: sum(q.depth for q in self.queues)
         g["rules"] = lambda: {q.rule.name: q.levels() for q in self.queues}
         g["unacked"] = lambda: {n: len(a) for n, a in self.acks.items()}
@@ -140,12 +154,14 @@ class Ingress:
             self.stats.counters["malformed_packets"] = malformed  # each closed a connection (see Link.read)
         self.stats.tick()
 
-    def _arrive(self, broker: str, topic: str, payload: bytes, qos: int, mid: int, dup: bool) -> None:
-        """One MQTT message, from inside hub.poll() on this thread (paho's on_message or the fast path)."""
+    def _arrive(self, broker: str, topic: str, payload: bytes, qos: int, mid: int, dup: bool,
+                subs: tuple[int, ...]) -> None:
+        """One MQTT message (one copy of it, over MQTT 5: see `Router`), from inside hub.poll() on this thread
+        (paho's on_message or the fast path)."""
         self.seq += 1
         msg_id, now = f"{self.boot}-{self.seq}", time.time()
         waiting: set[str] = set()
-        targets = self.route(broker, topic)
+        targets = self.route(broker, topic, subs)
         memo: list[Any] = []  # the payload decoded, once for every keyed rule that reads its key from it
         for i in targets:
             q = self.queues[i]
@@ -167,6 +183,8 @@ class Ingress:
             self.stats.count("redelivered")  # the broker sent it again: its result may be a duplicate
         if not targets:
             self.stats.count("unrouted")
+            if subs and self.route(broker, topic):
+                self.stats.count("stale_subscription")  # see Router
 
     def _offer_keyed(self, q: KeyedQueue, m: Message, memo: list[Any]) -> None:
         """Queue `m` behind its key's messages; without a key value (and no key_default), an error record: `no_key`,
@@ -331,6 +349,11 @@ def _links(cfg: Config, arrive: object) -> dict[str, Link]:
         if name not in links:
             link = links[name] = Link(name, cfg.brokers[name], f"{cfg.instance}-ingress-{name}",
                                       clean_session=False, manual_ack=True)
-            link.on_publish = lambda t, p, q, mid, dup, b=name: arrive(b, t, p, q, mid, dup)
+            link.on_publish = lambda t, p, q, mid, dup, subs, b=name: arrive(b, t, p, q, mid, dup, subs)
         links[name].subscribe(rule.sub.topic, rule.sub.qos, rule.sub.share)
     return links
+
+
+def _filter(rule: Rule) -> str:
+    """The filter of a rule's subscription as its link names it (shared: with the $share/GROUP/ prefix)."""
+    return f"$share/{rule.sub.share}/{rule.sub.topic}" if rule.sub.share else rule.sub.topic
