@@ -1,6 +1,6 @@
 """The egress stage: results from every worker -> MQTT, through the durable outbox.
 
-A result of a QoS 1 message is written to the outbox (one SQLite transaction per frame) and only then
+A result of a QoS 1 message is written to the outbox (one SQLite transaction for the frames waiting) and only then
 confirmed to ingress, which may then ack the input; the publisher hands outbox rows to paho oldest first
 (at most WINDOW unacknowledged per broker) and deletes each row on its PUBACK. Results of QoS 0 messages
 skip the outbox (at most once): published if the broker is connected, else dropped and counted. While the
@@ -266,13 +266,17 @@ class Egress:
         log.info("the outbox takes writes again: %d frame(s) of results stored", len(waiting))
 
     def _take_frames(self) -> None:
+        """Every frame waiting (up to 64), stored in one outbox transaction: one commit, one fsync, for all."""
+        stored = Stored()
         for frame in drain(self.pull, 64):
             try:
                 results, sender = frames.decode_from(frame, Result)
             except DecodeError as e:
                 self.stats.reject("bad_frames", f"results: {e}")
                 continue
-            self.take(results, sender)
+            self.take(results, sender, stored)
+        if stored.entries or stored.confirms:
+            self._store(stored)
 
     def _problem(self, r: Result) -> str | None:
         """Why a decoded result cannot be acted on at all (dropped and not confirmed), or None."""
@@ -320,11 +324,10 @@ class Egress:
             return None
         return r._replace(topic=topic)
 
-    def take(self, results: list[Result], sender: str = "") -> None:
-        """Store (QoS 1) or publish (QoS 0) the results of one frame, commit the states of a keyed rule's results,
-        then confirm the QoS 1 and keyed ones to ingress, naming `sender`, the worker that sent them, which ingress
-        checks against the one holding each."""
-        frame = Stored()
+    def take(self, results: list[Result], sender: str, frame: Stored) -> None:
+        """Publish the QoS 0 results of one frame and add the others to `frame`, which `_store` writes to the outbox
+        (QoS 1 rows, a keyed rule's states) before confirming them to ingress, naming `sender`, the worker that sent
+        them, which ingress checks against the one holding each."""
         for r in results:
             problem = self._problem(r)
             if problem is not None:
@@ -334,8 +337,6 @@ class Egress:
             self.stats.count("received." + r.rule)
             self.stats.observe("end_to_end." + r.rule, time.time() - r.received_at)
             frame.add(r, _keyed(r) if sender else None, self._output(r), sender)  # "": ingress's own error records
-        if frame.entries or frame.confirms:
-            self._store(frame)
 
     def _output(self, r: Result) -> tuple | None:
         """What to publish of a result: an outbox row (QoS 1 input), a publish to make now (QoS 0 input; `Stored`
