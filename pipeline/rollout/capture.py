@@ -94,7 +94,7 @@ def read(path: Path) -> tuple[dict[str, Any], Iterator[Record]]:
     unpacker = msgpack.Unpacker(f, read_size=READ_CHUNK, max_buffer_size=MAX_RECORD, raw=False, use_list=True,
                                 strict_map_key=True)
     try:
-        head = _check_header(path, _next(path, unpacker, size))
+        head = _check_header(path, _first(path, unpacker, size))
     except CaptureError:
         f.close()
         raise
@@ -114,7 +114,17 @@ def _next(path: Path, unpacker: msgpack.Unpacker, size: int) -> Any:
     except msgpack.BufferFull:
         raise CaptureError(f"{path}: the record at offset {offset} is over {MAX_RECORD} bytes") from None
     except (ValueError, TypeError, msgpack.UnpackException) as e:  # FormatError, StackError, ExtraData...
-        raise CaptureError(f"{path}: not a capture record at offset {offset}: {type(e).__name__}: {e}") from None
+        why = f"{type(e).__name__}: {e}" if str(e) else "not msgpack"
+        raise CaptureError(f"{path}: not a capture record at offset {offset}: {why}") from None
+
+
+def _first(path: Path, unpacker: msgpack.Unpacker, size: int) -> Any:
+    try:
+        return _next(path, unpacker, size)
+    except StopIteration:
+        raise CaptureError(f"{path}: not a capture file (offset 0: the file is empty)") from None
+    except CaptureError as e:
+        raise CaptureError(f"{path}: not a capture file (offset 0: {e.args[0].removeprefix(f'{path}: ')})") from None
 
 
 def _check_header(path: Path, head: Any) -> dict[str, Any]:
