@@ -15,7 +15,8 @@ import orjson
 import pytest
 from conftest import HERE, cli
 
-from pipeline.rollout import capture
+from pipeline.rollout import capture, taps
+from pipeline.stages.ingress import tap as tap_mod
 
 TOKEN = "tok-record-0123456789abcdef"
 STACK = """
@@ -227,3 +228,21 @@ def test_hostile_capture_files_are_refused_naming_file_and_offset(tmp_path):
         assert expected in done.stderr, (name, done.stderr)
     missing = cli("replay", str(tmp_path / "nothing.mpk"), "--model", str(HERE / "models" / "level_v1"))
     assert missing.returncode == 2 and "cannot read it" in missing.stderr
+
+
+def test_the_tap_keeps_what_fits_and_counts_the_rest(tmp_path):
+    """The ingress thread never waits for the tap's writer: past MAX_PENDING unwritten messages (or bytes) a message
+    is not kept and is counted as missed; so is one over a record's size. Then the writer catches up."""
+    request = taps.Request("levels", count=10**6)
+    tap = tap_mod.Tap(request, capture.Writer(tmp_path / "t.mpk", capture.header("levels", "level", "tap", "#")))
+    for i in range(tap_mod.MAX_PENDING + 5):
+        tap.keep("in/d/data", b"%d" % i, 1, 1.0)
+    tap.keep("in/d/data", b"x" * capture.MAX_RECORD, 1, 1.0)
+    assert (tap.kept, tap.missed) == (tap_mod.MAX_PENDING, 6)
+    assert tap.write() == "" and tap.written == tap_mod.MAX_PENDING
+    tap.keep("in/d/data", b"after", 1, 2.0)
+    tap.write()
+    tap.writer.finish()
+    records = capture.read_all(tmp_path / "t.mpk")[1]
+    assert len(records) == tap_mod.MAX_PENDING + 1 and records[-1].payload == b"after"
+
