@@ -246,3 +246,27 @@ def test_the_tap_keeps_what_fits_and_counts_the_rest(tmp_path):
     records = capture.read_all(tmp_path / "t.mpk")[1]
     assert len(records) == tap_mod.MAX_PENDING + 1 and records[-1].payload == b"after"
 
+
+
+def test_a_keyed_rule_is_replayed_with_each_keys_state(tmp_path):
+    """Each message of a key starts from the state the previous one of that key left, as in the stack; a message
+    without a key value gets its no_key record."""
+    from pipeline.config import load as config
+    from pipeline.rollout import replay as replay_mod
+
+    cfg_file = tmp_path / "p.yaml"
+    cfg_file.write_text(f"""
+brokers: {{local: {{url: "mqtt://127.0.0.1:1"}}}}
+models: {{count: {{path: {HERE / "models" / "keyed_count"}}}}}
+rules:
+  - {{name: counted, sub: {{broker: local, topic: "in/+/data"}}, model: count, pub: {{broker: local, topic: out}},
+     key: device}}
+""")
+    rule = config.load(cfg_file).rule("counted")
+    records = [capture.Record("in/x/data", orjson.dumps({"device": f"d{i % 3}"}), float(i), 1) for i in range(30)]
+    records.append(capture.Record("in/x/data", b"{}", 31.0, 1))
+    version = replay_mod.Version("count", HERE / "models" / "keyed_count", {}, "count")
+    out = replay_mod.Player(rule, version, None).play(records)
+    got = [orjson.loads(r.payload) for r in out.results]
+    assert got[:30] == [{"key": f"d{i % 3}", "n": i // 3 + 1} for i in range(30)]
+    assert got[30]["reason"] == "no_key"
