@@ -220,6 +220,8 @@ def test_hostile_capture_files_are_refused_naming_file_and_offset(tmp_path):
         "oversized": (head + msgpack.packb(["t", b"x" * (capture.MAX_RECORD + 10), 1.0, 1]),
                       f"the record at offset {len(head)} is over {capture.MAX_RECORD} bytes"),
         "after": (data + b"\xc1", f"not a capture record at offset {len(data)}"),
+        "name": (msgpack.packb(capture.header("../../etc", "level", "tap", "#")), "has no 'rule' name"),
+        "time": (head + msgpack.packb(["t", b"{}", float("inf"), 1]), f"not a capture record at offset {len(head)}"),
     }
     for name, (content, expected) in cases.items():
         done = hostile(tmp_path, name, content)

@@ -128,9 +128,10 @@ def _from_stack(config_file: str, request: Any, out: Path) -> dict[str, Any]:
         while doc.get("state") != "done" and time.monotonic() < deadline:
             time.sleep(0.25)
             doc = _call("GET", url, target)
-    finally:
-        if doc.get("state") != "done":
-            doc = _call("DELETE", url, target)
+    except KeyboardInterrupt:
+        pass  # stopped by hand: what was recorded is kept
+    if doc.get("state") != "done":
+        doc = _call("DELETE", url, target)
     if doc.get("reason", "").startswith("error") or not doc.get("path"):
         raise Refused(f"the recording failed: {doc.get('reason')}")
     shutil.move(doc["path"], out)

@@ -12,7 +12,9 @@ only when finished, so a capture at its final name is always whole.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -27,6 +29,7 @@ FORMAT = "pipeline-capture"
 VERSION = 1
 MAX_RECORD = 32 << 20  # bytes of one record, payload included; a larger one is refused when read, never written
 READ_CHUNK = 1 << 16
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # a rule's or model's name, as the config allows them
 
 
 class CaptureError(PipelineError):
@@ -134,8 +137,9 @@ def _check_header(path: Path, head: Any) -> dict[str, Any]:
         raise CaptureError(f"{path}: capture format version {head.get('version')!r:.40} at offset 0; this "
                            f"pipeline reads version {VERSION}")
     for field in ("rule", "model"):
-        if not isinstance(head.get(field), str):
-            raise CaptureError(f"{path}: the header at offset 0 has no '{field}' string")
+        if not isinstance(head.get(field), str) or not NAME.fullmatch(head[field]):
+            raise CaptureError(f"{path}: the header at offset 0 has no '{field}' name (1-63 letters, digits, "
+                               f"'_', '.' or '-')")
     return head
 
 
@@ -154,8 +158,10 @@ def _records(path: Path, f: IO[bytes], unpacker: msgpack.Unpacker, size: int) ->
 
 def _record(path: Path, offset: int, item: Any) -> Record:
     if not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], str) and isinstance(item[1], bytes)
-            and type(item[2]) in (int, float) and item[3] in (0, 1) and type(item[3]) is int):
-        raise CaptureError(f"{path}: not a capture record at offset {offset}: expected [topic, payload, time, qos]")
+            and type(item[2]) in (int, float) and math.isfinite(item[2]) and type(item[3]) is int
+            and item[3] in (0, 1)):
+        raise CaptureError(f"{path}: not a capture record at offset {offset}: expected [topic, payload, time, qos] "
+                           "(a string, bytes, a finite number, 0 or 1)")
     return Record(*item)
 
 

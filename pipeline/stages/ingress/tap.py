@@ -121,11 +121,14 @@ class Taps:
         try:
             while not self.stop.wait(WRITE_EVERY):
                 now = time.monotonic()
-                for i, tap in list(self.on.items()):
-                    self._write(i, tap, now)
-                if now >= next_poll:
-                    next_poll = now + POLL_EVERY
-                    self._poll()
+                try:
+                    for i, tap in list(self.on.items()):
+                        self._write(i, tap, now)
+                    if now >= next_poll:
+                        next_poll = now + POLL_EVERY
+                        self._poll()
+                except OSError as e:  # a status or request file (a full disk): the recording's bounds still hold
+                    log.warning("tap: %s", e)
         finally:
             for i, tap in list(self.on.items()):
                 self._end(i, tap, "ingress stopped")
@@ -187,8 +190,11 @@ class Taps:
         except OSError as e:
             tap.writer.discard()
             reason = f"error: {e.strerror or e}"
-        tap.report(self.run_dir, "done", reason)
-        taps.withdraw(self.run_dir, tap.request.rule, tap.request.id)
+        try:
+            tap.report(self.run_dir, "done", reason)
+            taps.withdraw(self.run_dir, tap.request.rule, tap.request.id)
+        except OSError as e:
+            log.warning("tap: the status of rule %s's recording: %s", tap.request.rule, e)
         log.info("recording of rule %s ended (%s): %d kept, %d missed", tap.request.rule, reason, tap.written,
                  tap.missed)
 
