@@ -32,7 +32,12 @@ if TYPE_CHECKING:
 
 
 class Refused(PipelineError):
-    """A recording the stack or the broker would not give; the message says why (exit 1)."""
+    """A recording the stack or the broker would not give; the message says why (exit 1). `status`: the control
+    API's HTTP status, 0 when it did not answer."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def add_commands(sub: Any) -> None:
@@ -109,8 +114,13 @@ def _call(method: str, url: str, target: Any) -> dict[str, Any]:
         with urllib.request.urlopen(req, timeout=15, context=target.context) as resp:
             return orjson.loads(resp.read())
     except urllib.error.HTTPError as e:
-        body = orjson.loads(e.read() or b"{}")
-        raise Refused(f"{method} {url}: {e.code} {body.get('title', '')}: {body.get('description', '')}") from None
+        try:
+            body = orjson.loads(e.read() or b"{}")
+        except orjson.JSONDecodeError:
+            body = {}
+        body = body if isinstance(body, dict) else {}
+        raise Refused(f"{method} {url}: {e.code} {body.get('title', '')}: {body.get('description', '')}",
+                      e.code) from None
     except OSError as e:
         raise Refused(f"{method} {url}: {e}: is the stack running? (else: --from-broker)") from None
 
@@ -123,11 +133,11 @@ def _from_stack(config_file: str, request: Any, out: Path) -> dict[str, Any]:
     target = status.target(None, config_file)
     url = f"{target.base}/rules/{request.rule}/record"
     doc = _call("POST", f"{url}?count={request.count}&bytes={request.bytes}&seconds={request.seconds:g}", target)
-    deadline = time.monotonic() + request.seconds
+    deadline, asked = time.monotonic() + request.seconds, doc["id"]
     try:
         while doc.get("state") != "done" and time.monotonic() < deadline:
             time.sleep(0.25)
-            doc = _call("GET", url, target)
+            doc = _status(url, target, asked)
     except KeyboardInterrupt:
         pass  # stopped by hand: what was recorded is kept
     if doc.get("state") != "done":
@@ -136,6 +146,17 @@ def _from_stack(config_file: str, request: Any, out: Path) -> dict[str, Any]:
         raise Refused(f"the recording failed: {doc.get('reason')}")
     shutil.move(doc["path"], out)
     return doc
+
+
+def _status(url: str, target: Any, asked: str) -> dict[str, Any]:
+    """The status of the recording `asked`; "asked" while ingress has not taken it yet."""
+    try:
+        doc = _call("GET", url, target)
+    except Refused as e:
+        if e.status != 404:
+            raise
+        doc = {}
+    return doc if doc.get("id") == asked else {"id": asked, "state": "asked"}
 
 
 def _from_broker(cfg: Config, rule: Rule, request: Any, out: Path) -> dict[str, Any]:
