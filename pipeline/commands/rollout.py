@@ -201,6 +201,9 @@ def _from_broker(cfg: Config, rule: Rule, request: Any, out: Path) -> dict[str, 
     finally:
         hub.flush()
         link.stop()
+    if not link.connects:
+        writer.discard()
+        raise Refused(f"broker {rule.sub.broker} ({cfg.brokers[rule.sub.broker].url}): never connected")
     writer.finish()
     got["bytes"] = writer.bytes
     return got
