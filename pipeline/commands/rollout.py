@@ -5,7 +5,8 @@ through one or two model versions, printing what their outputs differ in.
 what the rule received, after routing, and adds no client to the broker), or with `--from-broker` subscribes to
 the rule's filter itself. `replay` is `pipeline.rollout.replay` and `pipeline.rollout.diff`. Exit codes: 0, 1 (the
 difference passes --max-diff; a recording that could not be made), 2 (a bad capture file, config or argument),
-3 (a model that does not load).
+3 (a model that does not load). Only the standard library and orjson load with the parser; the rest when a
+command runs.
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,6 +107,9 @@ def _seconds(text: str | None) -> float:
 
 
 def _call(method: str, url: str, target: Any) -> dict[str, Any]:
+    import urllib.error
+    import urllib.request
+
     req = urllib.request.Request(url, method=method, headers=target.headers)
     try:
         with urllib.request.urlopen(req, timeout=15, context=target.context) as resp:
@@ -226,6 +227,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> dict[str, Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
     from pipeline.rollout import capture, diff, replay
 
     head, records = capture.read_all(Path(args.capture))
