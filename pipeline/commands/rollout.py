@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from pipeline.rollout.replay import Version
 
 
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
+
+
 class Refused(PipelineError):
     """A recording the stack or the broker would not give; the message says why (exit 1). `status`: the control
     API's HTTP status, 0 when it did not answer."""
@@ -222,6 +225,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except PipelineError as e:
         print(f"pipeline replay: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        return INTERRUPTED
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if args.json else diff.text(report))
     return errors.OK if report["passed"] else 1
 

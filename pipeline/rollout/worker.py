@@ -31,6 +31,7 @@ READY, FAILED, RESULTS, TIMEOUT = "ready", "failed", "results", "timeout"
 
 def serve(conn: Connection, rule: Rule, model: str, folder: Path, params: dict[str, Any]) -> None:
     """The process's life: load, say READY (or FAILED and why), then answer each frame until None."""
+    os.dup2(2, 1)  # what a model prints goes to stderr: stdout carries the report (--json)
     logging.basicConfig(level=logging.ERROR)  # a model's own warnings would drown the report
     try:
         loaded = loader.load(model, folder)
