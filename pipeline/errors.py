@@ -5,6 +5,7 @@
     ├── ModelLoadError            a model package cannot be found, imported or init  -> exit MODEL_LOAD_ERROR
     ├── StartupError              the environment refuses us (port taken, path long) -> exit STARTUP_ERROR
     ├── DecodeError               a ZMQ frame is not a valid envelope (a bug or a version mix)
+    ├── rollout.capture.CaptureError             a capture file is not one, or is cut   -> exit CONFIG_ERROR
     ├── models.codec.BadPayload, Unserialisable   an input is not JSON / a result cannot be published
     ├── supervision.rpc.SupervisorError           supervisord refused a call or did not answer
     ├── supervision.reload.ReloadError, Busy      a model reload failed / another one runs

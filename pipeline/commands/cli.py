@@ -136,13 +136,14 @@ def parser(stages_only: bool = False) -> ArgumentParser:
         "--listen", default="127.0.0.1:1883", help="HOST:PORT")
     if stages_only:
         return p
-    from pipeline.commands import bench, models, status, supervisord_conf
+    from pipeline.commands import bench, models, rollout, status, supervisord_conf
     from pipeline.wire import curve
 
     bench.add_commands(sub)  # loadgen, bench: their modules load when run
     status.add_commands(sub)  # status: rich loads only when it runs
     supervisord_conf.add_commands(sub)
     models.add_commands(sub)  # convert, models fetch
+    rollout.add_commands(sub)  # record, replay
     curve.add_commands(sub)  # keys
     return p
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import falcon
 
-from pipeline.control import admin, catalog, gate, state, views
+from pipeline.control import admin, catalog, gate, record, state, views
 from pipeline.control.http import send_json as _json
 from pipeline.telemetry.readiness import not_ready
 
@@ -89,6 +89,7 @@ def create_app(cfg: Config, source: Source, run_dir: Path | None = None) -> falc
     app.add_route("/models/{name}/reload", admin.Reload(cfg, source, run_dir))
     app.add_route("/rules", Document(cfg, source, catalog.rules))  # the rules as configured (no secret)
     app.add_route("/rules/{name}/state/{key:path}", state.KeyState(cfg))  # a key may hold "/"
+    app.add_route("/rules/{name}/record", record.Record(cfg, run_dir))  # ingress's tap (pipeline record)
     app.add_route("/metrics", Metrics(cfg, source))
     app.add_route("/", Dashboard())
     app.add_static_route("/static", str(STATIC))

@@ -133,6 +133,8 @@ SUPERVISOR_SOCKET = "supervisor.sock"
 RELOAD_LOCK = "reload.lock"
 FATAL = "fatal"  # <program>.txt: "<exit code>\n<reason>" left by a stage before a fatal exit
 RELOADS = "reloads"  # <model>.json: the last reload of each model
+TAPS = "taps"  # <rule>.json: a recording asked for (control writes it); <rule>.status.json: the tap's (ingress)
+CAPTURES = "captures"  # <rule>-<id>.mpk: what a tap recorded (pipeline.rollout.capture)
 
 
 def worker_program(rule: str) -> str:
@@ -177,3 +179,18 @@ def clear_fatal(run_dir: Path) -> None:
 def reload_record(run_dir: Path, model: str) -> Path:
     """The record of the last reload of `model`."""
     return run_dir / RELOADS / f"{model}.json"
+
+
+def tap_request(run_dir: Path, rule: str) -> Path:
+    """Where control asks ingress to record `rule` (present: record; removed: stop)."""
+    return run_dir / TAPS / f"{rule}.json"
+
+
+def tap_status(run_dir: Path, rule: str) -> Path:
+    """Where ingress says how the last recording of `rule` goes or ended."""
+    return run_dir / TAPS / f"{rule}.status.json"
+
+
+def capture_file(run_dir: Path, rule: str, request_id: str) -> Path:
+    """The capture a tap of `rule` writes for the request `request_id`."""
+    return run_dir / CAPTURES / f"{rule}-{request_id}.mpk"

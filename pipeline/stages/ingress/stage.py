@@ -26,6 +26,7 @@ from pipeline.stages.ingress.acks import AckWindow
 from pipeline.stages.ingress.dispatch import RuleQueue
 from pipeline.stages.ingress.keyed import KeyedQueue, StateReader
 from pipeline.stages.ingress.pace import ReadPace
+from pipeline.stages.ingress.tap import Taps
 from pipeline.telemetry.reporter import Reporter
 from pipeline.wire import frames
 from pipeline.wire.endpoints import Endpoints
@@ -112,6 +113,7 @@ class Ingress:
         self.route, self.boot, self.seq = Router(cfg, sub_ids), os.urandom(3).hex(), 0
         self.letters_out: OrderedDict[tuple[str, str], Result] = OrderedDict()  # QoS 1 error records not confirmed
         self.confirmed: OrderedDict[tuple[str, str], None] = OrderedDict()  # the last RECENT_CONFIRMS accepted
+        self.taps = Taps(eps.run_dir, [(r.name, r.model, _filter(r)) for r in cfg.rules]).start()
         self._gauges()
 
     def _queue(self, rule: Rule, sock: zmq.Socket) -> RuleQueue:
@@ -162,6 +164,8 @@ class Ingress:
         msg_id, now = f"{self.boot}-{self.seq}", time.time()
         waiting: set[str] = set()
         targets = self.route(broker, topic, subs)
+        if self.taps.on:  # a recording runs (see stages/ingress/tap.py)
+            self.taps.keep(targets, topic, payload, qos, now)
         memo: list[Any] = []  # the payload decoded, once for every keyed rule that reads its key from it
         for i in targets:
             q = self.queues[i]
@@ -331,6 +335,7 @@ class Ingress:
         self.stats.tick(force=True)
 
     def close(self) -> None:
+        self.taps.close()
         for link in self.links.values():
             link.stop()
         self.stats.close()
