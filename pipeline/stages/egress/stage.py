@@ -26,6 +26,7 @@ from pipeline.errors import DecodeError
 from pipeline.keyed import store
 from pipeline.models import codec
 from pipeline.stages.egress.outbox import STALE, Entry, Keyed, Outbox, Row
+from pipeline.stages.egress.trials import Trials
 from pipeline.telemetry.reporter import Reporter
 from pipeline.telemetry.schema import OutboxLevels
 from pipeline.wire import frames
@@ -170,6 +171,7 @@ class Egress:
         self.expire_after = {r.name: r.state.expire_after for r in cfg.rules if r.key is not None}
         self.state_limits = {r.name: int(r.state.max_bytes) for r in cfg.rules if r.key is not None}
         self.expire_at = 0.0  # monotonic time of the next sweep of expired states
+        self.trials = Trials(cfg, eps.run_dir, self.stats)
         g = self.stats.gauges
         g["brokers"] = lambda: {n: lk.state for n, lk in self.links.items()}
         g["protocols"] = lambda: {n: lk.chosen for n, lk in self.links.items() if lk.chosen}
@@ -195,6 +197,7 @@ class Egress:
         for p in self.publisher.values():
             p.pump()
         self.hub.flush()
+        self.trials.tick(time.monotonic())
         if self.expire_after and time.monotonic() >= self.expire_at and not self.unstored:
             self._expire_states()
         self.stats.tick()
@@ -324,7 +327,7 @@ class Egress:
         """Store (QoS 1) or publish (QoS 0) the results of one frame, commit the states of a keyed rule's results,
         then confirm the QoS 1 and keyed ones to ingress, naming `sender`, the worker that sent them, which ingress
         checks against the one holding each."""
-        frame = Stored()
+        frame, now = Stored(), time.monotonic()
         for r in results:
             problem = self._problem(r)
             if problem is not None:
@@ -333,6 +336,7 @@ class Egress:
             self.stats.count("received")
             self.stats.count("received." + r.rule)
             self.stats.observe("end_to_end." + r.rule, time.time() - r.received_at)
+            self.trials.see(r, now)
             frame.add(r, _keyed(r) if sender else None, self._output(r), sender)  # "": ingress's own error records
         if frame.entries or frame.confirms:
             self._store(frame)
