@@ -55,3 +55,39 @@ def test_a_shadow_never_reaches_the_live_topic_and_its_agreement_is_measured(bro
     assert trial["live"]["model"] == "live" and trial["candidate"]["model"] == "candidate"
     assert trial["candidate"]["results"] == n and trial["candidate"]["error_rate"] == 0
     assert trial["dropped"] == 0
+
+
+SLOW_SHADOW = """
+brokers:
+  local: {url: BROKER}
+models:
+  live: {path: MODELS/versioned}
+  candidate: {path: MODELS/versioned, params: {sleep: 0.05, fail_every: 3}}
+rules:
+  - name: scores
+    sub: {broker: local, topic: "in/+/data", qos: 1}
+    model: live
+    pub: {broker: local, topic: "out/{1}", qos: 1}
+    backlog: 10
+    shadow: {model: candidate}
+control: {listen: CONTROL}
+"""
+
+
+def test_a_slow_failing_shadow_drops_its_own_copies_and_never_holds_the_live_rule(broker, probe_factory,
+                                                                                   stack_factory):
+    n = 500
+    up = stack_factory(SLOW_SHADOW.replace("BROKER", broker.url))
+    live, shadow = probe_factory("out/#", "pipeline/errors/#"), probe_factory(f"{shadow_topic('scores')}/#")
+    feeder, t0 = probe_factory(), time.monotonic()
+    for seq in range(n):
+        feeder.publish(f"in/d{seq % 7}/data", {"seq": seq})
+    assert len(live.wait_for(n, 20)) == n
+    took = time.monotonic() - t0
+    assert took < n * 0.05 / 2, f"the live rule took {took:.1f}s: it waited for its shadow"
+    assert not live.received("pipeline/errors/")  # the candidate's failures are its own
+    trial = _trial(up, "shadow", lambda t: t["dropped"] + t["candidate"]["results"] == n, timeout=30)
+    assert trial["dropped"] > 0 and trial["dropped"] + trial["candidate"]["results"] == n
+    got = shadow.wait_for(trial["candidate"]["results"], 5)
+    errors = [t for t, _ in got if t.endswith("/errors")]
+    assert len(got) == trial["candidate"]["results"] and len(errors) == trial["candidate"]["errors"] > 0
