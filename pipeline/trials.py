@@ -77,11 +77,13 @@ class CanaryJudge:
     spec: Any
     seen: deque[tuple[float, float, bool]] = field(default_factory=lambda: deque(maxlen=MAX_WINDOW_RESULTS))
     started: float | None = None  # monotonic time of its first result
+    total: int = 0  # results since the first
     verdict: dict[str, Any] | None = None
 
     def add(self, now: float, latency: float, error: bool) -> None:
         if self.started is None:
             self.started = now
+        self.total += 1
         self.seen.append((now, latency, error))
 
     def figures(self, now: float) -> dict[str, Any]:
@@ -94,17 +96,18 @@ class CanaryJudge:
                 "p99_s": p99([lat for _, lat, _ in self.seen]) if n else None}
 
     def judge(self, now: float) -> dict[str, Any] | None:
-        """The verdict the window calls for now (kept once reached), or None while the canary goes on."""
+        """The verdict the window calls for now (kept once reached), or None while the canary goes on: rolled back
+        as soon as the last window holds MIN_RESULTS results or more and passes a limit; else, once a window has
+        passed since its first result and it had MIN_RESULTS results in all, what `then` says."""
         if self.verdict is not None or self.started is None:
             return None
         f = self.figures(now)
-        if f["results"] >= MIN_RESULTS:
-            reason = self._breach(f)
-            if reason is not None:
-                return self._decide(ROLLED_BACK, reason, f)
-            if now - self.started >= self.spec.window:
-                held = f"held for {self.spec.window:g}s"
-                return self._decide(PROMOTED if self.spec.then == "promote" else ENDED, held, f)
+        reason = self._breach(f) if f["results"] >= MIN_RESULTS else None
+        if reason is not None:
+            return self._decide(ROLLED_BACK, reason, f)
+        if now - self.started >= self.spec.window and self.total >= MIN_RESULTS:
+            held = f"held for {self.spec.window:g}s ({self.total} results)"
+            return self._decide(PROMOTED if self.spec.then == "promote" else ENDED, held, f)
         return None
 
     def _breach(self, f: dict[str, Any]) -> str | None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import orjson
+import paho.mqtt.client as mqtt
 
 from pipeline.config.schema.behaviour import shadow_topic
+from pipeline.trials import key_share
 
 SHADOW = """
 brokers:
@@ -91,3 +94,139 @@ def test_a_slow_failing_shadow_drops_its_own_copies_and_never_holds_the_live_rul
     got = shadow.wait_for(trial["candidate"]["results"], 5)
     errors = [t for t, _ in got if t.endswith("/errors")]
     assert len(got) == trial["candidate"]["results"] and len(errors) == trial["candidate"]["errors"] > 0
+
+
+CANARY = """
+brokers:
+  local: {url: BROKER}
+models:
+  live: {path: MODELS/versioned, params: {tag: live}}
+  candidate: {path: MODELS/versioned, params: {tag: candidate, fail_every: 5}}
+rules:
+  - name: scores
+    sub: {broker: local, topic: "in/+/data", qos: 1}
+    model: live
+    pub: {broker: local, topic: "out/{1}", qos: 1}
+    workers: 2
+    canary: {model: candidate, percent: 10, max_error_rate: 1%, window: 5s, then: promote}
+control: {listen: CONTROL}
+"""
+DEVICES = 199  # prime to 5: each device's seqs fail on the candidate one time in five
+
+
+def _publish(port: int, n: int, rate: float, topic_for) -> threading.Thread:
+    """Publish n QoS 1 messages {"seq": seq} evenly paced at `rate` msg/s, from a thread."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    c.max_inflight_messages_set(100)
+    c.max_queued_messages_set(0)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+
+    def body() -> None:
+        t0 = time.monotonic()
+        for seq in range(n):
+            delay = t0 + seq / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            c.publish(topic_for(seq), orjson.dumps({"seq": seq}), 1)
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.client = c
+    return t
+
+
+def _outcomes(probe) -> dict[int, list[str]]:
+    """seq -> the tags of its outputs (the version that answered) and "error" for each of its error records."""
+    out: dict[int, list[str]] = {}
+    for topic, payload in probe.received():
+        body = orjson.loads(payload)
+        if topic.startswith("pipeline/errors/"):
+            out.setdefault(orjson.loads(body["payload"])["seq"], []).append("error")
+        else:
+            out.setdefault(body["seq"], []).append(body["tag"])
+    return out
+
+
+def test_a_failing_canary_is_rolled_back_within_its_window_and_nothing_is_lost(broker, probe_factory,
+                                                                               stack_factory):
+    n, rate, window = 8000, 1000.0, 5.0
+    up = stack_factory(CANARY.replace("BROKER", broker.url))
+    out = probe_factory("out/#", "pipeline/errors/#")
+    t0 = time.time()
+    loader = _publish(broker.port, n, rate, lambda seq: f"in/d{seq % DEVICES}/data")
+    deadline = time.monotonic() + n / rate + 30
+    while len(_outcomes(out)) < n and time.monotonic() < deadline:
+        time.sleep(0.5)
+    loader.join(1)
+    loader.client.loop_stop()
+    outcomes = _outcomes(out)
+    assert sorted(outcomes) == list(range(n)), f"{n - len(outcomes)} lost"
+    twice = {seq: o for seq, o in outcomes.items() if len(o) != 1}
+    assert not twice, f"{len(twice)} with more than one output or error record, e.g. {list(twice.items())[:5]}"
+    trial = _trial(up, "canary", lambda t: t["state"] != "running")
+    assert trial["state"] == "rolled_back" and trial["serving_percent"] == 0 and trial["rollbacks"] == 1
+    assert "max_error_rate" in trial["reason"] and trial["decided_at"] - t0 <= window + 5
+    candidate_keys = {f"in/d{d}/data" for d in range(DEVICES) if key_share(f"in/d{d}/data") < 10}
+    served = {seq for seq, o in outcomes.items() if o[0] in ("candidate", "error")}
+    assert served and all(f"in/d{seq % DEVICES}/data" in candidate_keys for seq in served)
+    last = max(served)  # after the verdict (and ingress's next look at it) the live version serves every key
+    assert last < (trial["decided_at"] - t0 + 1.5) * rate, (last, trial["decided_at"] - t0)
+    assert all(o == ["live"] for seq, o in outcomes.items() if seq > last)
+
+
+SLOW_CANARY = """
+brokers:
+  local: {url: BROKER}
+models:
+  live: {path: MODELS/versioned, params: {tag: live}}
+  candidate: {path: MODELS/versioned, params: {tag: candidate, sleep: 0.05}}
+rules:
+  - name: scores
+    sub: {broker: local, topic: "in/+/data", qos: 1}
+    model: live
+    pub: {broker: local, topic: "out/{1}", qos: 1}
+    canary: {model: candidate, percent: 30, max_p99: 20ms, window: 10s}
+control: {listen: CONTROL}
+"""
+
+
+def test_a_slow_canary_is_rolled_back_and_what_waited_for_it_is_served_by_the_live_version(broker, probe_factory,
+                                                                                          stack_factory):
+    n, rate = 2000, 400.0
+    up = stack_factory(SLOW_CANARY.replace("BROKER", broker.url))
+    out = probe_factory("out/#", "pipeline/errors/#")
+    loader = _publish(broker.port, n, rate, lambda seq: f"in/d{seq % DEVICES}/data")
+    deadline = time.monotonic() + n / rate + 30
+    while len(_outcomes(out)) < n and time.monotonic() < deadline:
+        time.sleep(0.5)
+    loader.join(1)
+    loader.client.loop_stop()
+    outcomes = _outcomes(out)
+    assert sorted(outcomes) == list(range(n)), f"{n - len(outcomes)} lost"
+    assert all(len(o) == 1 and o != ["error"] for o in outcomes.values())
+    trial = _trial(up, "canary", lambda t: t["state"] != "running")
+    assert trial["state"] == "rolled_back" and "max_p99" in trial["reason"]
+    handed_back = up.get("/stages")[1]["stages"][0]["counters"].get("canary_handed_back.scores", 0)
+    assert handed_back > 0  # the candidate's backlog went to the live version
+    assert sum(o == ["candidate"] for o in outcomes.values()) == trial["candidate"]["results"]
+
+
+GOOD_CANARY = CANARY.replace("fail_every: 5", "differ_every: 1000000").replace("window: 5s", "window: 2s")
+
+
+def test_a_canary_that_holds_for_its_window_is_promoted_to_every_key(broker, probe_factory, stack_factory):
+    up = stack_factory(GOOD_CANARY.replace("BROKER", broker.url))
+    out = probe_factory("out/#")
+    feeder = probe_factory()
+    for seq in range(300):
+        feeder.publish(f"in/d{seq % DEVICES}/data", {"seq": seq})
+    trial = _trial(up, "canary", lambda t: t["state"] != "running", timeout=15)
+    assert trial["state"] == "promoted" and trial["serving_percent"] == 100
+    time.sleep(0.5)
+    for seq in range(300, 400):
+        feeder.publish(f"in/d{seq % DEVICES}/data", {"seq": seq})
+    out.wait_for(400, 10)
+    outcomes = _outcomes(out)
+    assert sorted(outcomes) == list(range(400))
+    assert all(outcomes[seq] == ["candidate"] for seq in range(300, 400))

@@ -26,7 +26,7 @@ from pipeline.wire.frames import Message
 
 log = logging.getLogger("pipeline.ingress.trials")  # a stable name for log filters, not the module path
 
-VERDICT_EVERY = 0.5  # seconds between two looks for a canary's verdict
+VERDICT_EVERY = 0.2  # seconds between two looks for a canary's verdict
 
 
 def shadow_copy(msg: Message, shadow: RuleQueue) -> Message:

@@ -11,7 +11,8 @@ def handler(event, context):
         time.sleep(params["sleep"])
     if params.get("fail_every") and seq % params["fail_every"] == 0:
         raise ValueError(f"asked to fail on every {params['fail_every']}th message (seq {seq})")
-    out = {"seq": seq, "value": 2 * seq + (1 if params.get("differ_every") and seq % params["differ_every"] == 0 else 0)}
+    differs = bool(params.get("differ_every")) and seq % params["differ_every"] == 0
+    out = {"seq": seq, "value": 2 * seq + differs}
     if "tag" in params:
         out["tag"] = params["tag"]
     return out
