@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from pipeline import topics
-from pipeline.config.schema.behaviour import SHADOW
+from pipeline.config.schema.behaviour import CANARY, SHADOW
 from pipeline.keyed import keys, store
 from pipeline.models import codec
 from pipeline.stages.ingress import feedback
@@ -121,11 +121,12 @@ class Ingress:
 
     def _trials(self, eps: Endpoints) -> None:
         """The shadow and canary queues of each rule that has them; the rule a message's ack waits for, per queue
-        (a canary's: the rule it tries a candidate for); the queues whose backlog paces MQTT reads (not shadows)."""
+        (a canary's: the rule it tries a candidate for; a shadow's own name, which no ack waits for: its confirms,
+        of a keyed shadow, release nothing); the queues whose backlog paces MQTT reads (not shadows)."""
         index = {q.rule.name: i for i, q in enumerate(self.queues)}
         self.shadows: dict[int, RuleQueue] = {}
         self.canaries: dict[int, CanaryRoute] = {}
-        self.ack_as = {q.rule.name: q.rule.trial_of or q.rule.name for q in self.queues}
+        self.ack_as = {q.rule.name: q.rule.trial_of if q.rule.trial == CANARY else q.rule.name for q in self.queues}
         for q in self.queues:
             live = index.get(q.rule.trial_of or "")
             if live is not None and q.rule.trial == SHADOW:
