@@ -230,3 +230,67 @@ def test_a_canary_that_holds_for_its_window_is_promoted_to_every_key(broker, pro
     outcomes = _outcomes(out)
     assert sorted(outcomes) == list(range(400))
     assert all(outcomes[seq] == ["candidate"] for seq in range(300, 400))
+
+
+READ_TRIALS = """JSON.stringify([...document.querySelectorAll('[data-trial]')].map(t => ({
+  trial: t.dataset.trial, state: t.dataset.state,
+  fields: Object.fromEntries([...t.querySelectorAll('[data-field]')].map(f => [f.dataset.field, f.textContent]))
+})))"""
+
+
+def test_the_dashboard_shows_a_rule_s_two_versions_side_by_side(broker, probe_factory, stack_factory, tmp_path):
+    from test_dashboard import Browser, wait_until
+
+    up = stack_factory(SHADOW.replace("BROKER", broker.url))
+    feeder = probe_factory()
+    for seq in range(40):
+        feeder.publish(f"in/d{seq % 7}/data", {"seq": seq})
+    browser = Browser(tmp_path / "chromium-profile")
+    try:
+        browser.call("Page.navigate", url=f"http://{up.control}/")
+
+        def shown() -> dict | None:
+            tables = {t["trial"]: t for t in orjson.loads(browser.evaluate(READ_TRIALS))}
+            t = tables.get("scores:shadow")
+            return t if t and t["fields"]["candidate.results"] == "40" else None
+
+        table = wait_until(shown, 30, "the shadow's versions on the page")
+        boxes = set(browser.boxes())
+    finally:
+        browser.close()
+    f = table["fields"]
+    assert (f["live.model"], f["candidate.model"], f["live.results"]) == ("live", "candidate", "40")
+    assert f["summary"].startswith("shadow: agreement 75.00 % of 40 compared")  # differ_every: 4
+    assert {"rule:scores", "rule:scores~shadow"} <= boxes
+
+
+KEYED_SHADOW = """
+brokers:
+  local: {url: BROKER}
+models:
+  live: {path: MODELS/counting}
+  candidate: {path: MODELS/counting}
+rules:
+  - name: counts
+    sub: {broker: local, topic: "in/+/data", qos: 1}
+    model: live
+    pub: {broker: local, topic: "out/{1}", qos: 1}
+    key: device
+    workers: 2
+    shadow: {model: candidate, workers: 2}
+control: {listen: CONTROL}
+"""
+
+
+def test_a_keyed_rule_s_shadow_keeps_states_of_its_own(broker, probe_factory, stack_factory):
+    n, devices = 150, 5
+    up = stack_factory(KEYED_SHADOW.replace("BROKER", broker.url))
+    live, shadow = probe_factory("out/#"), probe_factory(f"{shadow_topic('counts')}/#")
+    feeder = probe_factory()
+    for seq in range(n):
+        feeder.publish(f"in/d{seq % devices}/data", {"device": f"d{seq % devices}", "seq": seq})
+    assert len(live.wait_for(n, 20)) == n and len(shadow.wait_for(n, 20)) == n
+    trial = _trial(up, "shadow", lambda t: t["compared"] == n)
+    assert (trial["compared"], trial["agreed"], trial["dropped"]) == (n, n, 0)  # the same counts, key by key
+    for name in ("counts", "counts~shadow"):
+        assert up.get(f"/rules/{name}/state/d0")[1]["state"] == {"n": n // devices}
