@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -9,6 +10,7 @@ import orjson
 import paho.mqtt.client as mqtt
 
 from pipeline.config.schema.behaviour import shadow_topic
+from pipeline.stages.worker.stage import SHADOW_NICENESS
 from pipeline.trials import key_share
 
 SHADOW = """
@@ -58,6 +60,9 @@ def test_a_shadow_never_reaches_the_live_topic_and_its_agreement_is_measured(bro
     assert trial["live"]["model"] == "live" and trial["candidate"]["model"] == "candidate"
     assert trial["candidate"]["results"] == n and trial["candidate"]["error_rate"] == 0
     assert trial["dropped"] == 0
+    pids = {w["rule"]: w["pid"] for m in up.get("/models")[1]["models"] for w in m["workers"]}
+    nice = {rule: os.getpriority(os.PRIO_PROCESS, pid) for rule, pid in pids.items()}
+    assert nice["scores~shadow"] == min(19, nice["scores"] + SHADOW_NICENESS)  # the live version is scheduled first
 
 
 SLOW_SHADOW = """
