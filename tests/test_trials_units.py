@@ -10,6 +10,7 @@ import pytest
 from pipeline import trials
 from pipeline.stages.ingress.dispatch import RuleQueue
 from pipeline.stages.ingress.trials import CanaryRoute
+from pipeline.telemetry.readiness import not_ready
 from pipeline.telemetry.reporter import Reporter
 from pipeline.wire.frames import Message
 
@@ -96,3 +97,9 @@ def test_a_rolled_back_canary_hands_what_waits_for_it_to_the_live_queue(tmp_path
     assert [(m.id, m.rule) for m in live.pending] == [("b-1", "r"), ("b-2", "r"), ("b-0", "r")]
     assert [(m.id, m.rule, m.attempt) for m in live.retry] == [("b-3", "r", 2)]
     assert stats.counters["canary_handed_back.r"] == 3
+
+
+def test_a_shadow_that_is_down_does_not_make_the_stack_unready():
+    doc = {"stages": [{"name": "rule:r", "up": True}, {"name": "rule:r~shadow", "up": False, "trial": "shadow"},
+                      {"name": "rule:r~canary", "up": False, "trial": "canary"}]}
+    assert not_ready(doc) == ["rule:r~canary is down"]  # a canary serves live keys
