@@ -103,3 +103,27 @@ def test_a_shadow_that_is_down_does_not_make_the_stack_unready():
     doc = {"stages": [{"name": "rule:r", "up": True}, {"name": "rule:r~shadow", "up": False, "trial": "shadow"},
                       {"name": "rule:r~canary", "up": False, "trial": "canary"}]}
     assert not_ready(doc) == ["rule:r~canary is down"]  # a canary serves live keys
+
+
+def test_with_a_canary_too_the_shadow_is_compared_with_whichever_version_served(tmp_path):
+    from pipeline.config import load as config
+    from pipeline.stages.egress.trials import Trials
+    from pipeline.wire.frames import PUBLISH, Result
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "c.yaml").write_text(
+        "brokers: {local: {url: 'mqtt://127.0.0.1:1883'}}\nmodels: {a: {path: m}, b: {path: m}, c: {path: m}}\n"
+        "rules:\n  - {name: r, sub: {broker: local, topic: t}, model: a, pub: {broker: local, topic: o},\n"
+        "     shadow: {model: b}, canary: {model: c}}\n")
+    stats = Reporter(None, "egress")
+    egress = Trials(config.load(tmp_path / "c.yaml"), tmp_path, stats)
+
+    def result(msg_id: str, rule: str, payload: bytes) -> Result:
+        return Result(msg_id, rule, PUBLISH, "o", payload, "local", 0, 0, 0.0, 0.001)
+
+    for msg_id, served_by, live_out, shadow_out in (("1", "r", b"x", b"x"), ("2", "r~canary", b"y", b"y"),
+                                                    ("3", "r~canary", b"y", b"z")):
+        egress.see(result(msg_id, served_by, live_out), 1.0)
+        egress.see(result(msg_id, "r~shadow", shadow_out), 1.0)
+    assert (stats.counters["shadow_compared.r"], stats.counters["shadow_agreed.r"]) == (3, 2)
+    assert egress.judges["r~canary"].total == 2  # the canary's results are judged too

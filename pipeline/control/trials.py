@@ -46,12 +46,12 @@ def _canary(live: Rule, procs: list[Proc], run_dir: Path | None) -> dict[str, An
     verdict = verdicts.read_verdict(run_dir, live.name) if run_dir is not None else None
     egress = [p for p in procs if p["stage"] == "egress"]
     running = [p["canaries"][live.name] for p in egress if p["alive"] and live.name in (p.get("canaries") or {})]
-    state = verdict["state"] if verdict else "running"
+    state = verdict.get("state", "unknown") if verdict else "running"
     serving = {"running": spec.percent, verdicts.PROMOTED: 100.0}.get(state, 0.0)
     return {"percent": spec.percent, "serving_percent": serving, "state": state,
             "reason": verdict.get("reason") if verdict else None, "decided_at": verdict.get("at") if verdict else None,
             "window_s": spec.window, "max_error_rate": spec.max_error_rate, "max_p99_s": spec.max_p99,
-            "then": spec.then, "window": verdict["window"] if verdict else (running[-1] if running else None),
+            "then": spec.then, "window": verdict.get("window") if verdict else (running[-1] if running else None),
             "rollbacks": aggregation.total(egress, f"canary_{verdicts.ROLLED_BACK}.{live.name}")}
 
 

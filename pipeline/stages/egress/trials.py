@@ -36,7 +36,9 @@ class Trials:
     def __init__(self, cfg: Config, run_dir: Path, stats: Reporter) -> None:
         self.run_dir, self.stats = run_dir, stats
         self.shadow_of = {r.name: r.trial_of for r in cfg.rules if r.trial == SHADOW}  # shadow -> live rule
-        self.shadowed = set(self.shadow_of.values())
+        shadowed = set(self.shadow_of.values())  # a live result is the live rule's, or its canary's
+        self.live_of = {r.name: r.trial_of or r.name for r in cfg.rules
+                        if (r.trial_of or r.name) in shadowed and r.trial != SHADOW}
         self.judges = {r.name: trials.CanaryJudge(r.trial_of, cfg.rule(r.trial_of).canary)
                        for r in cfg.rules if r.trial == CANARY and trials.read_verdict(run_dir, r.trial_of) is None}
         self.agreement = trials.Agreement()
@@ -49,15 +51,16 @@ class Trials:
         judge = self.judges.get(r.rule)
         if judge is not None:
             judge.add(now, r.latency, r.kind == frames.ERROR)
-        live = self.shadow_of.get(r.rule)
-        if live is None and r.rule not in self.shadowed:
+        shadow = r.rule in self.shadow_of
+        live = self.shadow_of[r.rule] if shadow else self.live_of.get(r.rule)
+        if live is None:
             return
         output = (r.kind, r.payload if r.kind == frames.PUBLISH else b"")
-        agreed = self.agreement.match(live or r.rule, r.message_id, live is not None, output)
+        agreed = self.agreement.match(live, r.message_id, shadow, output)
         if agreed is not None:
-            self.stats.count(f"shadow_compared.{live or r.rule}")
+            self.stats.count(f"shadow_compared.{live}")
             if agreed:
-                self.stats.count(f"shadow_agreed.{live or r.rule}")
+                self.stats.count(f"shadow_agreed.{live}")
         for gone in self.agreement.overflow():
             self.stats.count(f"shadow_unmatched.{gone}")
 
