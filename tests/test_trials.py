@@ -54,7 +54,7 @@ def test_a_shadow_never_reaches_the_live_topic_and_its_agreement_is_measured(bro
     assert len(live.received()) == n and len(shadow.received()) == n
     assert all(t == shadow_topic("scores") for t, _ in shadow.received())
     differing = sum(1 for seq in range(n) if seq % 4 == 0)
-    trial = _trial(up, "shadow", lambda t: t["compared"] == n)
+    trial = _trial(up, "shadow", lambda t: t["compared"] == t["candidate"]["results"] == n)
     assert trial["compared"] == n and trial["agreed"] == n - differing
     assert trial["agreement_rate"] == (n - differing) / n
     assert trial["live"]["model"] == "live" and trial["candidate"]["model"] == "candidate"
@@ -210,11 +210,12 @@ def test_a_slow_canary_is_rolled_back_and_what_waited_for_it_is_served_by_the_li
     outcomes = _outcomes(out)
     assert sorted(outcomes) == list(range(n)), f"{n - len(outcomes)} lost"
     assert all(len(o) == 1 and o != ["error"] for o in outcomes.values())
-    trial = _trial(up, "canary", lambda t: t["state"] != "running")
+    served = sum(o == ["candidate"] for o in outcomes.values())
+    trial = _trial(up, "canary", lambda t: t["state"] != "running" and t["candidate"]["results"] == served)
     assert trial["state"] == "rolled_back" and "max_p99" in trial["reason"]
     handed_back = up.get("/stages")[1]["stages"][0]["counters"].get("canary_handed_back.scores", 0)
     assert handed_back > 0  # the candidate's backlog went to the live version
-    assert sum(o == ["candidate"] for o in outcomes.values()) == trial["candidate"]["results"]
+    assert served == trial["candidate"]["results"]  # each answered once: by the candidate, or by the live version
 
 
 GOOD_CANARY = CANARY.replace("fail_every: 5", "differ_every: 1000000").replace("window: 5s", "window: 2s")
@@ -257,7 +258,7 @@ def test_the_dashboard_shows_a_rule_s_two_versions_side_by_side(broker, probe_fa
         def shown() -> dict | None:
             tables = {t["trial"]: t for t in orjson.loads(browser.evaluate(READ_TRIALS))}
             t = tables.get("scores:shadow")
-            return t if t and t["fields"]["candidate.results"] == "40" else None
+            return t if t and t["fields"]["candidate.results"] == t["fields"]["live.results"] == "40" else None
 
         table = wait_until(shown, 30, "the shadow's versions on the page")
         boxes = set(browser.boxes())
