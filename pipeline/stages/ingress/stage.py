@@ -188,16 +188,18 @@ class Ingress:
         memo: list[Any] = []  # the payload decoded, once for every keyed rule that reads its key from it
         for i in targets:
             q = self.queues[i]
-            route = self.canaries.get(i)
-            serving = q if route is None else route.serving(topic, payload, memo)
-            m = Message(msg_id, serving.rule.name, broker, topic, payload, qos, mid, 1, now, dup=dup)
+            m = Message(msg_id, q.rule.name, broker, topic, payload, qos, mid, 1, now, dup=dup)
             if qos:
                 waiting.add(q.rule.name)
-            if len(payload) > q.rule.max_payload_bytes:
+            if len(payload) > q.rule.max_payload_bytes:  # the rule's error, never a candidate's
                 self.stats.count("oversize")
                 err = f"payload of {len(payload)} bytes is over max_payload_bytes ({q.rule.max_payload_bytes})"
                 self.letters_send(frames.error_result(m, q.error_topic(topic), "payload_too_large", err))
                 continue
+            route = self.canaries.get(i)
+            serving = q if route is None else route.serving(topic, payload, memo)
+            if serving is not q:
+                m = m._replace(rule=serving.rule.name)
             self._offer(serving, m, memo)
             if i in self.shadows:
                 self._offer(self.shadows[i], shadow_copy(m, self.shadows[i]), memo)
