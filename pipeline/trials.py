@@ -40,6 +40,11 @@ def key_share(key: str) -> float:
     return (zlib.crc32(key.encode("utf-8", "surrogatepass")) % SCALE) * 100.0 / SCALE
 
 
+def sampled(msg_id: str, percent: float) -> bool:
+    """Whether a shadow that gets `percent` of its rule's messages gets the message `msg_id`."""
+    return percent >= 100 or key_share(msg_id) < percent
+
+
 # -- verdicts --
 
 def run_id() -> str:

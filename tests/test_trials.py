@@ -65,6 +65,23 @@ def test_a_shadow_never_reaches_the_live_topic_and_its_agreement_is_measured(bro
     assert nice["scores~shadow"] == min(19, nice["scores"] + SHADOW_NICENESS)  # the live version is scheduled first
 
 
+def test_a_shadow_of_a_share_of_the_messages_is_compared_on_those_only(broker, probe_factory, stack_factory):
+    n = 300
+    up = stack_factory(SHADOW.replace("BROKER", broker.url).replace("{model: candidate}",
+                                                                    "{model: candidate, percent: 40}"))
+    live, shadow = probe_factory("out/#"), probe_factory(f"{shadow_topic('scores')}/#")
+    feeder = probe_factory()
+    for seq in range(n):
+        feeder.publish(f"in/d{seq % 7}/data", {"seq": seq})
+    assert len(live.wait_for(n, 20)) == n
+    time.sleep(1.0)
+    copies = [orjson.loads(p) for _, p in shadow.received()]
+    assert 0.25 * n < len(copies) < 0.55 * n
+    trial = _trial(up, "shadow", lambda t: t["compared"] == t["candidate"]["results"] == len(copies))
+    assert trial["compared"] == len(copies) and trial["unmatched"] == 0 and trial["percent"] == 40
+    assert trial["agreed"] == sum(1 for c in copies if c["value"] == 2 * c["seq"])
+
+
 SLOW_SHADOW = """
 brokers:
   local: {url: BROKER}

@@ -45,6 +45,8 @@ def test_defaults_and_companions(load):
             canary.workers) == (10.0, None, 0.01, None, 60.0, "rollback", 1)
     shadow, candidate = cfg.rules[1], cfg.rules[2]
     assert (shadow.trial, shadow.trial_of, shadow.model, shadow.workers) == ("shadow", "r1", "c", 1)
+    assert cfg.rules[0].shadow.percent == 100.0
+    assert load('    shadow: {model: c, percent: "25%"}\n').rules[0].shadow.percent == 25.0
     assert (shadow.pub.topic, shadow.pub.qos, shadow.error_topic) == ("pipeline/shadow/r1", 0,
                                                                        "pipeline/shadow/r1/errors")
     assert (candidate.trial, candidate.pub.topic, candidate.pub.qos) == ("canary", "out/{1}", 1)
@@ -95,6 +97,10 @@ def test_the_stages_read_the_companions_from_the_snapshot(load, tmp_path, monkey
     ("    key: '{1}'\n    canary: {model: c}\n",
      "rules[0].canary: a canary on a rule with key: is not supported: each key's state would be split between two "
      "versions (a shadow keeps states of its own) (got 'c')"),
+    ("    shadow: {model: c, percent: 0}\n", "rules[0].shadow.percent: Input should be greater than 0 (got 0)"),
+    ("    key: '{1}'\n    shadow: {model: c, percent: 50}\n",
+     "rules[0].shadow.percent: a keyed rule's shadow gets every message (its states follow each key's whole history): "
+     "leave shadow.percent out (got 50.0)"),
     ("    trial: shadow\n",
      "rules[0].trial: trial is set by the stack on a shadow's or canary's companion rule, not in a file"),
 ])

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import trials
 from pipeline.stages.ingress.dispatch import RuleQueue
-from pipeline.stages.ingress.trials import CanaryRoute
+from pipeline.stages.ingress.trials import CanaryRoute, ShadowFeed
 from pipeline.telemetry.readiness import not_ready
 from pipeline.telemetry.reporter import Reporter
 from pipeline.wire.frames import Message
@@ -127,3 +127,30 @@ def test_with_a_canary_too_the_shadow_is_compared_with_whichever_version_served(
         egress.see(result(msg_id, "r~shadow", shadow_out), 1.0)
     assert (stats.counters["shadow_compared.r"], stats.counters["shadow_agreed.r"]) == (3, 2)
     assert egress.judges["r~canary"].total == 2  # the canary's results are judged too
+
+
+@pytest.mark.parametrize("percent", [100.0, 30.0, 12.5])
+def test_a_shadow_gets_its_share_of_the_messages_and_egress_tells_which(percent):
+    queue = SimpleNamespace(rule=SimpleNamespace(name="r~shadow"))
+    feed = ShadowFeed(queue, percent)
+    copies = [feed.copy(_msg(i, "r")) for i in range(10_000)]
+    got = [c for c in copies if c is not None]
+    assert abs(len(got) - 100 * percent) <= 100 * percent * 0.1
+    assert all((c.rule, c.qos, c.mid, c.dup) == ("r~shadow", 0, 0, False) for c in got)
+    assert {c.id for c in got} == {f"b-{i}" for i in range(10_000) if trials.sampled(f"b-{i}", percent)}
+
+
+def test_egress_waits_for_a_shadow_s_result_only_for_the_messages_its_shadow_gets(tmp_path):
+    from pipeline.config import load as config
+    from pipeline.stages.egress.trials import Trials
+    from pipeline.wire.frames import PUBLISH, Result
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "c.yaml").write_text(
+        "brokers: {local: {url: 'mqtt://127.0.0.1:1883'}}\nmodels: {a: {path: m}, b: {path: m}}\n"
+        "rules:\n  - {name: r, sub: {broker: local, topic: t}, model: a, pub: {broker: local, topic: o},\n"
+        "     shadow: {model: b, percent: 40}}\n")
+    egress = Trials(config.load(tmp_path / "c.yaml"), tmp_path, Reporter(None, "egress"))
+    for i in range(1000):
+        egress.see(Result(f"b-{i}", "r", PUBLISH, "o", b"x", "local", 0, 0, 0.0, 0.001), 1.0)
+    assert {k[1] for k in egress.agreement.pending} == {f"b-{i}" for i in range(1000) if trials.sampled(f"b-{i}", 40)}

@@ -61,7 +61,9 @@ def _protocol(b: Broker) -> str:
 
 def _trial(live: Rule) -> dict[str, str]:
     """What `check` says of the companions of a rule's shadow and canary."""
-    said = {"shadow": f"shadow of {live.name}: a QoS 0 copy of each of its messages, never its topic"}
+    shown = "each of its messages" if live.shadow is None or live.shadow.percent >= 100 else \
+        f"{live.shadow.percent:g}% of its messages"
+    said = {"shadow": f"shadow of {live.name}: a QoS 0 copy of {shown}, never its topic"}
     c = live.canary
     if c is not None:
         p99 = f", max_p99 {c.max_p99 * 1000:g}ms" if c.max_p99 is not None else ""

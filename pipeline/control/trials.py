@@ -36,7 +36,8 @@ def _shadow(live: Rule, procs: list[Proc]) -> dict[str, Any]:
     ingress = [p for p in procs if p["stage"] == "ingress"]
     compared = aggregation.total(egress, f"shadow_compared.{live.name}")
     agreed = aggregation.total(egress, f"shadow_agreed.{live.name}")
-    return {"compared": compared, "agreed": agreed, "agreement_rate": agreed / compared if compared else None,
+    return {"percent": live.shadow.percent, "compared": compared, "agreed": agreed,
+            "agreement_rate": agreed / compared if compared else None,
             "unmatched": aggregation.total(egress, f"shadow_unmatched.{live.name}"),
             "dropped": aggregation.total(ingress, f"dropped.{live.name}~shadow")}
 

@@ -83,6 +83,7 @@ class Shadow(Strict):
 
     model: str
     workers: int = Field(1, ge=0, le=64)
+    percent: Percent = 100.0  # of the rule's messages copied to it, evenly spread (a keyed rule's shadow: all)
 
     _model = field_validator("model")(lambda cls, v, info: must_be_defined("models", v, info))
 
@@ -162,6 +163,10 @@ class Rule(RuleMixin, Strict):  # error_topic, trials()
                 raise PydanticCustomError("candidate", "the candidate must be another model than the rule's "
                                           "(model: {live})", {"at": f"{kind}.model", "live": self.model,
                                                               "value": spec.model})
+        if self.shadow is not None and self.key is not None and self.shadow.percent < 100:
+            raise PydanticCustomError("shadow_keyed", "a keyed rule's shadow gets every message (its states follow "
+                                      "each key's whole history): leave shadow.percent out",
+                                      {"at": "shadow.percent", "value": self.shadow.percent})
         if self.canary is not None:
             self._canary_key(self.canary)
         return self

@@ -39,6 +39,7 @@ class Trials:
         shadowed = set(self.shadow_of.values())  # a live result is the live rule's, or its canary's
         self.live_of = {r.name: r.trial_of or r.name for r in cfg.rules
                         if (r.trial_of or r.name) in shadowed and r.trial != SHADOW}
+        self.percent = {live: cfg.rule(live).shadow.percent for live in shadowed}  # messages its shadow gets
         self.judges = {r.name: trials.CanaryJudge(r.trial_of, cfg.rule(r.trial_of).canary)
                        for r in cfg.rules if r.trial == CANARY and trials.read_verdict(run_dir, r.trial_of) is None}
         self.agreement = trials.Agreement()
@@ -53,8 +54,8 @@ class Trials:
             judge.add(now, r.latency, r.kind == frames.ERROR)
         shadow = r.rule in self.shadow_of
         live = self.shadow_of[r.rule] if shadow else self.live_of.get(r.rule)
-        if live is None:
-            return
+        if live is None or not (shadow or trials.sampled(r.message_id, self.percent[live])):
+            return  # not a trial's, or a message its shadow does not get
         output = (r.kind, r.payload if r.kind == frames.PUBLISH else b"")
         agreed = self.agreement.match(live, r.message_id, shadow, output)
         if agreed is not None:

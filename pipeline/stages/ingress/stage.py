@@ -27,7 +27,7 @@ from pipeline.stages.ingress.acks import AckWindow
 from pipeline.stages.ingress.dispatch import RuleQueue
 from pipeline.stages.ingress.keyed import KeyedQueue, StateReader
 from pipeline.stages.ingress.pace import ReadPace
-from pipeline.stages.ingress.trials import CanaryRoute, shadow_copy
+from pipeline.stages.ingress.trials import CanaryRoute, ShadowFeed
 from pipeline.telemetry.reporter import Reporter
 from pipeline.wire import frames
 from pipeline.wire.endpoints import Endpoints
@@ -124,13 +124,13 @@ class Ingress:
         (a canary's: the rule it tries a candidate for; a shadow's own name, which no ack waits for: its confirms,
         of a keyed shadow, release nothing); the queues whose backlog paces MQTT reads (not shadows)."""
         index = {q.rule.name: i for i, q in enumerate(self.queues)}
-        self.shadows: dict[int, RuleQueue] = {}
+        self.shadows: dict[int, ShadowFeed] = {}
         self.canaries: dict[int, CanaryRoute] = {}
         self.ack_as = {q.rule.name: q.rule.trial_of if q.rule.trial == CANARY else q.rule.name for q in self.queues}
         for q in self.queues:
             live = index.get(q.rule.trial_of or "")
             if live is not None and q.rule.trial == SHADOW:
-                self.shadows[live] = q
+                self.shadows[live] = ShadowFeed(q, self.queues[live].rule.shadow.percent)
             elif live is not None:
                 self.canaries[live] = CanaryRoute(self.queues[live], q, eps.run_dir, self.stats)
         self.paced = [q for q in self.queues if q.rule.trial != SHADOW]
@@ -201,8 +201,9 @@ class Ingress:
             if serving is not q:
                 m = m._replace(rule=serving.rule.name)
             self._offer(serving, m, memo)
-            if i in self.shadows:
-                self._offer(self.shadows[i], shadow_copy(m, self.shadows[i]), memo)
+            copy = self.shadows[i].copy(m) if i in self.shadows else None
+            if copy is not None:
+                self._offer(self.shadows[i].queue, copy, memo)
         if qos:
             self.acks[broker].add(msg_id, mid, waiting)
         self.stats.count("received")

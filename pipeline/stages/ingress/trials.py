@@ -8,7 +8,7 @@ Invariants:
   its workers give back when they die) is moved to the live queue as it is, attempt kept; what its workers hold
   is answered by them (one result each, at QoS 1 confirmed once), so nothing is lost or published twice;
 - a shadow's copy is QoS 0 with no packet id: never tracked for an ack, dropped (counted) when its backlog is full,
-  never sent again.
+  never sent again; the shadow gets `shadow.percent` of the rule's messages (every one by default).
 """
 
 from __future__ import annotations
@@ -29,9 +29,19 @@ log = logging.getLogger("pipeline.ingress.trials")  # a stable name for log filt
 VERDICT_EVERY = 0.2  # seconds between two looks for a canary's verdict
 
 
-def shadow_copy(msg: Message, shadow: RuleQueue) -> Message:
-    """The copy of `msg` its rule's shadow gets: best effort, never acknowledged on the shadow's behalf."""
-    return msg._replace(rule=shadow.rule.name, qos=0, mid=0, dup=False)
+class ShadowFeed:
+    """A rule's shadow queue and the share of the rule's messages it gets (`shadow.percent`): the messages whose id
+    `trials.sampled` picks, which egress tells the same way."""
+
+    def __init__(self, queue: RuleQueue, percent: float) -> None:
+        self.queue, self.percent = queue, percent
+
+    def copy(self, msg: Message) -> Message | None:
+        """The copy of `msg` the shadow gets (best effort: QoS 0, never acknowledged on the shadow's behalf), or
+        None when this one is not sampled."""
+        if not trials.sampled(msg.id, self.percent):
+            return None
+        return msg._replace(rule=self.queue.rule.name, qos=0, mid=0, dup=False)
 
 
 class CanaryRoute:
