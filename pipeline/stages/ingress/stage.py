@@ -3,7 +3,9 @@
 One thread does everything (see `mqtt.Hub`): paho's on_message runs inside the poll loop and only queues
 the message in its rules' `RuleQueue`s. QoS 1 messages are acknowledged to the broker with manual acks,
 in arrival order, once egress confirms every rule's result is safe (`AckWindow`); the session is persistent
-(clean_session=False, a stable client id), so whatever was not acked comes again after any crash.
+(clean_session=False, a stable client id), so whatever was not acked comes again after any crash. A message of a
+rule with a canary waits for one confirm under the rule's name, whichever version serves it; a copy for a shadow is
+never waited for (see pipeline.stages.ingress.trials).
 """
 
 from __future__ import annotations
