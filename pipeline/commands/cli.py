@@ -20,7 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.stages import boot
 
 if TYPE_CHECKING:  # pipeline.config.load loads pydantic: only the commands that validate a file import it
-    from pipeline.config.load import Broker, Config
+    from pipeline.config.load import Broker, Config, Rule
 
 def cmd_broker(args: argparse.Namespace) -> int:
     """`pipeline broker`: the embedded MQTT broker, until SIGTERM."""
@@ -59,6 +59,20 @@ def _protocol(b: Broker) -> str:
     return "MQTT 3.1.1: the embedded broker" if b.embedded else "MQTT 5, or 3.1.1 if the broker refuses 5"
 
 
+def _trial(live: Rule) -> dict[str, str]:
+    """What `check` says of the companions of a rule's shadow and canary."""
+    shown = "each of its messages" if live.shadow is None or live.shadow.percent >= 100 else \
+        f"{live.shadow.percent:g}% of its messages"
+    said = {"shadow": f"shadow of {live.name}: a QoS 0 copy of {shown}, never its topic"}
+    c = live.canary
+    if c is not None:
+        p99 = f", max_p99 {c.max_p99 * 1000:g}ms" if c.max_p99 is not None else ""
+        said["canary"] = (f"canary of {live.name}: {c.percent:g}% of the keys ({' '.join(c.key or ['the topic'])}); "
+                          f"rolled back past max_error_rate {c.max_error_rate:.2%}{p99} over {c.window:g}s, "
+                          f"else then: {c.then}")
+    return said
+
+
 def summary(cfg: Config) -> str:
     """One screen: brokers, models, rules, and a warning when control is exposed. Never shows a password."""
     out = [f"{cfg.source}: OK (stack '{cfg.instance}', control on {cfg.control.listen})", "brokers:"]
@@ -72,6 +86,8 @@ def summary(cfg: Config) -> str:
         out.append(f"  {r.name:<16} {r.sub.broker}:{r.sub.topic} (qos {r.sub.qos}) -> {r.model} x{r.workers} "
                    f"-> {r.pub.broker}:{r.pub.topic} (qos {r.pub.qos}{', retain' if r.pub.retain else ''}); "
                    f"errors -> {r.error_topic}; timeout {r.timeout:g}s")
+        if r.trial is not None:
+            out.append(f"  {'':<16} {_trial(cfg.rule(r.trial_of))[r.trial]}")
     from pipeline.control.hosts import exposure
 
     out += [f"warning: {line}" for line in exposure(cfg.control)]

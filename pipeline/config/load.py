@@ -24,12 +24,24 @@ from pydantic_core import PydanticCustomError
 from pipeline.config import pyboot
 from pipeline.config.schema.behaviour import ConfigMixin
 from pipeline.config.schema.common import Name, Strict
-from pipeline.config.schema.rules import Control, ControlTls, Endpoints, Errors, Outbox, Pub, Rule, State, Sub
+from pipeline.config.schema.rules import (
+    Canary,
+    Control,
+    ControlTls,
+    Endpoints,
+    Errors,
+    Outbox,
+    Pub,
+    Rule,
+    Shadow,
+    State,
+    Sub,
+)
 from pipeline.config.schema.sources import Broker, Model, Packages
 from pipeline.errors import ConfigError
 
-__all__ = ["Broker", "Config", "Control", "ControlTls", "Endpoints", "Errors", "Loaded", "Model", "Outbox", "Packages",
-           "Pub", "Rule", "State", "Sub", "load", "load_file", "parse"]
+__all__ = ["Broker", "Canary", "Config", "Control", "ControlTls", "Endpoints", "Errors", "Loaded", "Model", "Outbox",
+           "Packages", "Pub", "Rule", "Shadow", "State", "Sub", "load", "load_file", "parse"]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -59,6 +71,8 @@ class Config(ConfigMixin, Strict):  # instance, default_run_dir(), rule(), with_
                     "duplicate", "duplicate rule name '{name}'", {"at": f"rules[{i}].name", "name": rule.name}
                 )
             seen.add(rule.name)
+        if not any(r.trial for r in self.rules):  # the companions of shadows and canaries, once
+            object.__setattr__(self, "rules", [*self.rules, *(t for r in self.rules for t in r.trials())])
         return self
 
 

@@ -131,6 +131,14 @@ class State(Value):
     """`rules[].state`, as `pipeline up` validated it."""
 
 
+class Shadow(Value):
+    """`rules[].shadow`, as `pipeline up` validated it."""
+
+
+class Canary(Value):
+    """`rules[].canary`, as `pipeline up` validated it."""
+
+
 class Control(Value):
     """`control`, as `pipeline up` validated it."""
 
@@ -171,8 +179,8 @@ class Config(ConfigMixin, Value):
     """The whole configuration, as `pipeline up` validated it."""
 
 
-_CLASSES = {c.__name__: c for c in (Sub, Pub, Errors, State, Control, ControlTls, Outbox, Endpoints, Remote, Rule,
-                                    Broker, Model, Packages, Config)}
+_CLASSES = {c.__name__: c for c in (Sub, Pub, Errors, State, Shadow, Canary, Control, ControlTls, Outbox, Endpoints,
+                                    Remote, Rule, Broker, Model, Packages, Config)}
 
 
 # -- the file --

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import falcon
 
-from pipeline.control import catalog
+from pipeline.control import catalog, trials
 from pipeline.control.http import send_json as _json
 from pipeline.telemetry.aggregation import Proc
 
@@ -55,7 +55,8 @@ def _workers(procs: list[Proc], name: str) -> list[dict[str, Any]]:
 
 def models(cfg: Config, procs: list[Proc], run_dir: Path | None) -> dict[str, Any]:
     """GET /models: catalog.models, plus the configured source (path or url, no credentials), the live
-    workers with the version each loaded, and the last reload's result (null when there was none)."""
+    workers with the version each loaded, the last reload's result (null when there was none), and `trials`: each
+    shadow and canary with its two versions side by side (pipeline.control.trials)."""
     from pipeline.supervision import (
         reload,  # here and in Reload: loaded on first use, like prometheus_client
     )
@@ -69,6 +70,7 @@ def models(cfg: Config, procs: list[Proc], run_dir: Path | None) -> dict[str, An
             entry["source"] = spec.where
         entry["workers"] = _workers(procs, entry["name"])
         entry["reload"] = reload.last(run_dir, entry["name"])
+    doc["trials"] = trials.trials(cfg, procs, run_dir)
     return doc
 
 

@@ -48,6 +48,9 @@ def rules(cfg: Config, procs: list[Proc]) -> dict[str, Any]:
             "timeout_s": r.timeout,
             "error_topic": r.error_topic,
             **_keyed(r),
+            "trial": r.trial, "trial_of": r.trial_of,  # a shadow's or canary's companion: its kind and rule
+            "shadow": r.shadow.model_dump() if r.shadow else None,
+            "canary": r.canary.model_dump() if r.canary else None,
         })
     return {"rules": out, "brokers": {n: _broker(n, b, procs) for n, b in cfg.brokers.items()}}
 

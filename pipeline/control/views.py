@@ -97,6 +97,8 @@ def _rule(rule: Rule, g: Groups) -> dict[str, Any]:
     alive = sum(bool(p["alive"]) for p in ws)
     return {
         "name": f"rule:{name}",
+        "trial": rule.trial,  # a shadow's or canary's companion: its kind and the rule it tries a candidate for
+        "trial_of": rule.trial_of,
         "up": alive > 0,
         "workers": rule.workers,
         "workers_alive": alive,

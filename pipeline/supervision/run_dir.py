@@ -135,6 +135,7 @@ FATAL = "fatal"  # <program>.txt: "<exit code>\n<reason>" left by a stage before
 RELOADS = "reloads"  # <model>.json: the last reload of each model
 TAPS = "taps"  # <rule>.json: a recording asked for (control writes it); <rule>.status.json: the tap's (ingress)
 CAPTURES = "captures"  # <rule>-<id>.mpk: what a tap recorded (pipeline.rollout.capture)
+CANARIES = "canaries"  # <rule>.json: the verdict on a rule's canary in this run (pipeline.trials)
 
 
 def worker_program(rule: str) -> str:
@@ -174,6 +175,11 @@ def clear_fatal(run_dir: Path) -> None:
     """Remove the reasons a previous run left."""
     for old in private_folder(run_dir / FATAL).iterdir():
         old.unlink()
+
+
+def canary_verdict(run_dir: Path, rule: str) -> Path:
+    """The verdict on the canary of `rule` (rolled back, promoted, ended), once egress reached one."""
+    return run_dir / CANARIES / f"{rule}.json"
 
 
 def reload_record(run_dir: Path, model: str) -> Path:

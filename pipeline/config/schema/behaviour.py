@@ -79,14 +79,46 @@ class PackagesMixin:
         return Limits(**self.model_dump())  # type: ignore[attr-defined]
 
 
+SHADOW_TOPICS = "pipeline/shadow"  # a shadow's results go to SHADOW_TOPICS/<rule>, its error records below it
+SHADOW, CANARY = "shadow", "canary"  # the kinds of trial: a rule's companion that runs a candidate model
+
+
+def trial_name(rule: str, kind: str) -> str:
+    """The name of a rule's companion (`<rule>~shadow`, `<rule>~canary`): "~" is in no rule name of a file."""
+    return f"{rule}~{kind}"
+
+
+def shadow_topic(rule: str) -> str:
+    """Where the shadow of the rule `rule` publishes its results (never the rule's own topic)."""
+    return f"{SHADOW_TOPICS}/{rule}"
+
+
 class RuleMixin:
-    """What a rule's fields tell: its error topic."""
+    """What a rule's fields tell: its error topic, and the companions its shadow and canary run as."""
 
     __slots__ = ()
 
     @property
     def error_topic(self) -> str:
         return self.errors.topic or f"pipeline/errors/{self.name}"
+
+    def trials(self) -> list[Any]:
+        """The companion rules of this rule's `shadow` and `canary`: the same subscription and limits, the candidate
+        model on workers of their own. A shadow publishes at QoS 0 on `shadow_topic(name)` (error records below
+        it); a canary publishes where the rule does."""
+        made, common = [], {"shadow": None, "canary": None, "trial_of": self.name}
+        if self.shadow is not None:
+            topic = shadow_topic(self.name)
+            made.append(self.model_copy(update={  # type: ignore[attr-defined]
+                **common, "name": trial_name(self.name, SHADOW), "trial": SHADOW, "model": self.shadow.model,
+                "workers": self.shadow.workers, "overflow": "drop_new",
+                "pub": self.pub.model_copy(update={"topic": topic, "qos": 0, "retain": False}),
+                "errors": self.errors.model_copy(update={"topic": f"{topic}/errors"})}))
+        if self.canary is not None:
+            made.append(self.model_copy(update={  # type: ignore[attr-defined]
+                **common, "name": trial_name(self.name, CANARY), "trial": CANARY, "model": self.canary.model,
+                "workers": self.canary.workers, "errors": self.errors.model_copy(update={"topic": self.error_topic})}))
+        return made
 
 
 class ConfigMixin:
@@ -122,6 +154,10 @@ class ConfigMixin:
         """This config with some rules' worker counts overridden (`--workers RULE=N`)."""
         rules = [r.model_copy(update={"workers": workers[r.name]}) if r.name in workers else r for r in self.rules]
         return self.model_copy(update={"rules": rules})  # type: ignore[attr-defined]
+
+    def live_rules(self) -> list[Any]:
+        """The rules of the file, without the companions their shadows and canaries run as."""
+        return [r for r in self.rules if r.trial is None]
 
     def rule_index(self, name: str) -> int:
         return self.rules.index(self.rule(name))

@@ -27,7 +27,29 @@ def duration(value: Any) -> Any:
     return value
 
 
+def share(value: Any) -> Any:
+    """'1%', '0.5 %' or a plain fraction such as 0.01 -> float fraction (0.01)."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", value)
+        if not m:
+            raise ValueError("expected a share such as 1% or 0.01")
+        return float(m.group(1)) / 100.0
+    return value
+
+
+def percent(value: Any) -> Any:
+    """'10%' or a plain number of percent such as 10 -> float percent (10.0)."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%?\s*", value)
+        if not m:
+            raise ValueError("expected a percentage such as 10 or 10%")
+        return float(m.group(1))
+    return value
+
+
 Seconds = Annotated[float, BeforeValidator(duration), Field(gt=0)]
+Share = Annotated[float, BeforeValidator(share), Field(ge=0, le=1)]  # of results, e.g. an error rate
+Percent = Annotated[float, BeforeValidator(percent), Field(gt=0, le=100)]
 Name = Annotated[str, Field(pattern=_NAME)]
 
 

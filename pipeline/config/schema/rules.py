@@ -19,8 +19,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipeline import topics
-from pipeline.config.schema.behaviour import RuleMixin
-from pipeline.config.schema.common import Name, Seconds, Strict, must_be_defined
+from pipeline.config.schema.behaviour import CANARY, SHADOW, RuleMixin
+from pipeline.config.schema.common import Name, Percent, Seconds, Share, Strict, must_be_defined
 from pipeline.control.hosts import name_problem, normal
 from pipeline.keyed import keys
 from pipeline.models.filters import filter_problems
@@ -77,7 +77,50 @@ class State(Strict):
     expire_after: Seconds = 7 * 86400.0  # a key's state not written for this long counts as empty (and is deleted)
 
 
-class Rule(RuleMixin, Strict):  # error_topic
+class Shadow(Strict):
+    """`rules[].shadow`: a candidate model that gets every message the rule gets, best effort; its results go to
+    pipeline/shadow/<rule> only."""
+
+    model: str
+    workers: int = Field(1, ge=0, le=64)
+    percent: Percent = 100.0  # of the rule's messages copied to it, evenly spread (a keyed rule's shadow: all)
+
+    _model = field_validator("model")(lambda cls, v, info: must_be_defined("models", v, info))
+
+
+class Canary(Strict):
+    """`rules[].canary`: a candidate model that serves `percent` of the keys on the rule's own topic, rolled back
+    when it passes a limit over `window`; once it held for a window, `then` says what follows."""
+
+    model: str
+    percent: Percent = 10.0  # of the keys (a hash of the key: a key always sees the same version)
+    key: list[str] | None = None  # what a key is (as a rule's key:); default: the input topic
+    max_error_rate: Share = 0.01  # error records among the candidate's results over the window
+    max_p99: Seconds | None = None  # the candidate's model call p99 over the window; default: no latency limit
+    window: Seconds = 60.0
+    then: Literal["promote", "rollback"] = "rollback"  # once it held for a window: serve every key, or end it
+    workers: int = Field(1, ge=0, le=64)
+
+    _model = field_validator("model")(lambda cls, v, info: must_be_defined("models", v, info))
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key(cls, v: Any) -> Any:
+        return _parsed_key(v)
+
+
+def _parsed_key(v: Any) -> Any:
+    """A key: as written (one part or a list of them), as a list; PydanticCustomError naming the bad part."""
+    if v is None:
+        return v
+    try:
+        keys.parse(v)
+    except ValueError as e:
+        raise PydanticCustomError("key", "{msg}", {"msg": str(e), "value": v}) from None
+    return [v] if isinstance(v, str) else v
+
+
+class Rule(RuleMixin, Strict):  # error_topic, trials()
     """One of `rules`: subscription, model, publication, workers and limits of one flow."""
 
     name: Name
@@ -97,19 +140,48 @@ class Rule(RuleMixin, Strict):  # error_topic
     key: list[str] | None = None  # see pipeline.keyed.keys: messages with one key value are called in order
     key_default: str | None = Field(None, min_length=1, max_length=keys.MAX_KEY)  # for messages without a key value
     state: State = State()
+    shadow: Shadow | None = None  # a candidate model beside this one, on a copy of every message (best effort)
+    canary: Canary | None = None  # a candidate model serving a share of the keys, rolled back past its limits
+    trial: Literal["shadow", "canary"] | None = None  # set on the companion a shadow or canary runs as, never in a file
+    trial_of: str | None = None  # that companion's rule
 
     _model = field_validator("model")(lambda cls, v, info: must_be_defined("models", v, info))
 
     @field_validator("key", mode="before")
     @classmethod
     def _key(cls, v: Any) -> Any:
-        if v is None:
-            return v
-        try:
-            keys.parse(v)
-        except ValueError as e:
-            raise PydanticCustomError("key", "{msg}", {"msg": str(e), "value": v}) from None
-        return [v] if isinstance(v, str) else v
+        return _parsed_key(v)
+
+    @model_validator(mode="after")
+    def _trials(self) -> Rule:
+        for given in ("trial", "trial_of"):
+            if given in self.model_fields_set:
+                raise PydanticCustomError("trial", "{at} is set by the stack on a shadow's or canary's companion "
+                                          "rule, not in a file", {"at": given})
+        for kind, spec in ((SHADOW, self.shadow), (CANARY, self.canary)):
+            if spec is not None and spec.model == self.model:
+                raise PydanticCustomError("candidate", "the candidate must be another model than the rule's "
+                                          "(model: {live})", {"at": f"{kind}.model", "live": self.model,
+                                                              "value": spec.model})
+        if self.shadow is not None and self.key is not None and self.shadow.percent < 100:
+            raise PydanticCustomError("shadow_keyed", "a keyed rule's shadow gets every message (its states follow "
+                                      "each key's whole history): leave shadow.percent out",
+                                      {"at": "shadow.percent", "value": self.shadow.percent})
+        if self.canary is not None:
+            self._canary_key(self.canary)
+        return self
+
+    def _canary_key(self, canary: Canary) -> None:
+        if self.key is not None:
+            raise PydanticCustomError("canary_keyed", "a canary on a rule with key: is not supported: each key's "
+                                      "state would be split between two versions (a shadow keeps states of its own)",
+                                      {"at": "canary", "value": canary.model})
+        if canary.key is not None:
+            try:
+                keys.check_levels(keys.parse(canary.key), self.sub.topic)
+            except ValueError as e:
+                raise PydanticCustomError("key", "{msg}", {"at": "canary.key", "msg": str(e),
+                                                           "value": canary.key}) from None
 
     @model_validator(mode="after")
     def _keyed(self) -> Rule:

@@ -1,4 +1,6 @@
-// Live dashboard: polls ./stages every second and draws ingress -> rules -> egress.
+// Live dashboard: polls ./stages every second and draws ingress -> rules -> egress; while a rule runs a shadow or
+// a canary (a stage with `trial`), it also reads ./models and shows the rule's two versions side by side, each
+// trial in a table with data-trial="<rule>:<kind>" and its figures in data-field="<version>.<figure>" cells.
 // With control.protect_reads the first read answers 403 "token required": the page asks for the token once,
 // keeps it in sessionStorage and sends it as "Authorization: Bearer" with every read; polling waits meanwhile.
 // Plain DOM, no dependencies. Every number sits in an element with data-field, inside a box with
@@ -154,6 +156,69 @@ function render(doc) {
   drawWires();
 }
 
+const VERSION_ROWS = [
+  ["model", "model", v => v.model],
+  ["workers", "workers alive", v => fmt(v.workers_alive)],
+  ["rate_per_s", "msg/s", v => fmt(v.rate_per_s, 1)],
+  ["results", "results", v => fmt(v.results)],
+  ["error_rate", "error rate", v => pct(v.error_rate)],
+  ["p50", "p50 ms", v => fmt(v.latency_ms.p50, 2)],
+  ["p99", "p99 ms", v => fmt(v.latency_ms.p99, 2)],
+];
+
+function pct(share) {
+  return share === null || share === undefined ? "\u2013" : `${(share * 100).toFixed(2)} %`;
+}
+
+function trialSummary(trial) {
+  // what is particular to the kind: a shadow's agreement, a canary's state
+  if (trial.kind === "shadow") {
+    return `shadow: agreement ${pct(trial.agreement_rate)} of ${fmt(trial.compared)} compared \u00b7 ` +
+      `dropped ${fmt(trial.dropped)}`;
+  }
+  const reason = trial.reason ? ` (${trial.reason})` : "";
+  return `canary: ${trial.state.replace("_", " ")}, serving ${fmt(trial.serving_percent, 1)} % of the keys` +
+    `${reason} \u00b7 rollbacks ${fmt(trial.rollbacks)}`;
+}
+
+function trialTable(trial) {
+  const table = el("table", "versions");
+  table.dataset.trial = `${trial.rule}:${trial.kind}`;
+  table.dataset.state = trial.state || "running";
+  const caption = el("caption", "", trialSummary(trial));
+  caption.dataset.field = "summary";
+  const head = el("tr");
+  head.append(el("th", "", trial.rule), el("th", "", "live"), el("th", "", trial.kind));
+  table.append(caption, head);
+  for (const [field, label, show] of VERSION_ROWS) {
+    const row = el("tr");
+    row.append(el("th", "", label));
+    for (const [name, version] of [["live", trial.live], ["candidate", trial.candidate]]) {
+      const cell = el("td", "", show(version));
+      cell.dataset.field = `${name}.${field}`;
+      row.append(cell);
+    }
+    table.append(row);
+  }
+  return table;
+}
+
+function renderTrials(trials) {
+  const section = document.getElementById("trials");
+  section.replaceChildren(...trials.map(trialTable));
+  section.hidden = trials.length === 0;
+}
+
+async function pollTrials(stages) {
+  // ./models only while a shadow or canary runs
+  if (!stages.some(s => s.trial)) {
+    renderTrials([]);
+    return;
+  }
+  const resp = await fetch("models", {cache: "no-store", headers: authorized()});
+  if (resp.ok) renderTrials((await resp.json()).trials || []);
+}
+
 function setState(state, text) {
   const node = document.getElementById("state");
   node.dataset.state = state;
@@ -191,6 +256,7 @@ async function poll() {
     if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
     const doc = await resp.json();
     render(doc);
+    await pollTrials(doc.stages);
     const down = doc.stages.filter(s => !s.up).map(s => s.name);
     setState(down.length ? "degraded" : "ok", down.length ? `down: ${down.join(", ")}` : "all stages up");
     document.getElementById("updated").textContent = new Date(doc.time * 1000).toLocaleTimeString();

@@ -26,6 +26,7 @@ from pipeline.errors import DecodeError
 from pipeline.keyed import store
 from pipeline.models import codec
 from pipeline.stages.egress.outbox import STALE, Entry, Keyed, Outbox, Row
+from pipeline.stages.egress.trials import Trials
 from pipeline.telemetry.reporter import Reporter
 from pipeline.telemetry.schema import OutboxLevels
 from pipeline.wire import frames
@@ -170,6 +171,7 @@ class Egress:
         self.expire_after = {r.name: r.state.expire_after for r in cfg.rules if r.key is not None}
         self.state_limits = {r.name: int(r.state.max_bytes) for r in cfg.rules if r.key is not None}
         self.expire_at = 0.0  # monotonic time of the next sweep of expired states
+        self.trials = Trials(cfg, eps.run_dir, self.stats)
         g = self.stats.gauges
         g["brokers"] = lambda: {n: lk.state for n, lk in self.links.items()}
         g["protocols"] = lambda: {n: lk.chosen for n, lk in self.links.items() if lk.chosen}
@@ -195,6 +197,7 @@ class Egress:
         for p in self.publisher.values():
             p.pump()
         self.hub.flush()
+        self.trials.tick(time.monotonic())
         if self.expire_after and time.monotonic() >= self.expire_at and not self.unstored:
             self._expire_states()
         self.stats.tick()
@@ -328,6 +331,7 @@ class Egress:
         """Publish the QoS 0 results of one frame and add the others to `frame`, which `_store` writes to the outbox
         (QoS 1 rows, a keyed rule's states) before confirming them to ingress, naming `sender`, the worker that sent
         them, which ingress checks against the one holding each."""
+        now = time.monotonic()
         for r in results:
             problem = self._problem(r)
             if problem is not None:
@@ -336,6 +340,7 @@ class Egress:
             self.stats.count("received")
             self.stats.count("received." + r.rule)
             self.stats.observe("end_to_end." + r.rule, time.time() - r.received_at)
+            self.trials.see(r, now)
             frame.add(r, _keyed(r) if sender else None, self._output(r), sender)  # "": ingress's own error records
 
     def _output(self, r: Result) -> tuple | None:

@@ -3,7 +3,9 @@
 One thread does everything (see `mqtt.Hub`): paho's on_message runs inside the poll loop and only queues
 the message in its rules' `RuleQueue`s. QoS 1 messages are acknowledged to the broker with manual acks,
 in arrival order, once egress confirms every rule's result is safe (`AckWindow`); the session is persistent
-(clean_session=False, a stable client id), so whatever was not acked comes again after any crash.
+(clean_session=False, a stable client id), so whatever was not acked comes again after any crash. A message of a
+rule with a canary waits for one confirm under the rule's name, whichever version serves it; a copy for a shadow is
+never waited for (see pipeline.stages.ingress.trials).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from pipeline import topics
+from pipeline.config.schema.behaviour import CANARY, SHADOW
 from pipeline.keyed import keys, store
 from pipeline.models import codec
 from pipeline.stages.ingress import feedback
@@ -27,6 +30,7 @@ from pipeline.stages.ingress.dispatch import RuleQueue
 from pipeline.stages.ingress.keyed import KeyedQueue, StateReader
 from pipeline.stages.ingress.pace import ReadPace
 from pipeline.stages.ingress.tap import Taps
+from pipeline.stages.ingress.trials import CanaryRoute, ShadowFeed
 from pipeline.telemetry.reporter import Reporter
 from pipeline.wire import frames
 from pipeline.wire.endpoints import Endpoints
@@ -57,11 +61,13 @@ class Router:
     and each copy is acked once its own rules confirmed it. A copy whose ids name no subscription of a rule
     matching its topic feeds no rule: it was sent for a subscription an earlier configuration made, which the
     persistent session keeps (ingress never unsubscribes), and the rules now matching get their own copies.
-    A copy without ids (MQTT 3.1.1; a subscription made before ids were used) feeds every matching rule."""
+    A copy without ids (MQTT 3.1.1; a subscription made before ids were used) feeds every matching rule. The
+    companions of shadows and canaries are never routed to here: the rule they try a candidate for hands them
+    their messages (see pipeline.stages.ingress.trials)."""
 
     def __init__(self, cfg: Config, sub_ids: list[int]) -> None:
         self._subs = [(i, r.sub.broker, r.sub.topic, sid) for (i, r), sid in zip(enumerate(cfg.rules), sub_ids,
-                                                                                   strict=True)]
+                                                                                   strict=True) if r.trial is None]
         self._cache: dict[tuple[str, str, tuple[int, ...]], tuple[int, ...]] = {}
 
     def __call__(self, broker: str, topic: str, subs: tuple[int, ...] = ()) -> tuple[int, ...]:
@@ -100,6 +106,7 @@ class Ingress:
         self.states = StateReader(store.path_in(cfg.default_data_dir()))
         self.queues = [self._queue(r, s) for r, s in zip(cfg.rules, self.routers, strict=True)]
         self.by_name = {r.name: q for r, q in zip(cfg.rules, self.queues, strict=True)}
+        self._trials(eps)
         self.links = _links(cfg, self._arrive)
         for name, link in self.links.items():
             link.on_bad_topic = lambda raw, p, qos, mid, dup, b=name: self._bad_topic(b, raw, p, qos, mid, dup)
@@ -115,6 +122,22 @@ class Ingress:
         self.confirmed: OrderedDict[tuple[str, str], None] = OrderedDict()  # the last RECENT_CONFIRMS accepted
         self.taps = Taps(eps.run_dir, [(r.name, r.model, _filter(r)) for r in cfg.rules]).start()
         self._gauges()
+
+    def _trials(self, eps: Endpoints) -> None:
+        """The shadow and canary queues of each rule that has them; the rule a message's ack waits for, per queue
+        (a canary's: the rule it tries a candidate for; a shadow's own name, which no ack waits for: its confirms,
+        of a keyed shadow, release nothing); the queues whose backlog paces MQTT reads (not shadows)."""
+        index = {q.rule.name: i for i, q in enumerate(self.queues)}
+        self.shadows: dict[int, ShadowFeed] = {}
+        self.canaries: dict[int, CanaryRoute] = {}
+        self.ack_as = {q.rule.name: q.rule.trial_of if q.rule.trial == CANARY else q.rule.name for q in self.queues}
+        for q in self.queues:
+            live = index.get(q.rule.trial_of or "")
+            if live is not None and q.rule.trial == SHADOW:
+                self.shadows[live] = ShadowFeed(q, self.queues[live].rule.shadow.percent)
+            elif live is not None:
+                self.canaries[live] = CanaryRoute(self.queues[live], q, eps.run_dir, self.stats)
+        self.paced = [q for q in self.queues if q.rule.trial != SHADOW]
 
     def _queue(self, rule: Rule, sock: zmq.Socket) -> RuleQueue:
         """The dispatch of one rule: per key when it has `key:`."""
@@ -143,7 +166,7 @@ class Ingress:
             for q in self.queues:
                 q.dispatch(now)
             hub.flush()
-            hub.reading = pace.step(now, self.seq, any(q.backlogged for q in self.queues))
+            hub.reading = pace.step(now, self.seq, any(q.backlogged for q in self.paced))
             if now >= next_tick:
                 next_tick = now + TICK
                 self._tick(now)
@@ -151,6 +174,8 @@ class Ingress:
     def _tick(self, now: float) -> None:
         for q in self.queues:
             q.expire(now)
+        for route in self.canaries.values():
+            route.tick(now)
         malformed = sum(lk.malformed for lk in self.links.values())
         if malformed:
             self.stats.counters["malformed_packets"] = malformed  # each closed a connection (see Link.read)
@@ -172,23 +197,37 @@ class Ingress:
             m = Message(msg_id, q.rule.name, broker, topic, payload, qos, mid, 1, now, dup=dup)
             if qos:
                 waiting.add(q.rule.name)
-            if len(payload) > q.rule.max_payload_bytes:
+            if len(payload) > q.rule.max_payload_bytes:  # the rule's error, never a candidate's
                 self.stats.count("oversize")
                 err = f"payload of {len(payload)} bytes is over max_payload_bytes ({q.rule.max_payload_bytes})"
                 self.letters_send(frames.error_result(m, q.error_topic(topic), "payload_too_large", err))
-            elif isinstance(q, KeyedQueue):
-                self._offer_keyed(q, m, memo)
-            else:
-                q.offer(m)
+                continue
+            route = self.canaries.get(i)
+            serving = q if route is None else route.serving(topic, payload, memo)
+            if serving is not q:
+                m = m._replace(rule=serving.rule.name)
+            self._offer(serving, m, memo)
+            copy = self.shadows[i].copy(m) if i in self.shadows else None
+            if copy is not None:
+                self._offer(self.shadows[i].queue, copy, memo)
         if qos:
             self.acks[broker].add(msg_id, mid, waiting)
+        self._count_arrival(broker, topic, subs, bool(targets), dup)
+
+    def _count_arrival(self, broker: str, topic: str, subs: tuple[int, ...], routed: bool, dup: bool) -> None:
         self.stats.count("received")
         if dup:
             self.stats.count("redelivered")  # the broker sent it again: its result may be a duplicate
-        if not targets:
+        if not routed:
             self.stats.count("unrouted")
             if subs and self.route(broker, topic):
                 self.stats.count("stale_subscription")  # see Router
+
+    def _offer(self, q: RuleQueue, m: Message, memo: list[Any]) -> None:
+        if isinstance(q, KeyedQueue):
+            self._offer_keyed(q, m, memo)
+        else:
+            q.offer(m)
 
     def _offer_keyed(self, q: KeyedQueue, m: Message, memo: list[Any]) -> None:
         """Queue `m` behind its key's messages; without a key value (and no key_default), an error record: `no_key`,
@@ -311,7 +350,7 @@ class Ingress:
                 q.again_stale(c.msg_id)
                 return
             q.confirm(c.msg_id, c.state)
-            acks.done(c.msg_id, c.rule)
+            acks.done(c.msg_id, self.ack_as[c.rule])
             self.confirmed[key] = None
             if len(self.confirmed) > RECENT_CONFIRMS:
                 self.confirmed.popitem(last=False)
@@ -328,8 +367,8 @@ class Ingress:
         self.hub.reading = False
         for q in self.queues:
             self.stats.count(f"dropped.{q.rule.name}", q.clear_backlog())
-        log.info("ingress draining: %d message(s) in workers", sum(q.holding for q in self.queues))
-        while time.monotonic() < deadline and any(q.holding for q in self.queues):
+        log.info("ingress draining: %d message(s) in workers", sum(q.holding for q in self.paced))
+        while time.monotonic() < deadline and any(q.holding for q in self.paced):
             self._handle(self.hub.poll(50))
             self.hub.flush()
         self.stats.tick(force=True)
@@ -349,7 +388,7 @@ class Ingress:
 
 def _links(cfg: Config, arrive: object) -> dict[str, Link]:
     links: dict[str, Link] = {}
-    for rule in cfg.rules:
+    for rule in cfg.live_rules():  # a shadow or canary shares its rule's subscription
         name = rule.sub.broker
         if name not in links:
             link = links[name] = Link(name, cfg.brokers[name], f"{cfg.instance}-ingress-{name}",

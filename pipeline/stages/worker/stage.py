@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from pipeline.config.schema.behaviour import SHADOW
 from pipeline.errors import WORKER_RSS, WORKER_TIMEOUT
 from pipeline.models import loader, packages
 from pipeline.stages.worker.process import Processor
@@ -37,6 +38,7 @@ log = logging.getLogger("pipeline.workers.stage")  # a stable name for log filte
 PREFETCH = frames.PREFETCH  # messages a worker may hold: one frame in the model, the next one waiting
 BEAT = 0.5
 COALESCE_AFTER = 0.001  # seconds of model time per pass above which the worker batches what waits (see _take)
+SHADOW_NICENESS = 10  # added to a shadow worker's nice value
 
 
 def load(cfg: Config, rule_name: str) -> Processor:
@@ -54,8 +56,11 @@ def load(cfg: Config, rule_name: str) -> Processor:
 
 
 def run(cfg: Config, rule_name: str, eps: Endpoints, stop: threading.Event, proc: Processor) -> int:
-    """Serve the rule until `stop` is set; return the exit code (OK, or WORKER_RSS)."""
+    """Serve the rule until `stop` is set; return the exit code (OK, or WORKER_RSS). A shadow's worker runs at a
+    lower CPU priority (SHADOW_NICENESS): on a busy box the live version's processes are scheduled first."""
     index = cfg.rule_index(rule_name)
+    if proc.rule.trial == SHADOW:
+        os.nice(SHADOW_NICENESS)
     ident = f"{os.uname().nodename}-{os.getpid()}-{os.urandom(2).hex()}"  # unique across boxes too
     ctx = zmq.Context.instance()
     dealer = eps.connect(ctx, zmq.DEALER, "rule", index, {zmq.IDENTITY: ident.encode(), zmq.LINGER: 0})

@@ -1,0 +1,156 @@
+"""The parts of shadows and canaries that need no stack: a key's share, a canary's judge, a shadow's agreement,
+handing a rolled-back canary's backlog to the live queue."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline import trials
+from pipeline.stages.ingress.dispatch import RuleQueue
+from pipeline.stages.ingress.trials import CanaryRoute, ShadowFeed
+from pipeline.telemetry.readiness import not_ready
+from pipeline.telemetry.reporter import Reporter
+from pipeline.wire.frames import Message
+
+
+def spec(**over: object) -> SimpleNamespace:
+    base = {"model": "c", "percent": 10.0, "key": None, "max_error_rate": 0.01, "max_p99": None, "window": 5.0,
+            "then": "rollback"}
+    return SimpleNamespace(**{**base, **over})
+
+
+def test_a_key_s_share_is_stable_and_spread():
+    shares = [trials.key_share(f"in/d{i}/data") for i in range(10_000)]
+    assert shares[:50] == [trials.key_share(f"in/d{i}/data") for i in range(50)]
+    assert all(0 <= s < 100 for s in shares)
+    assert 900 < sum(s < 10 for s in shares) < 1100
+
+
+def test_a_canary_is_rolled_back_past_its_error_rate_once_the_window_holds_enough():
+    judge = trials.CanaryJudge("r", spec())
+    judge.add(0.0, 0.001, True)
+    assert judge.judge(0.1) is None  # one error in one result: too few to judge
+    for i in range(trials.MIN_RESULTS - 1):
+        judge.add(0.1 + i / 100, 0.001, False)
+    verdict = judge.judge(0.3)
+    assert verdict["state"] == trials.ROLLED_BACK and "max_error_rate" in verdict["reason"]
+    assert verdict["window"]["results"] == trials.MIN_RESULTS and judge.judge(0.4) is None  # decided once
+
+
+def test_a_canary_is_rolled_back_past_its_p99_and_old_results_leave_the_window():
+    judge = trials.CanaryJudge("r", spec(max_p99=0.05, window=2.0))
+    for i in range(20):
+        judge.add(i * 0.01, 0.2 if i < 10 else 0.001, False)
+    assert judge.figures(3.0)["results"] == 0  # the window moved past them all
+    judge = trials.CanaryJudge("r", spec(max_p99=0.05))
+    for i in range(100):
+        judge.add(i * 0.01, 0.2 if i == 0 else 0.001, False)
+    assert judge.judge(1.0) is None  # one slow call in 100: p99 is under the limit
+    judge.add(1.0, 0.2, False)
+    assert "max_p99" in judge.judge(1.0)["reason"]
+
+
+@pytest.mark.parametrize("then, state", [("promote", trials.PROMOTED), ("rollback", trials.ENDED)])
+def test_a_canary_that_held_for_its_window_gets_what_then_says(then, state):
+    judge = trials.CanaryJudge("r", spec(then=then))
+    for i in range(trials.MIN_RESULTS):
+        judge.add(i * 0.01, 0.001, False)
+    assert judge.judge(4.9) is None
+    assert judge.judge(10.0)["state"] == state  # its results left the window: the ones since the first count
+
+
+def test_agreement_matches_the_two_versions_once_by_message_id():
+    a = trials.Agreement()
+    assert a.match("r", "m1", False, (0, b"x")) is None
+    assert a.match("r", "m1", False, (0, b"x")) is None  # the same version again: still waiting
+    assert a.match("r", "m1", True, (0, b"x")) is True
+    assert a.match("r", "m2", True, (1, b"")) is None and a.match("r", "m2", False, (1, b"")) is True
+    assert a.match("r", "m3", True, (0, b"y")) is None and a.match("r", "m3", False, (0, b"x")) is False
+    for i in range(trials.AGREEMENT_PENDING + 5):
+        a.match("r", f"n{i}", False, (2, b""))
+    assert a.overflow() == ["r"] * 5 and len(a.pending) == trials.AGREEMENT_PENDING
+
+
+def _msg(i: int, rule: str) -> Message:
+    return Message(f"b-{i}", rule, "local", f"in/d{i}/data", b"{}", 1, i, 1, 0.0)
+
+
+def test_a_rolled_back_canary_hands_what_waits_for_it_to_the_live_queue(tmp_path):
+    stats = Reporter(None, "ingress")
+    rule = SimpleNamespace(name="r", canary=spec(), backlog=100, overflow="drop_new", timeout=1.0)
+    candidate_rule = SimpleNamespace(name="r~canary", backlog=100, overflow="drop_new", timeout=1.0)
+    live = RuleQueue(rule, None, stats, lambda r: None, lambda t: t)
+    candidate = RuleQueue(candidate_rule, None, stats, lambda r: None, lambda t: t)
+    route = CanaryRoute(live, candidate, tmp_path, stats)
+    served = [route.serving(f"in/d{i}/data", b"{}", []) for i in range(200)]
+    assert 5 < sum(q is candidate for q in served) < 40
+    live.offer(_msg(0, "r"))
+    for i in (1, 2):
+        candidate.offer(_msg(i, "r~canary"))
+    candidate.retry.append(_msg(3, "r~canary")._replace(attempt=2))
+    trials.write_verdict(tmp_path, {"rule": "r", "model": "c", "state": trials.ROLLED_BACK, "reason": "test"})
+    route.tick(1.0)
+    assert route.share == 0 and all(route.serving(f"in/d{i}/data", b"{}", []) is live for i in range(200))
+    assert not candidate.backlogged
+    assert [(m.id, m.rule) for m in live.pending] == [("b-1", "r"), ("b-2", "r"), ("b-0", "r")]
+    assert [(m.id, m.rule, m.attempt) for m in live.retry] == [("b-3", "r", 2)]
+    assert stats.counters["canary_handed_back.r"] == 3
+
+
+def test_a_shadow_that_is_down_does_not_make_the_stack_unready():
+    doc = {"stages": [{"name": "rule:r", "up": True}, {"name": "rule:r~shadow", "up": False, "trial": "shadow"},
+                      {"name": "rule:r~canary", "up": False, "trial": "canary"}]}
+    assert not_ready(doc) == ["rule:r~canary is down"]  # a canary serves live keys
+
+
+def test_with_a_canary_too_the_shadow_is_compared_with_whichever_version_served(tmp_path):
+    from pipeline.config import load as config
+    from pipeline.stages.egress.trials import Trials
+    from pipeline.wire.frames import PUBLISH, Result
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "c.yaml").write_text(
+        "brokers: {local: {url: 'mqtt://127.0.0.1:1883'}}\nmodels: {a: {path: m}, b: {path: m}, c: {path: m}}\n"
+        "rules:\n  - {name: r, sub: {broker: local, topic: t}, model: a, pub: {broker: local, topic: o},\n"
+        "     shadow: {model: b}, canary: {model: c}}\n")
+    stats = Reporter(None, "egress")
+    egress = Trials(config.load(tmp_path / "c.yaml"), tmp_path, stats)
+
+    def result(msg_id: str, rule: str, payload: bytes) -> Result:
+        return Result(msg_id, rule, PUBLISH, "o", payload, "local", 0, 0, 0.0, 0.001)
+
+    for msg_id, served_by, live_out, shadow_out in (("1", "r", b"x", b"x"), ("2", "r~canary", b"y", b"y"),
+                                                    ("3", "r~canary", b"y", b"z")):
+        egress.see(result(msg_id, served_by, live_out), 1.0)
+        egress.see(result(msg_id, "r~shadow", shadow_out), 1.0)
+    assert (stats.counters["shadow_compared.r"], stats.counters["shadow_agreed.r"]) == (3, 2)
+    assert egress.judges["r~canary"].total == 2  # the canary's results are judged too
+
+
+@pytest.mark.parametrize("percent", [100.0, 30.0, 12.5])
+def test_a_shadow_gets_its_share_of_the_messages_and_egress_tells_which(percent):
+    queue = SimpleNamespace(rule=SimpleNamespace(name="r~shadow"))
+    feed = ShadowFeed(queue, percent)
+    copies = [feed.copy(_msg(i, "r")) for i in range(10_000)]
+    got = [c for c in copies if c is not None]
+    assert abs(len(got) - 100 * percent) <= 100 * percent * 0.1
+    assert all((c.rule, c.qos, c.mid, c.dup) == ("r~shadow", 0, 0, False) for c in got)
+    assert {c.id for c in got} == {f"b-{i}" for i in range(10_000) if trials.sampled(f"b-{i}", percent)}
+
+
+def test_egress_waits_for_a_shadow_s_result_only_for_the_messages_its_shadow_gets(tmp_path):
+    from pipeline.config import load as config
+    from pipeline.stages.egress.trials import Trials
+    from pipeline.wire.frames import PUBLISH, Result
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "c.yaml").write_text(
+        "brokers: {local: {url: 'mqtt://127.0.0.1:1883'}}\nmodels: {a: {path: m}, b: {path: m}}\n"
+        "rules:\n  - {name: r, sub: {broker: local, topic: t}, model: a, pub: {broker: local, topic: o},\n"
+        "     shadow: {model: b, percent: 40}}\n")
+    egress = Trials(config.load(tmp_path / "c.yaml"), tmp_path, Reporter(None, "egress"))
+    for i in range(1000):
+        egress.see(Result(f"b-{i}", "r", PUBLISH, "o", b"x", "local", 0, 0, 0.0, 0.001), 1.0)
+    assert {k[1] for k in egress.agreement.pending} == {f"b-{i}" for i in range(1000) if trials.sampled(f"b-{i}", 40)}
