@@ -39,6 +39,7 @@ log = logging.getLogger("pipeline.mqtt")  # a stable name for log filters, not t
 
 MAX_QUEUED = 20_000  # paho keys its queue by 16-bit mid: stay well below 65,535 (see docs/architecture.md)
 MAX_INFLIGHT = 1000
+RECEIVE_MAXIMUM = 10_000  # MQTT 5: QoS 1 messages a broker may send ingress before its PUBACKs (16-bit ids)
 CONNECT_TIMEOUT = 3.0
 MAX_BACKOFF = 5.0  # seconds between reconnect attempts at most (a local broker: retrying is cheap)
 TICK = 0.1
@@ -391,9 +392,10 @@ def _session(clean: bool) -> dict[str, object]:
     on reconnect and outlives the connection (session expiry); a clean one starts afresh and ends with it.
     Receive Maximum: without it Mosquitto sends a client at most `max_inflight_messages` (20) unacknowledged
     QoS 1 messages and queues `max_queued_messages` (1,000) more, then drops what comes next for that client.
-    Ingress acks only once the result is safe, so 20 would cap QoS 1 input at 20 per ack latency."""
+    Ingress acks only once the result is safe, in arrival order, so the window must cover what the pipeline holds
+    while ingress or egress is held up: as large as a rule's default backlog, not a fraction of it."""
     props = Properties(PacketTypes.CONNECT)
-    props.ReceiveMaximum = MAX_INFLIGHT
+    props.ReceiveMaximum = RECEIVE_MAXIMUM
     if not clean:
         props.SessionExpiryInterval = SESSION_EXPIRY
     return {"clean_start": clean, "properties": props}

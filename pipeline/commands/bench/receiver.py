@@ -85,8 +85,8 @@ class Receiver:
         self.records: list[tuple[float, bytes]] = []
         self.errors = 0
         self.error_filters = error_filters
-        # MQTT 5, so that Link asks for a Receive Maximum of 1,000: with 3.1.1 Mosquitto's defaults allow 20 in
-        # flight and 1,000 queued, and at ~8,000/s QoS 1 a stall of the receiver made Mosquitto drop results
+        # MQTT 5, so that Link asks for a Receive Maximum (mqtt.RECEIVE_MAXIMUM): with 3.1.1 Mosquitto's defaults
+        # allow 20 in flight and 1,000 queued, and a stall of the receiver made Mosquitto drop results
         self.link = Link("bench", Broker(url=url, protocol="5"), f"bench-receiver-{os.getpid()}", manual_ack=True)
         for f in (*filters, *error_filters):
             self.link.subscribe(f, qos)
