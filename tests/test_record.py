@@ -250,6 +250,39 @@ def test_the_tap_keeps_what_fits_and_counts_the_rest(tmp_path):
 
 
 
+def test_hostile_tap_files_never_stop_ingress_s_tap(tmp_path):
+    """A request or status file in the run directory that control did not write (an infinite bound, nesting too deep
+    for json, an id that is a path) is ignored or ended with its reason: ingress starts, and its tap thread goes on
+    recording what is asked next."""
+    folder = tmp_path / "taps"
+    folder.mkdir()
+    request, status = folder / "levels.json", folder / "levels.status.json"
+    deep = b"[" * 100_000 + b"]" * 100_000
+    request.write_text('{"id": "a1", "count": 1e999, "bytes": 100, "seconds": 5}')  # int(inf): OverflowError
+    status.write_bytes(deep)
+    assert taps.asked(tmp_path, "levels") is None and taps.status(tmp_path, "levels") is None
+    request.write_bytes(deep)
+    assert taps.asked(tmp_path, "levels") is None
+    tapping = tap_mod.Taps(tmp_path, [("levels", "level", "in/+/data")]).start()  # clears leftovers: raised before
+    try:
+        request.write_text('{"id": "../../x", "count": 5, "bytes": 100000, "seconds": 5}')
+        deadline = time.monotonic() + 5
+        while request.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ended = taps.status(tmp_path, "levels")
+        assert not request.exists() and ended.state == "done" and "id must be" in ended.reason, ended
+        assert not list(tmp_path.glob("*.mpk")) and tapping.thread.is_alive()
+        taps.ask(tmp_path, taps.Request("levels", id="b2", count=1))
+        while not tapping.on and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tapping.keep((0,), "in/d/data", b"1", 1, 1.0)
+        while taps.status(tmp_path, "levels").state != "done" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert taps.status(tmp_path, "levels").reason == "count"
+    finally:
+        tapping.close()
+
+
 def test_a_keyed_rule_is_replayed_with_each_keys_state(tmp_path):
     """Each message of a key starts from the state the previous one of that key left, as in the stack; a message
     without a key value gets its no_key record."""

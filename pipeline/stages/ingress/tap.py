@@ -161,7 +161,11 @@ class Taps:
                 self._begin(i, taps.asked(self.run_dir, rule))
 
     def _begin(self, i: int, request: taps.Request | None) -> None:
-        if request is None or request.problem():
+        if request is None:
+            return  # unreadable: control writes a new one over it
+        if request.problem():  # a file control did not write: said in the status, and removed
+            taps.report(self.run_dir, taps.Status(request.id[:32], request.rule, "done", f"error: {request.problem()}"))
+            taps.withdraw(self.run_dir, request.rule, request.id)
             return
         done = taps.status(self.run_dir, request.rule)
         if done is not None and done.id == request.id:
