@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import orjson
 import pytest
 
 from pipeline import trials
@@ -154,3 +155,38 @@ def test_egress_waits_for_a_shadow_s_result_only_for_the_messages_its_shadow_get
     for i in range(1000):
         egress.see(Result(f"b-{i}", "r", PUBLISH, "o", b"x", "local", 0, 0, 0.0, 0.001), 1.0)
     assert {k[1] for k in egress.agreement.pending} == {f"b-{i}" for i in range(1000) if trials.sampled(f"b-{i}", 40)}
+
+
+def _canary_config(tmp_path):
+    from pipeline.config import load as config
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "c.yaml").write_text(
+        "brokers: {local: {url: 'mqtt://127.0.0.1:1883'}}\nmodels: {a: {path: m}, c: {path: m}}\n"
+        "rules:\n  - {name: r, sub: {broker: local, topic: t}, model: a, pub: {broker: local, topic: o},\n"
+        "     canary: {model: c}}\n")
+    return config.load(tmp_path / "c.yaml")
+
+
+def test_a_verdict_file_that_is_not_one_stops_no_stage(tmp_path):
+    """A verdict file nested too deep for json (RecursionError), or whose state is not a string, is read as no
+    verdict, or shown as it is: neither ingress, egress nor GET /models fails on it."""
+    from pipeline.control.trials import trials as shown
+    from pipeline.stages.egress.trials import Trials
+
+    cfg = _canary_config(tmp_path)
+    (tmp_path / "canaries").mkdir()
+    path = tmp_path / "canaries" / "r.json"
+    path.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    stats = Reporter(None, "ingress")
+    rule = SimpleNamespace(name="r", canary=spec(), backlog=100, overflow="drop_new", timeout=1.0)
+    candidate = SimpleNamespace(name="r~canary", backlog=100, overflow="drop_new", timeout=1.0)
+    route = CanaryRoute(RuleQueue(rule, None, stats, print, str), RuleQueue(candidate, None, stats, print, str),
+                        tmp_path, stats)
+    route.tick(1.0)
+    assert route.verdict is None and route.share == 10.0
+    assert "r~canary" in Trials(cfg, tmp_path, Reporter(None, "egress")).judges
+    assert shown(cfg, [], tmp_path)[0]["state"] == "running"
+    path.write_text(orjson.dumps({"run": trials.run_id(), "state": ["rolled_back"]}).decode())
+    assert shown(cfg, [], tmp_path)[0]["serving_percent"] == 0.0
+
