@@ -190,3 +190,21 @@ def test_a_verdict_file_that_is_not_one_stops_no_stage(tmp_path):
     path.write_text(orjson.dumps({"run": trials.run_id(), "state": ["rolled_back"]}).decode())
     assert shown(cfg, [], tmp_path)[0]["serving_percent"] == 0.0
 
+
+def test_egress_keeps_a_verdict_it_cannot_write_and_writes_it_later(tmp_path):
+    """A verdict egress cannot write (a full disk; here a file where the canaries folder goes) is counted and
+    written at a later judgement; egress goes on."""
+    from pipeline.stages.egress.trials import Trials
+    from pipeline.wire.frames import ERROR, Result
+
+    stats = Reporter(None, "egress")
+    egress = Trials(_canary_config(tmp_path), tmp_path, stats)
+    (tmp_path / "canaries").write_text("in the way")
+    for i in range(trials.MIN_RESULTS):
+        egress.see(Result(f"b-{i}", "r~canary", ERROR, "e", b"{}", "local", 0, 0, 0.0, 0.001), 1.0)
+    egress.tick(1.0)
+    assert stats.counters["canary_verdict_unwritten"] == 1 and "r~canary" in egress.judges
+    (tmp_path / "canaries").unlink()
+    egress.tick(2.0)
+    assert trials.read_verdict(tmp_path, "r")["state"] == trials.ROLLED_BACK and not egress.judges
+    assert stats.counters["canary_rolled_back.r"] == 1

@@ -71,11 +71,15 @@ class Trials:
             return
         self.judge_at = now + JUDGE_EVERY
         for name, judge in list(self.judges.items()):
-            verdict = judge.judge(now)
+            verdict = judge.verdict or judge.judge(now)  # one reached and not yet written, or the window's
             if verdict is None:
                 continue
+            try:
+                trials.write_verdict(self.run_dir, verdict)
+            except OSError as e:  # a full disk, a file in the way: ingress acts once it is written (tried again)
+                self.stats.reject("canary_verdict_unwritten", f"the verdict on rule {judge.rule}'s canary: {e}")
+                continue
             del self.judges[name]
-            trials.write_verdict(self.run_dir, verdict)
             self.stats.count(f"canary_{verdict['state']}.{judge.rule}")
             level = logging.WARNING if verdict["state"] == trials.ROLLED_BACK else logging.INFO
             log.log(level, "canary %s of rule %s %s: %s", verdict["model"], judge.rule, verdict["state"],
