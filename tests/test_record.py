@@ -283,6 +283,24 @@ def test_hostile_tap_files_never_stop_ingress_s_tap(tmp_path):
         tapping.close()
 
 
+def test_a_shadow_s_or_canary_s_companion_rule_is_not_recorded(tmp_path):
+    """A companion gets its messages from its rule, never from MQTT: ingress's tap never sees them, so a recording
+    of one would keep nothing until its seconds ran out (and its header's '~' name is refused by replay)."""
+    import falcon.testing
+
+    from pipeline.config import load as config
+    from pipeline.control.app import create_app
+
+    cfg_file = tmp_path / "p.yaml"
+    cfg_file.write_text(STACK.replace("BROKER", "mqtt://127.0.0.1:1").replace("MODELS", str(HERE / "models"))
+                        .replace("CONTROL", "127.0.0.1:5888").replace("timeout: 2s", "shadow: {model: level2}"))
+    client = falcon.testing.TestClient(create_app(config.load(cfg_file), lambda: [], tmp_path),
+                                       headers={"Host": "localhost", "Authorization": f"Bearer {TOKEN}"})
+    assert client.simulate_post("/rules/levels~shadow/record").status_code == 404
+    assert not (tmp_path / "taps").exists()
+    done = cli("record", "-c", str(cfg_file), "--rule", "levels~shadow", "--out", str(tmp_path / "x.mpk"))
+    assert done.returncode == 2 and "is the shadow of rule 'levels'" in done.stderr, done.stderr
+
 def test_a_keyed_rule_is_replayed_with_each_keys_state(tmp_path):
     """Each message of a key starts from the state the previous one of that key left, as in the stack; a message
     without a key value gets its no_key record."""
