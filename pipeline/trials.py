@@ -142,7 +142,8 @@ class Agreement:
 
     def match(self, live: str, msg_id: str, shadow: bool, output: tuple[int, bytes]) -> bool | None:
         """The agreement of the two outputs of `msg_id` once both came (None until then, or for a second result of
-        the same version); `output`: (kind, payload: empty unless published)."""
+        the same version); `output`: (kind, a digest of the payload: empty unless published; a waiting message holds
+        its digest, not its payload, so the bound is one of memory too)."""
         key = (live, msg_id)
         first = self.pending.get(key)
         if first is None or first[0] == shadow:

@@ -208,3 +208,25 @@ def test_egress_keeps_a_verdict_it_cannot_write_and_writes_it_later(tmp_path):
     egress.tick(2.0)
     assert trials.read_verdict(tmp_path, "r")["state"] == trials.ROLLED_BACK and not egress.judges
     assert stats.counters["canary_rolled_back.r"] == 1
+
+
+def test_what_waits_for_a_shadow_s_result_holds_no_payload(tmp_path):
+    """Up to AGREEMENT_PENDING live results wait for their shadow's (a slow shadow drops copies, so many never
+    come): each must cost a few bytes, not its payload (10,000 results of 1 MiB would hold 10 GB in egress)."""
+    from pipeline.config import load as config
+    from pipeline.stages.egress.trials import Trials
+    from pipeline.wire.frames import PUBLISH, Result
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "c.yaml").write_text(
+        "brokers: {local: {url: 'mqtt://127.0.0.1:1883'}}\nmodels: {a: {path: m}, b: {path: m}}\n"
+        "rules:\n  - {name: r, sub: {broker: local, topic: t}, model: a, pub: {broker: local, topic: o},\n"
+        "     shadow: {model: b}}\n")
+    stats = Reporter(None, "egress")
+    egress = Trials(config.load(tmp_path / "c.yaml"), tmp_path, stats)
+    for i in range(100):
+        egress.see(Result(f"b-{i}", "r", PUBLISH, "o", bytes([i]) * 100_000, "local", 0, 0, 0.0, 0.001), 1.0)
+    assert sum(len(v[2]) for v in egress.agreement.pending.values()) <= 100 * 32
+    egress.see(Result("b-1", "r~shadow", PUBLISH, "o", bytes([1]) * 100_000, "local", 0, 0, 0.0, 0.001), 1.0)
+    egress.see(Result("b-2", "r~shadow", PUBLISH, "o", bytes([1]) * 100_000, "local", 0, 0, 0.0, 0.001), 1.0)
+    assert (stats.counters["shadow_compared.r"], stats.counters["shadow_agreed.r"]) == (2, 1)
