@@ -283,6 +283,18 @@ def test_hostile_tap_files_never_stop_ingress_s_tap(tmp_path):
         tapping.close()
 
 
+def test_ingress_starts_when_it_cannot_say_an_earlier_recording_ended(tmp_path):
+    """A recording an earlier ingress left whose status cannot be written (a full disk; here a folder in the way):
+    logged, its request removed, and ingress's tap starts."""
+    (tmp_path / "taps" / "levels.status.json").mkdir(parents=True)
+    taps.ask(tmp_path, taps.Request("levels", id="c3"))
+    tapping = tap_mod.Taps(tmp_path, [("levels", "level", "in/+/data")]).start()
+    try:
+        time.sleep(3 * tap_mod.POLL_EVERY)
+        assert taps.asked(tmp_path, "levels") is None and not tapping.on and tapping.thread.is_alive()
+    finally:
+        tapping.close()
+
 def test_a_shadow_s_or_canary_s_companion_rule_is_not_recorded(tmp_path):
     """A companion gets its messages from its rule, never from MQTT: ingress's tap never sees them, so a recording
     of one would keep nothing until its seconds ran out (and its header's '~' name is refused by replay)."""
