@@ -62,6 +62,25 @@ def test_a_canary_that_held_for_its_window_gets_what_then_says(then, state):
     assert judge.judge(10.0)["state"] == state  # its results left the window: the ones since the first count
 
 
+def test_a_quiet_failing_canary_is_rolled_back_not_promoted():
+    """A candidate with fewer than MIN_RESULTS results per window (a small share of a quiet rule) is never judged on
+    its window alone; once a window has passed with MIN_RESULTS in all, its limits still hold before `then`: here
+    every result is an error, and it was promoted."""
+    judge = trials.CanaryJudge("r", spec(then="promote"))
+    verdict, t = None, 0.0
+    while verdict is None and t < 30:
+        if round(t * 4) % 3 == 0:  # 1.33 results/s: under MIN_RESULTS per 5 s window
+            judge.add(t, 0.001, True)
+        verdict, t = judge.judge(t), t + 0.25
+    assert verdict["state"] == trials.ROLLED_BACK and "max_error_rate" in verdict["reason"], verdict
+    for limit, state in ((0.2, trials.PROMOTED), (0.1, trials.ROLLED_BACK)):
+        judge = trials.CanaryJudge("r", spec(then="promote", max_error_rate=limit))
+        for i in range(20):  # 3 errors of 20 since the first; the last window: 6 results, no error, too few to judge
+            judge.add(float(i), 0.001, i < 3)
+        verdict = judge.judge(19.0)
+        assert verdict["state"] == state and verdict["window"]["results"] < trials.MIN_RESULTS, verdict
+    assert "3 of 20 since its first result" in verdict["reason"]  # 15% over 10%: its window alone looked sound
+
 def test_agreement_matches_the_two_versions_once_by_message_id():
     a = trials.Agreement()
     assert a.match("r", "m1", False, (0, b"x")) is None
