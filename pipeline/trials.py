@@ -62,7 +62,7 @@ def read_verdict(run_dir: Path, rule: str) -> dict[str, Any] | None:
     """The verdict on the canary of `rule` in this run, None while there is none (or it was another run's)."""
     try:
         verdict = json.loads(rundir.canary_verdict(run_dir, rule).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: arrays or objects nested too deep
         return None
     return verdict if isinstance(verdict, dict) and verdict.get("run") == run_id() else None
 
@@ -83,12 +83,14 @@ class CanaryJudge:
     seen: deque[tuple[float, float, bool]] = field(default_factory=lambda: deque(maxlen=MAX_WINDOW_RESULTS))
     started: float | None = None  # monotonic time of its first result
     total: int = 0  # results since the first
+    failed: int = 0  # error records among them
     verdict: dict[str, Any] | None = None
 
     def add(self, now: float, latency: float, error: bool) -> None:
         if self.started is None:
             self.started = now
         self.total += 1
+        self.failed += error
         self.seen.append((now, latency, error))
 
     def figures(self, now: float) -> dict[str, Any]:
@@ -103,14 +105,20 @@ class CanaryJudge:
     def judge(self, now: float) -> dict[str, Any] | None:
         """The verdict the window calls for now (kept once reached), or None while the canary goes on: rolled back
         as soon as the last window holds MIN_RESULTS results or more and passes a limit; else, once a window has
-        passed since its first result and it had MIN_RESULTS results in all, what `then` says."""
+        passed since its first result and it had MIN_RESULTS results in all, rolled back if the last window (however
+        few its results) or every result since the first passes a limit, else what `then` says (a candidate too
+        quiet to fill a window is never promoted past its limits)."""
         if self.verdict is not None or self.started is None:
             return None
         f = self.figures(now)
-        reason = self._breach(f) if f["results"] >= MIN_RESULTS else None
+        held = now - self.started >= self.spec.window and self.total >= MIN_RESULTS
+        reason = self._breach(f) if f["results"] >= MIN_RESULTS or (held and f["results"]) else None
+        if reason is None and held and self.failed > self.spec.max_error_rate * self.total:
+            reason = f"error rate {self.failed / self.total:.2%} over max_error_rate {self.spec.max_error_rate:.2%} " \
+                     f"({self.failed} of {self.total} since its first result)"
         if reason is not None:
             return self._decide(ROLLED_BACK, reason, f)
-        if now - self.started >= self.spec.window and self.total >= MIN_RESULTS:
+        if held:
             held = f"held for {self.spec.window:g}s ({self.total} results)"
             return self._decide(PROMOTED if self.spec.then == "promote" else ENDED, held, f)
         return None
@@ -142,7 +150,8 @@ class Agreement:
 
     def match(self, live: str, msg_id: str, shadow: bool, output: tuple[int, bytes]) -> bool | None:
         """The agreement of the two outputs of `msg_id` once both came (None until then, or for a second result of
-        the same version); `output`: (kind, payload: empty unless published)."""
+        the same version); `output`: (kind, a digest of the payload: empty unless published; a waiting message holds
+        its digest, not its payload, so the bound is one of memory too)."""
         key = (live, msg_id)
         first = self.pending.get(key)
         if first is None or first[0] == shadow:

@@ -250,6 +250,69 @@ def test_the_tap_keeps_what_fits_and_counts_the_rest(tmp_path):
 
 
 
+def test_hostile_tap_files_never_stop_ingress_s_tap(tmp_path):
+    """A request or status file in the run directory that control did not write (an infinite bound, nesting too deep
+    for json, an id that is a path) is ignored or ended with its reason: ingress starts, and its tap thread goes on
+    recording what is asked next."""
+    folder = tmp_path / "taps"
+    folder.mkdir()
+    request, status = folder / "levels.json", folder / "levels.status.json"
+    deep = b"[" * 100_000 + b"]" * 100_000
+    request.write_text('{"id": "a1", "count": 1e999, "bytes": 100, "seconds": 5}')  # int(inf): OverflowError
+    status.write_bytes(deep)
+    assert taps.asked(tmp_path, "levels") is None and taps.status(tmp_path, "levels") is None
+    request.write_bytes(deep)
+    assert taps.asked(tmp_path, "levels") is None
+    tapping = tap_mod.Taps(tmp_path, [("levels", "level", "in/+/data")]).start()  # clears leftovers: raised before
+    try:
+        request.write_text('{"id": "../../x", "count": 5, "bytes": 100000, "seconds": 5}')
+        deadline = time.monotonic() + 5
+        while request.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ended = taps.status(tmp_path, "levels")
+        assert not request.exists() and ended.state == "done" and "id must be" in ended.reason, ended
+        assert not list(tmp_path.glob("*.mpk")) and tapping.thread.is_alive()
+        taps.ask(tmp_path, taps.Request("levels", id="b2", count=1))
+        while not tapping.on and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tapping.keep((0,), "in/d/data", b"1", 1, 1.0)
+        while taps.status(tmp_path, "levels").state != "done" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert taps.status(tmp_path, "levels").reason == "count"
+    finally:
+        tapping.close()
+
+
+def test_ingress_starts_when_it_cannot_say_an_earlier_recording_ended(tmp_path):
+    """A recording an earlier ingress left whose status cannot be written (a full disk; here a folder in the way):
+    logged, its request removed, and ingress's tap starts."""
+    (tmp_path / "taps" / "levels.status.json").mkdir(parents=True)
+    taps.ask(tmp_path, taps.Request("levels", id="c3"))
+    tapping = tap_mod.Taps(tmp_path, [("levels", "level", "in/+/data")]).start()
+    try:
+        time.sleep(3 * tap_mod.POLL_EVERY)
+        assert taps.asked(tmp_path, "levels") is None and not tapping.on and tapping.thread.is_alive()
+    finally:
+        tapping.close()
+
+def test_a_shadow_s_or_canary_s_companion_rule_is_not_recorded(tmp_path):
+    """A companion gets its messages from its rule, never from MQTT: ingress's tap never sees them, so a recording
+    of one would keep nothing until its seconds ran out (and its header's '~' name is refused by replay)."""
+    import falcon.testing
+
+    from pipeline.config import load as config
+    from pipeline.control.app import create_app
+
+    cfg_file = tmp_path / "p.yaml"
+    cfg_file.write_text(STACK.replace("BROKER", "mqtt://127.0.0.1:1").replace("MODELS", str(HERE / "models"))
+                        .replace("CONTROL", "127.0.0.1:5888").replace("timeout: 2s", "shadow: {model: level2}"))
+    client = falcon.testing.TestClient(create_app(config.load(cfg_file), lambda: [], tmp_path),
+                                       headers={"Host": "localhost", "Authorization": f"Bearer {TOKEN}"})
+    assert client.simulate_post("/rules/levels~shadow/record").status_code == 404
+    assert not (tmp_path / "taps").exists()
+    done = cli("record", "-c", str(cfg_file), "--rule", "levels~shadow", "--out", str(tmp_path / "x.mpk"))
+    assert done.returncode == 2 and "is the shadow of rule 'levels'" in done.stderr, done.stderr
+
 def test_a_keyed_rule_is_replayed_with_each_keys_state(tmp_path):
     """Each message of a key starts from the state the previous one of that key left, as in the stack; a message
     without a key value gets its no_key record."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import orjson
 import pytest
 
 from pipeline import trials
@@ -60,6 +61,25 @@ def test_a_canary_that_held_for_its_window_gets_what_then_says(then, state):
     assert judge.judge(4.9) is None
     assert judge.judge(10.0)["state"] == state  # its results left the window: the ones since the first count
 
+
+def test_a_quiet_failing_canary_is_rolled_back_not_promoted():
+    """A candidate with fewer than MIN_RESULTS results per window (a small share of a quiet rule) is never judged on
+    its window alone; once a window has passed with MIN_RESULTS in all, its limits still hold before `then`: here
+    every result is an error, and it was promoted."""
+    judge = trials.CanaryJudge("r", spec(then="promote"))
+    verdict, t = None, 0.0
+    while verdict is None and t < 30:
+        if round(t * 4) % 3 == 0:  # 1.33 results/s: under MIN_RESULTS per 5 s window
+            judge.add(t, 0.001, True)
+        verdict, t = judge.judge(t), t + 0.25
+    assert verdict["state"] == trials.ROLLED_BACK and "max_error_rate" in verdict["reason"], verdict
+    for limit, state in ((0.2, trials.PROMOTED), (0.1, trials.ROLLED_BACK)):
+        judge = trials.CanaryJudge("r", spec(then="promote", max_error_rate=limit))
+        for i in range(20):  # 3 errors of 20 since the first; the last window: 6 results, no error, too few to judge
+            judge.add(float(i), 0.001, i < 3)
+        verdict = judge.judge(19.0)
+        assert verdict["state"] == state and verdict["window"]["results"] < trials.MIN_RESULTS, verdict
+    assert "3 of 20 since its first result" in verdict["reason"]  # 15% over 10%: its window alone looked sound
 
 def test_agreement_matches_the_two_versions_once_by_message_id():
     a = trials.Agreement()
@@ -154,3 +174,78 @@ def test_egress_waits_for_a_shadow_s_result_only_for_the_messages_its_shadow_get
     for i in range(1000):
         egress.see(Result(f"b-{i}", "r", PUBLISH, "o", b"x", "local", 0, 0, 0.0, 0.001), 1.0)
     assert {k[1] for k in egress.agreement.pending} == {f"b-{i}" for i in range(1000) if trials.sampled(f"b-{i}", 40)}
+
+
+def _canary_config(tmp_path):
+    from pipeline.config import load as config
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "c.yaml").write_text(
+        "brokers: {local: {url: 'mqtt://127.0.0.1:1883'}}\nmodels: {a: {path: m}, c: {path: m}}\n"
+        "rules:\n  - {name: r, sub: {broker: local, topic: t}, model: a, pub: {broker: local, topic: o},\n"
+        "     canary: {model: c}}\n")
+    return config.load(tmp_path / "c.yaml")
+
+
+def test_a_verdict_file_that_is_not_one_stops_no_stage(tmp_path):
+    """A verdict file nested too deep for json (RecursionError), or whose state is not a string, is read as no
+    verdict, or shown as it is: neither ingress, egress nor GET /models fails on it."""
+    from pipeline.control.trials import trials as shown
+    from pipeline.stages.egress.trials import Trials
+
+    cfg = _canary_config(tmp_path)
+    (tmp_path / "canaries").mkdir()
+    path = tmp_path / "canaries" / "r.json"
+    path.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    stats = Reporter(None, "ingress")
+    rule = SimpleNamespace(name="r", canary=spec(), backlog=100, overflow="drop_new", timeout=1.0)
+    candidate = SimpleNamespace(name="r~canary", backlog=100, overflow="drop_new", timeout=1.0)
+    route = CanaryRoute(RuleQueue(rule, None, stats, print, str), RuleQueue(candidate, None, stats, print, str),
+                        tmp_path, stats)
+    route.tick(1.0)
+    assert route.verdict is None and route.share == 10.0
+    assert "r~canary" in Trials(cfg, tmp_path, Reporter(None, "egress")).judges
+    assert shown(cfg, [], tmp_path)[0]["state"] == "running"
+    path.write_text(orjson.dumps({"run": trials.run_id(), "state": ["rolled_back"]}).decode())
+    assert shown(cfg, [], tmp_path)[0]["serving_percent"] == 0.0
+
+
+def test_egress_keeps_a_verdict_it_cannot_write_and_writes_it_later(tmp_path):
+    """A verdict egress cannot write (a full disk; here a file where the canaries folder goes) is counted and
+    written at a later judgement; egress goes on."""
+    from pipeline.stages.egress.trials import Trials
+    from pipeline.wire.frames import ERROR, Result
+
+    stats = Reporter(None, "egress")
+    egress = Trials(_canary_config(tmp_path), tmp_path, stats)
+    (tmp_path / "canaries").write_text("in the way")
+    for i in range(trials.MIN_RESULTS):
+        egress.see(Result(f"b-{i}", "r~canary", ERROR, "e", b"{}", "local", 0, 0, 0.0, 0.001), 1.0)
+    egress.tick(1.0)
+    assert stats.counters["canary_verdict_unwritten"] == 1 and "r~canary" in egress.judges
+    (tmp_path / "canaries").unlink()
+    egress.tick(2.0)
+    assert trials.read_verdict(tmp_path, "r")["state"] == trials.ROLLED_BACK and not egress.judges
+    assert stats.counters["canary_rolled_back.r"] == 1
+
+
+def test_what_waits_for_a_shadow_s_result_holds_no_payload(tmp_path):
+    """Up to AGREEMENT_PENDING live results wait for their shadow's (a slow shadow drops copies, so many never
+    come): each must cost a few bytes, not its payload (10,000 results of 1 MiB would hold 10 GB in egress)."""
+    from pipeline.config import load as config
+    from pipeline.stages.egress.trials import Trials
+    from pipeline.wire.frames import PUBLISH, Result
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "c.yaml").write_text(
+        "brokers: {local: {url: 'mqtt://127.0.0.1:1883'}}\nmodels: {a: {path: m}, b: {path: m}}\n"
+        "rules:\n  - {name: r, sub: {broker: local, topic: t}, model: a, pub: {broker: local, topic: o},\n"
+        "     shadow: {model: b}}\n")
+    stats = Reporter(None, "egress")
+    egress = Trials(config.load(tmp_path / "c.yaml"), tmp_path, stats)
+    for i in range(100):
+        egress.see(Result(f"b-{i}", "r", PUBLISH, "o", bytes([i]) * 100_000, "local", 0, 0, 0.0, 0.001), 1.0)
+    assert sum(len(v[2]) for v in egress.agreement.pending.values()) <= 100 * 32
+    egress.see(Result("b-1", "r~shadow", PUBLISH, "o", bytes([1]) * 100_000, "local", 0, 0, 0.0, 0.001), 1.0)
+    egress.see(Result("b-2", "r~shadow", PUBLISH, "o", bytes([1]) * 100_000, "local", 0, 0, 0.0, 0.001), 1.0)
+    assert (stats.counters["shadow_compared.r"], stats.counters["shadow_agreed.r"]) == (2, 1)

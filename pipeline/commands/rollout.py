@@ -92,9 +92,13 @@ def _config_rule(path: str, name: str) -> tuple[Config, Rule]:
 
     cfg = config.load(path)
     try:
-        return cfg, cfg.rule(name)
+        rule = cfg.rule(name)
     except KeyError as e:
         raise errors.ConfigError(path, [str(e.args[0])]) from None
+    if rule.trial is not None:  # its input is its rule's: a capture of that rule replays against it (--model)
+        raise errors.ConfigError(path, [f"rule '{name}' is the {rule.trial} of rule '{rule.trial_of}': record "
+                                        f"'{rule.trial_of}'"])
+    return cfg, rule
 
 
 def _seconds(text: str | None) -> float:

@@ -30,7 +30,7 @@ class Record:
     """The tap of one rule: start, stop, look."""
 
     def __init__(self, cfg: Config, run_dir: Path | None) -> None:
-        self.rules, self.run_dir = {r.name for r in cfg.rules}, run_dir
+        self.rules, self.run_dir = {r.name for r in cfg.live_rules()}, run_dir  # a companion gets no MQTT input
 
     def _check(self, name: str) -> Path:
         if name not in self.rules:

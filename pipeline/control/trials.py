@@ -47,7 +47,7 @@ def _canary(live: Rule, procs: list[Proc], run_dir: Path | None) -> dict[str, An
     verdict = verdicts.read_verdict(run_dir, live.name) if run_dir is not None else None
     egress = [p for p in procs if p["stage"] == "egress"]
     running = [p["canaries"][live.name] for p in egress if p["alive"] and live.name in (p.get("canaries") or {})]
-    state = verdict.get("state", "unknown") if verdict else "running"
+    state = str(verdict.get("state", "unknown")) if verdict else "running"  # the file is read, not trusted
     serving = {"running": spec.percent, verdicts.PROMOTED: 100.0}.get(state, 0.0)
     return {"percent": spec.percent, "serving_percent": serving, "state": state,
             "reason": verdict.get("reason") if verdict else None, "decided_at": verdict.get("at") if verdict else None,

@@ -10,6 +10,7 @@ ends by itself and cannot fill the disk.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from pipeline.supervision import run_dir as rundir
 DEFAULT_COUNT, MAX_COUNT = 100_000, 1_000_000  # messages kept
 DEFAULT_BYTES, MAX_BYTES = 64 << 20, 1 << 30  # bytes of the capture file
 DEFAULT_SECONDS, MAX_SECONDS = 600.0, 86_400.0  # how long it records
+REQUEST_ID = re.compile(r"[A-Za-z0-9]{1,32}")  # part of the capture's file name: no path, no dot
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,9 @@ class Request:
     seconds: float = DEFAULT_SECONDS
 
     def problem(self) -> str | None:
-        """Why these bounds are refused, or None."""
+        """Why these bounds (or this id, which names the capture file) are refused, or None."""
+        if not REQUEST_ID.fullmatch(self.id):
+            return f"id must be 1-32 letters or digits (got {self.id!r:.40})"
         for name, value, ceiling in (("count", self.count, MAX_COUNT), ("bytes", self.bytes, MAX_BYTES),
                                      ("seconds", self.seconds, MAX_SECONDS)):
             if not 0 < value <= ceiling:
@@ -72,7 +76,7 @@ def asked(run_dir: Path, rule: str) -> Request | None:
     doc = _read(rundir.tap_request(run_dir, rule))
     try:
         return Request(rule, str(doc["id"]), int(doc["count"]), int(doc["bytes"]), float(doc["seconds"]))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int() of an infinite number
         return None
 
 
@@ -105,6 +109,6 @@ def status(run_dir: Path, rule: str) -> Status | None:
 def _read(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: arrays or objects nested too deep
         return {}
     return doc if isinstance(doc, dict) else {}

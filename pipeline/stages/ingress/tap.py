@@ -161,7 +161,11 @@ class Taps:
                 self._begin(i, taps.asked(self.run_dir, rule))
 
     def _begin(self, i: int, request: taps.Request | None) -> None:
-        if request is None or request.problem():
+        if request is None:
+            return  # unreadable: control writes a new one over it
+        if request.problem():  # a file control did not write: said in the status, and removed
+            taps.report(self.run_dir, taps.Status(request.id[:32], request.rule, "done", f"error: {request.problem()}"))
+            taps.withdraw(self.run_dir, request.rule, request.id)
             return
         done = taps.status(self.run_dir, request.rule)
         if done is not None and done.id == request.id:
@@ -175,8 +179,8 @@ class Taps:
             taps.report(self.run_dir, taps.Status(request.id, name, "done", f"error: {e.strerror or e}"))
             taps.withdraw(self.run_dir, name, request.id)
             return
+        self.on = {**self.on, i: tap}  # before its status: a status it cannot write must not start it again
         tap.report(self.run_dir)
-        self.on = {**self.on, i: tap}
         log.info("recording rule %s into %s (at most %d messages, %d bytes, %gs)", name, path, request.count,
                  request.bytes, request.seconds)
 
@@ -199,12 +203,18 @@ class Taps:
                  tap.missed)
 
     def _clear_leftovers(self) -> None:
+        """End the recordings an earlier ingress left (removing the request first: it needs no disk space); a status
+        or part file that cannot be written or removed (a full disk) is logged, and ingress starts all the same."""
         for rule in self.index:
             request = taps.asked(self.run_dir, rule)
-            if request is not None:
-                taps.report(self.run_dir, taps.Status(request.id, rule, "done", "ingress restarted"))
-                taps.withdraw(self.run_dir, rule, request.id)
+            try:
+                if request is not None and taps.withdraw(self.run_dir, rule, request.id):
+                    taps.report(self.run_dir, taps.Status(request.id, rule, "done", "ingress restarted"))
+            except OSError as e:
+                log.warning("tap: ending the recording of rule %s an earlier ingress left: %s", rule, e)
         folder = self.run_dir / rundir.CAPTURES
-        if folder.is_dir():
-            for part in folder.glob(".*.part"):
+        try:
+            for part in folder.glob(".*.part") if folder.is_dir() else ():
                 part.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("tap: removing the part files an earlier ingress left: %s", e)
