@@ -99,6 +99,12 @@ def egress(args: argparse.Namespace) -> int:
 
 def worker(args: argparse.Namespace) -> int:
     """`pipeline worker --rule RULE`: one worker process of a rule, of this stack or (--connect) of another box's."""
+    return run_stage("worker", args, worker_body(args, None))
+
+
+def worker_body(args: argparse.Namespace, stop: threading.Event | None) -> Body:
+    """What a worker of `args.rule` runs once its config is known: load the model, connect, serve until `stop`
+    (None: the first SIGTERM/SIGINT, from the moment the model is loaded)."""
     from pipeline.stages import worker
     from pipeline.stages.worker.stage import load
 
@@ -108,11 +114,18 @@ def worker(args: argparse.Namespace) -> int:
         except KeyError as e:
             raise errors.ConfigError(cfg.source, [str(e.args[0])]) from None
         eps = worker_endpoints(cfg, rd, args)
-        stop = stop_event()
+        until = stop or stop_event()
         proc = load(cfg, args.rule)
-        return worker.run(cfg, args.rule, eps, stop, proc)
+        return worker.run(cfg, args.rule, eps, until, proc)
 
-    return run_stage("worker", args, body)
+    return body
+
+
+def forkserver(args: argparse.Namespace) -> int:
+    """`pipeline forkserver`: every local worker of the stack, forked from one process that imported their code."""
+    from pipeline.stages import forkserver
+
+    return run_stage("forkserver", args, lambda cfg, rd: forkserver.run(args, cfg, rd))
 
 
 def worker_endpoints(cfg: Config, rd: Path, args: argparse.Namespace) -> Endpoints:
