@@ -98,6 +98,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         return e.exit_code
 
 
+def cmd_forkserver(args: argparse.Namespace) -> int:
+    """`pipeline forkserver`: the stage that forks every local worker (pipeline.stages.forkserver)."""
+    from pipeline.stages import forkserver
+
+    return forkserver.main(args)
+
+
 STAGES = ("ingress", "egress", "control", "forkserver", "worker")  # what supervisord starts; `pipeline worker` too
 
 
@@ -126,7 +133,7 @@ def parser(stages_only: bool = False) -> ArgumentParser:
     add("ingress", boot.ingress, "run the ingress stage (MQTT -> workers)")
     add("egress", boot.egress, "run the egress stage (workers -> MQTT)")
     add("control", boot.control, "run the control API (gunicorn)")
-    add("forkserver", boot.forkserver, "run every local worker of the stack, forked from one process")
+    add("forkserver", cmd_forkserver, "run every local worker of the stack, forked from one process")
     w = add("worker", boot.worker, "run one worker of a rule")
     w.add_argument("--rule", required=True)
     w.add_argument("--connect", metavar="HOST[:PORT]", help="join the stack on HOST (endpoints.remote; port: its "

@@ -121,13 +121,6 @@ def worker_body(args: argparse.Namespace, stop: threading.Event | None) -> Body:
     return body
 
 
-def forkserver(args: argparse.Namespace) -> int:
-    """`pipeline forkserver`: every local worker of the stack, forked from one process that imported their code."""
-    from pipeline.stages import forkserver
-
-    return run_stage("forkserver", args, lambda cfg, rd: forkserver.run(args, cfg, rd))
-
-
 def worker_endpoints(cfg: Config, rd: Path, args: argparse.Namespace) -> Endpoints:
     """The stack's own endpoints, or with --connect those a stack on another box opens to remote workers."""
     if not args.connect:

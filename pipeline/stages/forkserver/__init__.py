@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.stages import boot
 from pipeline.stages.forkserver.arbiter import ForkServer
 
 if TYPE_CHECKING:
@@ -38,6 +39,11 @@ def preload() -> None:
             importlib.import_module(name)
         except ImportError as e:
             log.debug("not preloaded: %s (%s)", name, e)
+
+
+def main(args: argparse.Namespace) -> int:
+    """`pipeline forkserver`: every local worker of the stack, forked from this process; its exit code."""
+    return boot.run_stage("forkserver", args, lambda cfg, rd: run(args, cfg, rd))
 
 
 def run(args: argparse.Namespace, cfg: Config, run_dir: Path) -> int:
