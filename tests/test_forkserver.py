@@ -116,3 +116,17 @@ def test_the_control_channel_survives_hostile_input(broker, stack_factory):
         for s in idle:
             s.close()
     assert up.proc.poll() is None
+
+
+def test_workers_die_with_their_fork_server_and_come_back_with_the_next(broker, probe_factory, stack_factory):
+    up = stack_factory(config(broker, 1), "--workers", "r0=2")
+    assert wait_until(lambda: len(worker_pids(up).get("r0", ())) == 2, 20), worker_pids(up)
+    old_server, old = forkserver_pid(up), worker_pids(up)["r0"]
+    os.kill(old_server, signal.SIGKILL)
+    assert wait_until(lambda: not old & set(processes()), 10), "a worker outlived its fork server"
+    assert wait_until(lambda: len(worker_pids(up).get("r0", set()) - old) == 2, 30), worker_pids(up)
+    assert forkserver_pid(up) != old_server
+    probe = probe_factory("fs/+/out")
+    probe.publish("fs/r0/in", {"seq": 1})
+    (got,) = probe.wait_for(1, timeout=20)
+    assert orjson.loads(got[1])["pid"] in worker_pids(up)["r0"]

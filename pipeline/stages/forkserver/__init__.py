@@ -27,7 +27,8 @@ log = logging.getLogger("pipeline.forkserver")
 PRELOADED = (  # what a worker imports on its way to its first message, its model aside
     "zmq", "msgpack", "orjson", "json", "ctypes", "pipeline.stages.worker", "pipeline.stages.worker.stage",
     "pipeline.stages.worker.process", "pipeline.models.loader", "pipeline.models.codec", "pipeline.models.filters",
-    "pipeline.models.packages", "pipeline.telemetry.reporter", "pipeline.wire.frames", "pipeline.wire.endpoints",
+    "pipeline.models.packages", "pipeline.models.packages.cache", "pipeline.models.packages.archive", "tarfile",
+    "pipeline.telemetry.reporter", "pipeline.wire.frames", "pipeline.wire.endpoints",
     "pipeline.wire.sockets", "pipeline.config.snapshot", "pipeline.keyed.keys",
 )
 
