@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pipeline.config.load loads pydantic: only the commands that
 log = logging.getLogger("pipeline")
 
 Body = Callable[["Config", Path], "int | None"]
+Resolved = tuple[Path, str]  # a model's folder and version (pipeline.stages.worker.stage.resolve)
 
 
 def stop_event() -> threading.Event:
@@ -47,12 +48,13 @@ def run_dir_of(cfg: Config, args: argparse.Namespace) -> Path:
     return rundir.prepare(rundir.chosen(args.run_dir, cfg))
 
 
-def run_stage(name: str, args: argparse.Namespace, body: Body) -> int:
-    """Common life of a stage process: config, logs, run; fatal errors leave a reason for `pipeline up`."""
+def run_stage(name: str, args: argparse.Namespace, body: Body, given: Config | None = None) -> int:
+    """Common life of a stage process: config (`given`, else `stage_config`), logs, run; fatal errors leave a
+    reason for `pipeline up`."""
     logs.setup(name, getattr(args, "rule", None), args.log_level)
     run_dir = Path(args.run_dir).resolve() if args.run_dir else None
     try:
-        cfg = stage_config(args, rundir.prepare(run_dir) if run_dir else None)
+        cfg = given or stage_config(args, rundir.prepare(run_dir) if run_dir else None)
         run_dir = run_dir_of(cfg, args)
         return body(cfg, run_dir) or errors.OK
     except PipelineError as e:
@@ -102,9 +104,10 @@ def worker(args: argparse.Namespace) -> int:
     return run_stage("worker", args, worker_body(args, None))
 
 
-def worker_body(args: argparse.Namespace, stop: threading.Event | None) -> Body:
-    """What a worker of `args.rule` runs once its config is known: load the model, connect, serve until `stop`
-    (None: the first SIGTERM/SIGINT, from the moment the model is loaded)."""
+def worker_body(args: argparse.Namespace, stop: threading.Event | None, resolved: Resolved | None = None) -> Body:
+    """What a worker of `args.rule` runs once its config is known: load the model (from `resolved`, its folder and
+    version, when given), connect, serve until `stop` (None: the first SIGTERM/SIGINT, from the moment the model
+    is loaded)."""
     from pipeline.stages import worker
     from pipeline.stages.worker.stage import load
 
@@ -115,7 +118,7 @@ def worker_body(args: argparse.Namespace, stop: threading.Event | None) -> Body:
             raise errors.ConfigError(cfg.source, [str(e.args[0])]) from None
         eps = worker_endpoints(cfg, rd, args)
         until = stop or stop_event()
-        proc = load(cfg, args.rule)
+        proc = load(cfg, args.rule, resolved)
         return worker.run(cfg, args.rule, eps, until, proc)
 
     return body

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,7 @@ class ForkServer:
         """Send one request, return the answer's fields; ForkServerError when refused or unanswered."""
         try:
             if self.sock is None:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.settimeout(TIMEOUT)
-                self.sock.connect(str(self.path))
+                self.sock = self._connect()
             self.sock.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
             answer = json.loads(self._line())
         except (OSError, ValueError) as e:
@@ -58,6 +57,24 @@ class ForkServer:
             why = answer.get("error") if isinstance(answer, dict) else answer
             raise ForkServerError(f"the fork server refused {op}: {why}")
         return answer
+
+    def _connect(self) -> socket.socket:
+        """A connection; tried again while the fork server's backlog is full (a Unix socket says EAGAIN at once)."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(TIMEOUT)
+            try:
+                sock.connect(str(self.path))
+                return sock
+            except BlockingIOError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+            except BaseException:
+                sock.close()
+                raise
 
     def _line(self) -> bytes:
         assert self.sock is not None

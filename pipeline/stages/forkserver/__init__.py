@@ -10,6 +10,7 @@ does first, `channel` the control socket hot reloads use.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import importlib
 import logging
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from pipeline.config.load import Config
 
 log = logging.getLogger("pipeline.forkserver")
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 PRELOADED = (  # what a worker imports on its way to its first message, its model aside
     "zmq", "msgpack", "orjson", "json", "ctypes", "pipeline.stages.worker", "pipeline.stages.worker.stage",
@@ -42,6 +45,15 @@ def preload() -> None:
             log.debug("not preloaded: %s (%s)", name, e)
 
 
+def one_malloc_arena() -> None:
+    """Let every thread of a worker (main, watchdog, ZeroMQ's I/O and reaper) allocate from glibc's main arena:
+    an arena per thread costs each worker pages of its own, for no gain at a worker's few threads."""
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
+    except (OSError, AttributeError) as e:  # not glibc
+        log.debug("mallopt unavailable: %s", e)
+
+
 def main(args: argparse.Namespace) -> int:
     """`pipeline forkserver`: every local worker of the stack, forked from this process; its exit code."""
     return boot.run_stage("forkserver", args, lambda cfg, rd: run(args, cfg, rd))
@@ -50,6 +62,7 @@ def main(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace, cfg: Config, run_dir: Path) -> int:
     """Preload, freeze, fork every local worker and keep them running until SIGTERM; return the exit code."""
     preload()
+    one_malloc_arena()
     server = ForkServer(args, cfg, run_dir)
     gc.collect()
     gc.freeze()

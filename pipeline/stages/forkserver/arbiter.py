@@ -28,13 +28,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import errors
+from pipeline.stages import boot
+from pipeline.stages.boot import Resolved
 from pipeline.stages.forkserver import child
 from pipeline.stages.forkserver.channel import Channel, Refused
+from pipeline.stages.worker import stage
 from pipeline.supervision import run_dir as rundir
 from pipeline.supervision.programs import STOP_WAIT
 
 if TYPE_CHECKING:
     from pipeline.config.load import Config
+
+Prepared = tuple["Config", Resolved]  # what a worker is forked with: its config, its model's folder and version
 
 log = logging.getLogger("pipeline.forkserver")
 
@@ -188,12 +193,15 @@ class ForkServer:
 
     def _fork_due(self) -> None:
         now = time.monotonic()
-        for slot in self.slots.values():
-            if slot.due is not None and slot.due <= now and not slot.pid:
-                self._fork(slot)
+        due = [s for s in self.slots.values() if s.due is not None and s.due <= now and not s.pid]
+        if due:
+            prepare = Preparation(self.args, self.run_dir)
+            for slot in due:
+                self._fork(slot, prepare.worker(slot.rule))
 
-    def _fork(self, slot: Slot) -> int:
-        """Fork a worker into `slot`; its pid (0: the fork failed, tried again later)."""
+    def _fork(self, slot: Slot, prepared: Prepared | None) -> int:
+        """Fork a worker into `slot` (with its config and model folder when `prepared`); its pid (0: the fork
+        failed, tried again later)."""
         spare = " (spare)" if slot.index is None else ""
         title = f"pipeline worker --rule {slot.rule} --run-dir {self.run_dir}{spare}"
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
@@ -206,7 +214,7 @@ class ForkServer:
             return 0
         if pid == 0:
             inherited = [self.wake_read, self.wake_write, *self.channel.fds()]
-            child.become_worker(self.args, slot.rule, title, os.getppid(), inherited, mask)
+            child.become_worker(self.args, slot.rule, title, os.getppid(), inherited, mask, prepared)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         try:
             os.setpgid(pid, pid)  # the child does it too: whichever runs first
@@ -282,7 +290,7 @@ class ForkServer:
         self._running()
         self.op_stop_spare(request)
         slot = self.spares[rule] = Slot(rule, None)
-        pid = self._fork(slot)
+        pid = self._fork(slot, Preparation(self.args, self.run_dir).worker(rule))
         if not pid:
             del self.spares[rule]
             raise Refused(f"cannot fork the spare worker of rule {rule} (see the fork server's log)")
@@ -319,6 +327,31 @@ class ForkServer:
     def _running(self) -> None:
         if self.stopping_until is not None:
             raise Refused("the fork server is stopping")
+
+
+class Preparation:
+    """What the workers forked in one turn of the loop take from the fork server rather than do themselves (each
+    page a worker writes to is a page of its own): the config, read anew from the run dir (a hot reload rewrites
+    its models) once per turn, and each model's folder and version, resolved once per turn."""
+
+    def __init__(self, args: argparse.Namespace, run_dir: Path) -> None:
+        self.args, self.run_dir = args, run_dir
+        self.cfg: Config | None = None
+        self.models: dict[str, Resolved] = {}
+
+    def worker(self, rule: str) -> Prepared | None:
+        """The config and model of a worker of `rule`; None when that fails (the worker then does it itself, and
+        fails as a standalone worker would, leaving its reason)."""
+        try:
+            if self.cfg is None:
+                self.cfg = boot.stage_config(self.args, self.run_dir)
+            model = self.cfg.rule(rule).model
+            if model not in self.models:
+                self.models[model] = stage.resolve(self.cfg, rule)
+            return self.cfg, self.models[model]
+        except Exception as e:  # any failure is the worker's to report
+            log.debug("the worker of rule %s prepares itself: %s", rule, e)
+            return None
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:

@@ -54,7 +54,7 @@ class Channel:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(path))
         os.chmod(path, 0o600)
-        self.listener.listen(MAX_CLIENTS)
+        self.listener.listen(4 * MAX_CLIENTS)
         self.listener.setblocking(False)
         self.clients: dict[socket.socket, Client] = {}
 
@@ -80,14 +80,16 @@ class Channel:
                 self._read(self.clients[sock])
 
     def _accept(self) -> None:
-        try:
-            sock, _ = self.listener.accept()
-        except OSError:
-            return
-        sock.setblocking(False)
-        if len(self.clients) >= MAX_CLIENTS:
-            self.drop(min(self.clients.values(), key=lambda c: c.active))
-        self.clients[sock] = Client(sock)
+        """Take every connection waiting (a full backlog would refuse the next client)."""
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            sock.setblocking(False)
+            if len(self.clients) >= MAX_CLIENTS:
+                self.drop(min(self.clients.values(), key=lambda c: c.active))
+            self.clients[sock] = Client(sock)
 
     def _read(self, client: Client) -> None:
         try:

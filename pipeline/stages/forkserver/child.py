@@ -2,9 +2,10 @@
 
 Invariants: the child closes every descriptor of the fork server it inherited (control channel, self-pipe) and
 restores default signal handling before it unblocks signals, so nothing meant for the fork server runs in it; it
-dies with the fork server (PR_SET_PDEATHSIG, checked against a parent that died before it was set); it reads
-the run directory's config snapshot anew (a hot reload rewrites the models there); and it leaves only through
-`os._exit`, never through the fork server's frames.
+dies with the fork server (PR_SET_PDEATHSIG, checked against a parent that died before it was set); it runs with
+the config the fork server read from the run directory just before the fork (a hot reload rewrites the models
+there) and the model folder and version it resolved (else it reads and resolves them itself); and it leaves only
+through `os._exit`, never through the fork server's frames.
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from pipeline.stages import boot
+from pipeline.stages.boot import Resolved
+
+if TYPE_CHECKING:
+    from pipeline.config.load import Config
 
 log = logging.getLogger("pipeline.forkserver")
 
@@ -30,11 +35,12 @@ FLUSH_WAIT = 6.0  # seconds a leaving worker gives ZeroMQ to write out its last 
 
 
 def become_worker(args: argparse.Namespace, rule: str, title: str, parent: int, inherited: Iterable[int],
-                  mask: set[signal.Signals]) -> NoReturn:
-    """Run in the child right after the fork: serve `rule` as a worker, then exit with its code."""
+                  mask: set[signal.Signals], prepared: tuple[Config, Resolved] | None) -> NoReturn:
+    """Run in the child right after the fork: serve `rule` as a worker (with the config and model folder the fork
+    server `prepared`, else finding them itself), then exit with its code."""
     code = 1
     try:
-        code = _serve(args, rule, title, parent, inherited, mask)
+        code = _serve(args, rule, title, parent, inherited, mask, prepared)
     except BaseException:  # noqa: B036 - nothing may unwind into the fork server's loop
         try:
             log.exception("worker of rule %s failed", rule)
@@ -49,7 +55,7 @@ def become_worker(args: argparse.Namespace, rule: str, title: str, parent: int, 
 
 
 def _serve(args: argparse.Namespace, rule: str, title: str, parent: int, inherited: Iterable[int],
-           mask: set[signal.Signals]) -> int:
+           mask: set[signal.Signals], prepared: tuple[Config, Resolved] | None) -> int:
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
@@ -66,7 +72,8 @@ def _serve(args: argparse.Namespace, rule: str, title: str, parent: int, inherit
     worker_args = argparse.Namespace(**{**vars(args), "rule": rule, "connect": None, "key": None,
                                         "server_key": None})
     try:
-        return boot.run_stage("worker", worker_args, boot.worker_body(worker_args, stop))
+        cfg, resolved = prepared or (None, None)
+        return boot.run_stage("worker", worker_args, boot.worker_body(worker_args, stop, resolved), cfg)
     finally:
         stop.set()  # the watchdog thread closes its socket
         _flush()
