@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import orjson
 from conftest import Up, processes
@@ -130,3 +131,27 @@ def test_workers_die_with_their_fork_server_and_come_back_with_the_next(broker, 
     probe.publish("fs/r0/in", {"seq": 1})
     (got,) = probe.wait_for(1, timeout=20)
     assert orjson.loads(got[1])["pid"] in worker_pids(up)["r0"]
+
+
+def test_a_slot_whose_workers_keep_dying_at_once_is_backed_off_but_not_one_whose_worker_timed_out(tmp_path):
+    import argparse
+
+    from pipeline.config import load
+    from pipeline.stages.forkserver.arbiter import ForkServer as Arbiter
+
+    path = tmp_path / "p.yaml"
+    path.write_text(config(type("B", (), {"url": "mqtt://127.0.0.1:1"}), 1).replace("CONTROL", "127.0.0.1:1")
+                    .replace("MODELS", str(Path(__file__).parent / "models")))
+    (tmp_path / "run").mkdir(mode=0o700)
+    server = Arbiter(argparse.Namespace(), load.load(path), tmp_path / "run")
+    try:
+        slot, delays = server.slots["r0", 0], []
+        for status in (1 << 8, 1 << 8, 1 << 8, signal.SIGSEGV, 5 << 8, 6 << 8, 1 << 8):  # exit 1, SIGSEGV, 5, 6
+            slot.pid, slot.forked_at, server.by_pid[4242] = 4242, time.monotonic(), slot
+            server._ended(4242, status)
+            delays.append(round(slot.due - time.monotonic(), 1))
+        assert delays == [0.0, 0.1, 0.2, 0.4, 0.0, 0.0, 0.0]
+        assert [(e["code"], e["signal"]) for e in server.exits] == [(1, None)] * 3 + [(None, 11), (5, None),
+                                                                                      (6, None), (1, None)]
+    finally:
+        server.channel.close()

@@ -5,7 +5,9 @@ Invariants:
   `handle_<signal>`;
 - every regular slot (a rule's worker `index`, 0 .. workers - 1) has a live worker or a fork due: a worker that
   ended is forked again alone, at once, or after a backoff that doubles while it keeps ending within QUICK seconds
-  of its fork; a spare (one per rule at most) is forked only when the control channel asks, never again;
+  of its fork other than by WORKER_TIMEOUT or WORKER_RSS (those took a message: with a model that hangs on some
+  messages, a fresh worker may meet one at once, and its slot must keep up); a spare (one per rule at most) is
+  forked only when the control channel asks, never again;
 - a regular worker that ends with one of FATAL_EXIT_CODES (its config or model will not load) ends the fork server
   with that code, once its reason is in `fatal/forkserver.txt` for `pipeline up`; a spare's does not (the reload
   that asked for it reads the reason and reports it);
@@ -45,7 +47,8 @@ log = logging.getLogger("pipeline.forkserver")
 
 HANDLED = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 QUICK = 0.5  # a worker that ends within this many seconds of its fork ended "at once"
-BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0
+SERVED = (errors.WORKER_TIMEOUT, errors.WORKER_RSS)  # exits of a worker that took messages: never backed off
 EXITS_KEPT = 64
 
 KILL_WAIT = 2.0  # seconds to reap the workers that got SIGKILL
@@ -245,11 +248,11 @@ class ForkServer:
         if code in errors.FATAL_EXIT_CODES and not slot.replacing:
             self._fatal(slot, code)
             return
-        self._again(slot, lived)
+        self._again(slot, lived if code not in SERVED else QUICK)
 
     def _again(self, slot: Slot, lived: float) -> None:
         """Fork `slot` again: at once, or after a backoff when its workers keep ending at once."""
-        slot.quick_ends = slot.quick_ends + 1 if lived < QUICK and not slot.replacing else 0
+        slot.quick_ends = slot.quick_ends + 1 if lived < QUICK and not slot.replacing else 0  # QUICK: not at once
         delay = 0.0 if slot.quick_ends <= 1 else min(BACKOFF_FIRST * 2 ** (slot.quick_ends - 2), BACKOFF_MAX)
         if delay:
             log.warning("%s ended %d times in a row within %gs of its fork: next fork in %gs", slot.name,

@@ -31,6 +31,10 @@ log = logging.getLogger("pipeline.forkserver")
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+try:  # looked up in the fork server when it imports this module: a worker that did it would hold the pages
+    PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux with a C library that has prctl
+    PRCTL = None
 FLUSH_WAIT = 6.0  # seconds a leaving worker gives ZeroMQ to write out its last results (push LINGER is 5 s)
 
 
@@ -81,12 +85,10 @@ def _serve(args: argparse.Namespace, rule: str, title: str, parent: int, inherit
 
 def _die_with(parent: int) -> None:
     """SIGKILL this process when the fork server dies; exit now if it already did."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    except (OSError, AttributeError) as e:
-        log.warning("prctl unavailable (%s): this worker may outlive its fork server", e)
+    if PRCTL is None:
+        log.warning("prctl unavailable: this worker may outlive its fork server")
+    elif PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
     if os.getppid() != parent:
         os._exit(1)
 
@@ -95,8 +97,8 @@ def set_title(title: str) -> None:
     """Show `title` (words separated by spaces) as this process's command line in /proc/PID/cmdline and ps, by
     writing over the original arguments (never past them); its name (comm) becomes `pipeline-worker`."""
     try:
-        libc = ctypes.CDLL(None)
-        libc.prctl(PR_SET_NAME, b"pipeline-worker", 0, 0, 0)
+        if PRCTL is not None:
+            PRCTL(PR_SET_NAME, b"pipeline-worker", 0, 0, 0)
         fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
         start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48 and 49 of stat)
     except (OSError, AttributeError, ValueError, IndexError):
