@@ -36,4 +36,6 @@ def setup(stage: str, rule: str | None = None, level: str | None = None) -> None
         handler.addFilter(_Fields(stage, rule))
         handler.setFormatter(logging.Formatter(FORMAT))
         root.handlers[:] = [handler]
-    root.setLevel((level or os.environ.get("PIPELINE_LOG_LEVEL") or "INFO").upper())
+    wanted = (level or os.environ.get("PIPELINE_LOG_LEVEL") or "INFO").upper()
+    if logging.getLevelName(root.level) != wanted:  # setLevel clears the cache of every logger
+        root.setLevel(wanted)

@@ -31,17 +31,16 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import errors
 from pipeline.stages import boot
-from pipeline.stages.boot import Resolved
+from pipeline.stages.boot import Prepared, Resolved
 from pipeline.stages.forkserver import child
 from pipeline.stages.forkserver.channel import Channel, Refused
 from pipeline.stages.worker import stage
 from pipeline.supervision import run_dir as rundir
 from pipeline.supervision.programs import STOP_WAIT
+from pipeline.wire.endpoints import Endpoints
 
 if TYPE_CHECKING:
     from pipeline.config.load import Config
-
-Prepared = tuple["Config", Resolved]  # what a worker is forked with: its config, its model's folder and version
 
 log = logging.getLogger("pipeline.forkserver")
 
@@ -335,23 +334,25 @@ class ForkServer:
 class Preparation:
     """What the workers forked in one turn of the loop take from the fork server rather than do themselves (each
     page a worker writes to is a page of its own): the config, read anew from the run dir (a hot reload rewrites
-    its models) once per turn, and each model's folder and version, resolved once per turn."""
+    its models) and the endpoints, once per turn, and each model's folder and version, resolved once per turn."""
 
     def __init__(self, args: argparse.Namespace, run_dir: Path) -> None:
         self.args, self.run_dir = args, run_dir
         self.cfg: Config | None = None
+        self.endpoints: Endpoints | None = None
         self.models: dict[str, Resolved] = {}
 
     def worker(self, rule: str) -> Prepared | None:
         """The config and model of a worker of `rule`; None when that fails (the worker then does it itself, and
         fails as a standalone worker would, leaving its reason)."""
         try:
-            if self.cfg is None:
+            if self.cfg is None or self.endpoints is None:
                 self.cfg = boot.stage_config(self.args, self.run_dir)
+                self.endpoints = Endpoints.for_config(self.cfg, self.run_dir)
             model = self.cfg.rule(rule).model
             if model not in self.models:
                 self.models[model] = stage.resolve(self.cfg, rule)
-            return self.cfg, self.models[model]
+            return Prepared(self.cfg, self.run_dir, self.models[model], self.endpoints)
         except Exception as e:  # any failure is the worker's to report
             log.debug("the worker of rule %s prepares itself: %s", rule, e)
             return None

@@ -19,13 +19,10 @@ import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from pipeline.stages import boot
-from pipeline.stages.boot import Resolved
-
-if TYPE_CHECKING:
-    from pipeline.config.load import Config
+from pipeline.stages.boot import Prepared
 
 log = logging.getLogger("pipeline.forkserver")
 
@@ -39,7 +36,7 @@ FLUSH_WAIT = 6.0  # seconds a leaving worker gives ZeroMQ to write out its last 
 
 
 def become_worker(args: argparse.Namespace, rule: str, title: str, parent: int, inherited: Iterable[int],
-                  mask: set[signal.Signals], prepared: tuple[Config, Resolved] | None) -> NoReturn:
+                  mask: set[signal.Signals], prepared: Prepared | None) -> NoReturn:
     """Run in the child right after the fork: serve `rule` as a worker (with the config and model folder the fork
     server `prepared`, else finding them itself), then exit with its code."""
     code = 1
@@ -59,8 +56,8 @@ def become_worker(args: argparse.Namespace, rule: str, title: str, parent: int, 
 
 
 def _serve(args: argparse.Namespace, rule: str, title: str, parent: int, inherited: Iterable[int],
-           mask: set[signal.Signals], prepared: tuple[Config, Resolved] | None) -> int:
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+           mask: set[signal.Signals], prepared: Prepared | None) -> int:
+    for sig in (signal.SIGCHLD, signal.SIGHUP):  # SIGTERM and SIGINT: stop_event's, below, before any comes in
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
     for fd in inherited:
@@ -76,8 +73,7 @@ def _serve(args: argparse.Namespace, rule: str, title: str, parent: int, inherit
     worker_args = argparse.Namespace(**{**vars(args), "rule": rule, "connect": None, "key": None,
                                         "server_key": None})
     try:
-        cfg, resolved = prepared or (None, None)
-        return boot.run_stage("worker", worker_args, boot.worker_body(worker_args, stop, resolved), cfg)
+        return boot.run_stage("worker", worker_args, boot.worker_body(worker_args, stop, prepared), prepared)
     finally:
         stop.set()  # the watchdog thread closes its socket
         _flush()
