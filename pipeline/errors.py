@@ -8,6 +8,7 @@
     ├── rollout.capture.CaptureError             a capture file is not one, or is cut   -> exit CONFIG_ERROR
     ├── models.codec.BadPayload, Unserialisable   an input is not JSON / a result cannot be published
     ├── supervision.rpc.SupervisorError           supervisord refused a call or did not answer
+    ├── supervision.forkctl.ForkServerError       the fork server refused a request or did not answer
     ├── supervision.reload.ReloadError, Busy      a model reload failed / another one runs
     └── commands.bench.runner.BenchError          a benchmark cannot go on
 

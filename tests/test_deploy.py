@@ -217,11 +217,11 @@ def test_supervisord_conf_is_what_pipeline_up_runs(broker, stack_factory):
     printed, ran = programs_of(out.stdout), programs_of(running)
     for name, program in ran.items():  # `pipeline up` starts workers without the stack's secrets
         words = shlex.split(program["command"])
-        if name.startswith(("rule-", "spare-")):
+        if name == "forkserver":
             assert words[0].endswith("/env") and words[1:3] == ["-u", "PIPELINE_SECRETS"], program["command"]
             program["command"] = shlex.join(words[words.index(sys.executable):])
     assert printed == ran
-    assert printed["rule-two"]["numprocs"] == "3"
+    assert "--workers two=3" in printed["forkserver"]["command"]
 
 
 def test_supervisord_conf_programs_only(tmp_path):

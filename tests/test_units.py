@@ -274,32 +274,30 @@ def _render(tmp_path: Path, edge_url: str, log_dir: Path | None = None) -> confi
 def test_stack_render_programs(tmp_path):
     conf = _render(tmp_path, "embedded")
     progs = {s.removeprefix("program:"): conf[s] for s in conf.sections() if s.startswith("program:")}
-    assert set(progs) >= {"broker-edge", "egress", "control", "rule-alpha", "rule-beta.2", "ingress"}
-    assert [p for p in progs if p.startswith("broker")] == ["broker-edge"]
-    assert progs["rule-alpha"]["numprocs"] == "4" and progs["rule-beta.2"]["numprocs"] == "3"
-    assert all(progs[p]["numprocs"] == "1" for p in ("egress", "control", "ingress", "broker-edge"))
+    assert set(progs) == {"broker-edge", "egress", "control", "forkserver", "ingress"}  # one program for all workers
+    assert all(p["numprocs"] == "1" for p in progs.values())
     prio = {name: int(p["priority"]) for name, p in progs.items()}
     assert prio["ingress"] > max(v for k, v in prio.items() if k != "ingress")
-    assert prio["broker-edge"] < prio["egress"] < prio["rule-alpha"]
+    assert prio["broker-edge"] < prio["egress"] < prio["forkserver"]
     for p in progs.values():
         assert set(p["exitcodes"].split(",")) == {"0", "2", "3", "4"}
         assert p["autorestart"] == "unexpected" and p["stdout_logfile"] == "/dev/stdout"
     assert "--listen 127.0.0.1:1883" in progs["broker-edge"]["command"]
-    assert "worker --rule alpha" in progs["rule-alpha"]["command"]
+    assert "pipeline forkserver" in progs["forkserver"]["command"]
+    assert "--workers alpha=4 --workers beta.2=3" in progs["forkserver"]["command"]
     assert "--workers alpha=4 --workers beta.2=3" in progs["ingress"]["command"]
-    assert 'OMP_NUM_THREADS="1"' in progs["rule-alpha"]["environment"]
+    assert 'OMP_NUM_THREADS="1"' in progs["forkserver"]["environment"]
     assert conf["supervisord"]["nodaemon"] == "true"
     assert conf["unix_http_server"]["file"] == str(tmp_path / "run" / "supervisor.sock")
 
 
-def test_a_rule_with_no_local_worker_has_no_worker_program_but_keeps_its_spare(tmp_path):
+def test_a_stack_whose_rules_have_no_local_worker_keeps_its_fork_server_for_reloads(tmp_path):
     path = tmp_path / "stack.yaml"
     path.write_text(STACK.format(edge="embedded", models=MODELS))
-    cfg = config.load(path).with_workers({"alpha": 0})
-    names = [p.name for p in stack.programs(cfg, tmp_path / "run", "info")]
-    assert "rule-alpha" not in names and "spare-alpha" in names and "rule-beta.2" in names
-    ingress = next(p for p in stack.programs(cfg, tmp_path / "run", "info") if p.name == "ingress")
-    assert "alpha=0" in " ".join(ingress.args)
+    cfg = config.load(path).with_workers({"alpha": 0, "beta.2": 0})
+    progs = {p.name: p for p in stack.programs(cfg, tmp_path / "run", "info")}
+    assert "forkserver" in progs and "alpha=0" in " ".join(progs["forkserver"].args)
+    assert "alpha=0" in " ".join(progs["ingress"].args)
 
 
 @pytest.mark.parametrize("url, listen", [("mqtt://10.0.0.1:1883", None), ("embedded://0.0.0.0:2883", "2883")])

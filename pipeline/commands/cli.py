@@ -1,7 +1,7 @@
 """The `pipeline` command line: the parser and the commands that validate or run a stack (`up`, `check`).
 
-Stage subcommands (ingress, egress, worker, control) hand over to `pipeline.stages.boot`; a stage process parses
-only their part of the command line, so the tools' modules (bench, status, models, keys...) never load in it."""
+Stage subcommands (ingress, egress, forkserver, worker, control) hand over to `pipeline.stages.boot`; a stage process
+parses only their part of the command line, so the tools' modules (bench, status, models, keys...) never load in it."""
 
 from __future__ import annotations
 
@@ -114,7 +114,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         return e.exit_code
 
 
-STAGES = ("ingress", "egress", "control", "worker")  # what supervisord starts; `pipeline worker` on other boxes too
+def cmd_forkserver(args: argparse.Namespace) -> int:
+    """`pipeline forkserver`: the stage that forks every local worker (pipeline.stages.forkserver)."""
+    from pipeline.stages import forkserver
+
+    return forkserver.main(args)
+
+
+STAGES = ("ingress", "egress", "control", "forkserver", "worker")  # what supervisord starts; `pipeline worker` too
 
 
 def parser(stages_only: bool = False) -> ArgumentParser:
@@ -142,6 +149,7 @@ def parser(stages_only: bool = False) -> ArgumentParser:
     add("ingress", boot.ingress, "run the ingress stage (MQTT -> workers)")
     add("egress", boot.egress, "run the egress stage (workers -> MQTT)")
     add("control", boot.control, "run the control API (gunicorn)")
+    add("forkserver", cmd_forkserver, "run every local worker of the stack, forked from one process")
     w = add("worker", boot.worker, "run one worker of a rule")
     w.add_argument("--rule", required=True)
     w.add_argument("--connect", metavar="HOST[:PORT]", help="join the stack on HOST (endpoints.remote; port: its "

@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,18 @@ if TYPE_CHECKING:  # pipeline.config.load loads pydantic: only the commands that
 log = logging.getLogger("pipeline")
 
 Body = Callable[["Config", Path], "int | None"]
+Resolved = tuple[Path, str]  # a model's folder and version (pipeline.stages.worker.stage.resolve)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a forked worker takes from the fork server instead of finding it itself: its config, the checked run
+    directory, its model's folder and version, and the stack's endpoints."""
+
+    cfg: Config
+    run_dir: Path
+    model: Resolved
+    endpoints: Endpoints
 
 
 def stop_event() -> threading.Event:
@@ -47,13 +60,13 @@ def run_dir_of(cfg: Config, args: argparse.Namespace) -> Path:
     return rundir.prepare(rundir.chosen(args.run_dir, cfg))
 
 
-def run_stage(name: str, args: argparse.Namespace, body: Body) -> int:
-    """Common life of a stage process: config, logs, run; fatal errors leave a reason for `pipeline up`."""
+def run_stage(name: str, args: argparse.Namespace, body: Body, given: Prepared | None = None) -> int:
+    """Common life of a stage process: config and run dir (those `given`, else found here), logs, run; fatal errors
+    leave a reason for `pipeline up`."""
     logs.setup(name, getattr(args, "rule", None), args.log_level)
-    run_dir = Path(args.run_dir).resolve() if args.run_dir else None
+    run_dir = given.run_dir if given else Path(args.run_dir).resolve() if args.run_dir else None
     try:
-        cfg = stage_config(args, rundir.prepare(run_dir) if run_dir else None)
-        run_dir = run_dir_of(cfg, args)
+        cfg, run_dir = (given.cfg, given.run_dir) if given else _configured(args, run_dir)
         return body(cfg, run_dir) or errors.OK
     except PipelineError as e:
         log.error("%s", e)
@@ -61,6 +74,11 @@ def run_stage(name: str, args: argparse.Namespace, body: Body) -> int:
         if run_dir is not None and e.exit_code in errors.FATAL_EXIT_CODES:
             leave_reason(run_dir, program, e)
         return e.exit_code
+
+
+def _configured(args: argparse.Namespace, run_dir: Path | None) -> tuple[Config, Path]:
+    cfg = stage_config(args, rundir.prepare(run_dir) if run_dir else None)
+    return cfg, run_dir_of(cfg, args)
 
 
 def leave_reason(run_dir: Path, program: str, e: PipelineError) -> None:
@@ -99,6 +117,12 @@ def egress(args: argparse.Namespace) -> int:
 
 def worker(args: argparse.Namespace) -> int:
     """`pipeline worker --rule RULE`: one worker process of a rule, of this stack or (--connect) of another box's."""
+    return run_stage("worker", args, worker_body(args, None))
+
+
+def worker_body(args: argparse.Namespace, stop: threading.Event | None, given: Prepared | None = None) -> Body:
+    """What a worker of `args.rule` runs once its config is known: load the model (from the folder `given`, if),
+    connect, serve until `stop` (None: the first SIGTERM/SIGINT, from the moment the model is loaded)."""
     from pipeline.stages import worker
     from pipeline.stages.worker.stage import load
 
@@ -107,12 +131,12 @@ def worker(args: argparse.Namespace) -> int:
             cfg.rule(args.rule)
         except KeyError as e:
             raise errors.ConfigError(cfg.source, [str(e.args[0])]) from None
-        eps = worker_endpoints(cfg, rd, args)
-        stop = stop_event()
-        proc = load(cfg, args.rule)
-        return worker.run(cfg, args.rule, eps, stop, proc)
+        eps = given.endpoints if given else worker_endpoints(cfg, rd, args)
+        until = stop or stop_event()
+        proc = load(cfg, args.rule, given.model if given else None)
+        return worker.run(cfg, args.rule, eps, until, proc)
 
-    return run_stage("worker", args, body)
+    return body
 
 
 def worker_endpoints(cfg: Config, rd: Path, args: argparse.Namespace) -> Endpoints:

@@ -21,7 +21,7 @@ from pipeline.supervision import run_dir as rundir
 if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
     from pipeline.config.load import Config
 
-STOP_WAIT = 4  # seconds supervisord waits for a stage to stop before SIGKILL (ingress, workers: + timeout)
+STOP_WAIT = 4  # seconds supervisord waits for a stage to stop before SIGKILL (ingress, fork server: + timeout)
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ class Program:
 
 
 def programs(cfg: Config, run_dir: Path, log_level: str, withheld: tuple[str, ...] = ()) -> list[Program]:
-    """Every program of the stack, in start order; worker counts as in `cfg` (overrides applied). The workers
-    and the embedded brokers, which need no secret, are started without the variables in `withheld`."""
+    """Every program of the stack, in start order; worker counts as in `cfg` (overrides applied). The fork server
+    (the workers) and the embedded brokers, which need no secret, are started without the variables in `withheld`."""
     common = ["-c", str(cfg.source), "--run-dir", str(run_dir), "--log-level", log_level]
     drain = int(max(r.timeout for r in cfg.rules)) + STOP_WAIT  # ingress waits for in-flight work
     for rule in cfg.rules:
@@ -51,17 +51,12 @@ def programs(cfg: Config, run_dir: Path, log_level: str, withheld: tuple[str, ..
              for n, b in cfg.brokers.items() if b.embedded]
     progs += [Program("egress", ["egress", *common], 20, stop_wait=STOP_WAIT + 5),
               Program("control", ["control", *common], 30)]
-    for rule in cfg.rules:
-        # workers: startsecs=0, so a message that kills a fresh worker is a crash to restart from, not a failed
-        # start that ends in FATAL; max_attempts bounds how often one message can do that
-        env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        args = ["worker", "--rule", rule.name, *common]
-        stop_wait = int(rule.timeout) + STOP_WAIT
-        if rule.workers:  # 0: served by workers on other boxes only (endpoints.remote)
-            progs.append(Program(rundir.worker_program(rule.name), args, 40, rule.workers, env, stop_wait=stop_wait,
-                                 start_secs=0, withheld=withheld))
-        progs.append(Program(rundir.spare_program(rule.name), args, 40, 1, env, stop_wait=stop_wait, start_secs=0,
-                             autostart=False, withheld=withheld))
+    # every local worker is forked by one fork server (spares too, for hot reloads: it runs even when every rule
+    # has workers: 0). startsecs=0: it exits only on a stop or a worker that cannot start (a fatal code)
+    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    stop_wait = int(max(r.timeout for r in cfg.rules)) + STOP_WAIT + 3  # the fork server's own wait, then SIGKILL
+    progs.append(Program(rundir.FORKSERVER_PROGRAM, ["forkserver", *common], 40, 1, env, stop_wait=stop_wait,
+                         start_secs=0, withheld=withheld))
     progs.append(Program("ingress", ["ingress", *common], 50, stop_wait=drain))
     return progs
 

@@ -2,13 +2,13 @@
 using it one at a time, each new worker serving (new version loaded, `init` done) before an old one stops.
 
 `POST /models/{name}/reload` (the control process) and SIGHUP to `pipeline up` both end in `Reloader.reload`.
-Workers are replaced through supervisord's XML-RPC interface: the rule's spare program (`spare_program`, not
-started by default) starts first with the new version; once it serves, each regular worker is stopped (SIGTERM:
-it finishes its frame; ingress sends what it still held again) and started again (it loads the new version),
-each serving before the next one stops; then the spare stops. "Serving" = the new process reports to the stats
-board. A failure before the spare serves (config, download, checksum, import, init) leaves the old workers
-untouched. One reload at a time per run directory (a file lock); the last result per model is kept in
-`<run dir>/reloads/<model>.json` for GET /models.
+Workers are replaced through the fork server's control channel (pipeline.supervision.forkctl): the rule's spare
+worker is forked first and loads the new version (each forked worker reads the run dir's config.json, which the
+reload rewrote); once it serves, each regular worker is stopped (SIGTERM: it finishes its frame; ingress sends what
+it still held again) and forked again (it loads the new version), each serving before the next one stops; then
+the spare stops. "Serving" = the new process reports to the stats board. A failure before the spare serves
+(config, download, checksum, import, init) leaves the old workers untouched. One reload at a time per run directory
+(a file lock); the last result per model is kept in `<run dir>/reloads/<model>.json` for GET /models.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pipeline.config import snapshot
 from pipeline.errors import PipelineError
 from pipeline.models import packages
 from pipeline.supervision import run_dir as rundir
-from pipeline.supervision.rpc import Supervisor, SupervisorError
+from pipeline.supervision.forkctl import ForkServer, ForkServerError
 
 if TYPE_CHECKING:  # pipeline.config.load loads pydantic; a stage gets its config from pipeline.config.snapshot
     from pipeline.config.load import Config
@@ -117,8 +117,13 @@ class Reloader:
         if only_if_changed and not out["changed"]:
             return out
         self._hand_over(cfg)
-        sup = Supervisor(self.run_dir)
-        out["workers_replaced"] = sum(self._replace(sup, rule) for rule in rules)
+        server = ForkServer(self.run_dir)
+        try:
+            out["workers_replaced"] = sum(self._replace(server, rule) for rule in rules)
+        except ForkServerError as e:
+            raise ReloadError(str(e)) from None
+        finally:
+            server.close()
         return out
 
     def _hand_over(self, cfg: Config) -> None:
@@ -139,41 +144,46 @@ class Reloader:
             raise ReloadError(f"no rule uses model '{name}'")
         return rules
 
-    def _replace(self, sup: Supervisor, rule: str) -> int:
+    def _replace(self, server: ForkServer, rule: str) -> int:
         """Spare first, then each regular worker of the rule; return how many regular workers were replaced."""
-        spare = f"{rundir.spare_program(rule)}:{rundir.spare_program(rule)}-0"
-        sup.call("stopProcess", spare, True)  # one left running by an interrupted reload has the old version
+        spare = rundir.spare_slot(rule)
         try:
-            self._start(sup, spare, rule)
-            workers = sup.members(rundir.worker_program(rule))
-            for proc in workers:
-                sup.call("stopProcess", proc, True)
-                self._start(sup, proc, rule)
+            self._serving(server, server.call("start_spare", rule=rule)["pid"], spare, rule)
+            workers = [w for w in server.call("list", rule=rule)["workers"] if w["index"] is not None]
+            for w in workers:
+                old = server.call("replace", rule=rule, index=w["index"])["pid"]
+                self._serving(server, self._successor(server, w, old), w["name"], rule)
             return len(workers)
         finally:
             try:
-                sup.call("stopProcess", spare, True)
-            except SupervisorError as e:
+                server.call("stop_spare", rule=rule)
+            except ForkServerError as e:
                 log.warning("could not stop the spare worker of rule %s: %s", rule, e)
 
-    def _start(self, sup: Supervisor, proc: str, rule: str) -> None:
-        """Start a worker process and wait until it serves (reports to the stats board)."""
-        try:
-            sup.call("startProcess", proc, True)
-        except SupervisorError:
-            pass  # it ended at once: its state below says how
-        deadline, pid = time.monotonic() + SERVE_TIMEOUT, 0
+    def _successor(self, server: ForkServer, slot: dict[str, Any], old: int) -> int:
+        """The pid of the worker forked into `slot` once `old` ended (it finishes its frame first)."""
+        deadline = time.monotonic() + SERVE_TIMEOUT
         while time.monotonic() < deadline:
-            info = sup.call("getProcessInfo", proc)
-            if info["statename"] not in ("STARTING", "RUNNING") or (pid and info["pid"] != pid):
-                raise ReloadError(f"the new worker {proc} of rule {rule} did not start: {self._why(rule, info)}")
-            pid = info["pid"] if info["statename"] == "RUNNING" else 0
-            if pid and any(p["pid"] == pid and p.get("rule") == rule for p in self._live()):
+            now = {w["name"]: w["pid"] for w in server.call("list", rule=slot["rule"])["workers"]}
+            if now.get(slot["name"]) not in (None, 0, old):
+                return now[slot["name"]]
+            time.sleep(POLL)
+        raise ReloadError(f"the worker {slot['name']} of rule {slot['rule']} was not replaced within "
+                          f"{SERVE_TIMEOUT:g}s")
+
+    def _serving(self, server: ForkServer, pid: int, name: str, rule: str) -> None:
+        """Wait until the new worker `pid` serves (reports to the stats board); ReloadError when it ended first."""
+        deadline = time.monotonic() + SERVE_TIMEOUT
+        while time.monotonic() < deadline:
+            ended = [e for e in server.call("list", rule=rule)["exits"] if e["pid"] == pid]
+            if ended:
+                raise ReloadError(f"the new worker {name} of rule {rule} did not start: {self._why(rule, ended[0])}")
+            if any(p["pid"] == pid and p.get("rule") == rule for p in self._live()):
                 return
             time.sleep(POLL)
-        raise ReloadError(f"the new worker {proc} of rule {rule} did not report within {SERVE_TIMEOUT:g}s")
+        raise ReloadError(f"the new worker {name} of rule {rule} did not report within {SERVE_TIMEOUT:g}s")
 
-    def _why(self, rule: str, info: dict[str, Any]) -> str:
+    def _why(self, rule: str, ended: dict[str, Any]) -> str:
         """The reason a worker left in <run dir>/fatal (removed: it was not a stage of the stack failing)."""
         fatal = rundir.fatal_file(self.run_dir, rundir.worker_program(rule))
         try:
@@ -181,8 +191,9 @@ class Reloader:
             fatal.unlink()
         except (OSError, ValueError):
             reason = ""
-        status = f"it exited with status {info.get('exitstatus')} (see its log)"
-        return reason or info.get("spawnerr") or status
+        if ended.get("signal"):
+            return reason or f"it was killed by signal {ended['signal']} (see its log)"
+        return reason or f"it exited with status {ended.get('code')} (see its log)"
 
     def _live(self) -> list[dict[str, Any]]:
         try:

@@ -1,4 +1,5 @@
-"""The run directory: a stack's supervisord files, ipc sockets, `config.json`, `fatal/` reasons and reload records.
+"""The run directory: a stack's supervisord files, ipc sockets, the fork server's control socket, `config.json`,
+`fatal/` reasons and reload records.
 
 Invariants, held by every process of the stack:
 - the directory is a real directory (not a symbolic link) owned by this user, writable by no one else, and
@@ -130,6 +131,8 @@ SUPERVISORD_CONF = "supervisord.conf"
 SUPERVISORD_LOG = "supervisord.log"
 SUPERVISORD_PID = "supervisord.pid"
 SUPERVISOR_SOCKET = "supervisor.sock"
+FORKSERVER_SOCKET = "forkserver.sock"  # the fork server's control channel (pipeline.supervision.forkctl), mode 0600
+FORKSERVER_PROGRAM = "forkserver"  # the supervisord program that forks every local worker
 RELOAD_LOCK = "reload.lock"
 FATAL = "fatal"  # <program>.txt: "<exit code>\n<reason>" left by a stage before a fatal exit
 RELOADS = "reloads"  # <model>.json: the last reload of each model
@@ -139,18 +142,18 @@ CANARIES = "canaries"  # <rule>.json: the verdict on a rule's canary in this run
 
 
 def worker_program(rule: str) -> str:
-    """The supervisord program of a rule's workers."""
+    """The name a rule's workers go by: their fatal reason file, and the root of their slot names."""
     return f"rule-{rule}"
 
 
-def spare_program(rule: str) -> str:
-    """The program of a rule's spare worker: started only by a hot reload (see pipeline.supervision.reload)."""
+def worker_slot(rule: str, index: int) -> str:
+    """The name of the fork server's worker slot `index` of a rule (logs, control channel, reload errors)."""
+    return f"{worker_program(rule)}-{index}"
+
+
+def spare_slot(rule: str) -> str:
+    """The name of a rule's spare worker: forked only by a hot reload (see pipeline.supervision.reload)."""
     return f"spare-{rule}"  # not rule-<name>-spare: a rule may be named "<name>-spare"
-
-
-def is_spare(group: str) -> bool:
-    """True for the program group of a spare worker."""
-    return group.startswith(spare_program(""))
 
 
 def fatal_file(run_dir: Path, program: str) -> Path:

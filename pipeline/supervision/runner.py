@@ -119,7 +119,7 @@ class Stack:
             if self.hups:
                 self.hups.clear()
                 reload.on_sighup(self.cfg, self.run_dir)
-            procs = [p for p in rpc.processes() if not rundir.is_spare(p["group"])]  # spares: started by reloads
+            procs = rpc.processes()
             code = self.fatal(procs)
             if code:
                 self.stop()

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import zmq
@@ -41,14 +42,22 @@ COALESCE_AFTER = 0.001  # seconds of model time per pass above which the worker 
 SHADOW_NICENESS = 10  # added to a shadow worker's nice value
 
 
-def load(cfg: Config, rule_name: str) -> Processor:
-    """Resolve the rule's model (a cached, verified version is used without network; a missing one is downloaded),
-    import it and run its init(); raise ModelLoadError on failure. The version reported is the sha256 of the
-    archive it came from (of the folder's files for a folder used in place)."""
+def resolve(cfg: Config, rule_name: str) -> tuple[Path, str]:
+    """The folder of the rule's model (a cached, verified version is used without network; a missing one is
+    downloaded) and its version: the sha256 of the archive it came from (of the folder's files for a folder used
+    in place). ModelLoadError on failure."""
+    rule = cfg.rule(rule_name)
+    folder = packages.resolve(rule.model, cfg.models[rule.model].source, cfg.default_data_dir(), cfg.packages.limits())
+    return folder, packages.version_of(folder)
+
+
+def load(cfg: Config, rule_name: str, resolved: tuple[Path, str] | None = None) -> Processor:
+    """Import the rule's model (`resolved`: its folder and version, else `resolve`d here) and run its init();
+    raise ModelLoadError on failure."""
     rule = cfg.rule(rule_name)
     spec = cfg.models[rule.model]
-    folder = packages.resolve(rule.model, spec.source, cfg.default_data_dir(), cfg.packages.limits())
-    loaded = loader.load(rule.model, folder, packages.version_of(folder))
+    folder, version = resolved or resolve(cfg, rule_name)
+    loaded = loader.load(rule.model, folder, version)
     ctx = loader.Context(rule.name, rule.model, dict(spec.params), logging.getLogger(f"model.{rule.model}"))
     loader.run_init(loaded, ctx)
     log.info("model %s loaded from %s (sha256 %s)", rule.model, loaded.folder, loaded.sha256[:12])
