@@ -40,7 +40,7 @@ def write_config(folder: Path, rules: int) -> Path:
     sub: {{broker: local, topic: "bench/many/d{k}/in", qos: 0}}
     model: echo
     pub: {{broker: local, topic: "bench/many/d{k}/out", qos: 0}}
-    error_topic: "bench/many/d{k}/errors"
+    errors: {{topic: "bench/many/d{k}/errors"}}
     workers: 1
 """ for k in range(rules))
     path = folder / "many.yaml"
@@ -77,8 +77,8 @@ def main() -> int:
     os.environ["PYTHONPATH"] = os.getcwd()  # the stack imports this checkout
     console = Console(width=150)
     folder = Path(tempfile.mkdtemp(prefix="many-rules-"))
-    broker = start_broker(folder)
     cfg = config.load(write_config(folder, args.rules))
+    broker = start_broker(folder)
     stack = runner.OwnStack(cfg, [])
     try:
         t0 = time.monotonic()

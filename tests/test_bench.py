@@ -78,6 +78,7 @@ def test_topics_labels_and_arguments():
     assert runner.input_topic("a/+/+/#") == "a/{device}/x/x"
     assert runner.output_filter("bench/q0/{2}/out") == "bench/q0/+/out"
     assert procstat.label(["/v/bin/python", "-m", "pipeline", "worker", "--rule", "r1", "-c", "f"]) == "worker:r1"
+    assert procstat.label(["pipeline", "worker", "--rule", "r2", "--run-dir", "/d"]) == "worker:r2"  # a forked one
     assert procstat.label(["/v/bin/python", "-m", "supervisor.supervisord", "-n", "-c", "x"]) == "supervisord"
     args = cli.parser().parse_args(["bench", "-c", "x.yaml", "--rates", "1000,max", "--qos", "1", "--duration", "5s"])
     assert (args.rates, args.qos, args.duration) == ([1000.0, 0.0], [1], 5.0)

@@ -33,7 +33,8 @@ def label(args: list[str]) -> str:
     if any(a.endswith("supervisord") for a in args):
         return "supervisord"
     for i, a in enumerate(args):
-        if (a == "pipeline" and i > 0 and args[i - 1] == "-m") or a.endswith("/pipeline"):
+        # `python -m pipeline ...`, the `pipeline` script, or a forked worker's title (`pipeline worker ...`)
+        if (a == "pipeline" and (i == 0 or args[i - 1] == "-m")) or a.endswith("/pipeline"):
             rest = args[i + 1:]
             if not rest:
                 break
