@@ -77,6 +77,7 @@ def test_one_pool_process_serves_five_rules_each_with_its_own_context_and_counte
     stages = rules_of(up)
     assert all(stages[f"s{i}"]["received"] == i + 1 and stages[f"s{i}"]["depth"] == 0 for i in range(RULES)), stages
     assert all(stages[f"s{i}"]["workers_alive"] == 1 for i in range(RULES))
+    assert up.get("/models")[1]["models"][0]["workers_loaded"] == 1  # one process, whatever the rules it serves
 
 
 def test_a_timeout_or_kill_replaces_the_pool_process_and_no_rule_loses_a_message(broker, probe_factory,
