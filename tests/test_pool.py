@@ -24,12 +24,13 @@ RULE = """
     pub: {{broker: local, topic: "pool/s{i}/out", qos: 1}}
     workers: shared
     timeout: {timeout}
+    max_attempts: {attempts}
 """
 
 
-def config(broker, rules: int = RULES, timeout: float = 10, pool: int = 1) -> str:
+def config(broker, rules: int = RULES, timeout: float = 10, pool: int = 1, attempts: int = 3) -> str:
     return (f"brokers:\n  local: {{url: {broker.url}}}\nmodels:\n  probe: {{path: MODELS/probe, pool: {pool}}}\n"
-            "rules:" + "".join(RULE.format(i=i, timeout=timeout) for i in range(rules))
+            "rules:" + "".join(RULE.format(i=i, timeout=timeout, attempts=attempts) for i in range(rules))
             + "control: {listen: CONTROL}\n")
 
 
@@ -82,25 +83,28 @@ def test_one_pool_process_serves_five_rules_each_with_its_own_context_and_counte
 
 def test_a_timeout_or_kill_replaces_the_pool_process_and_no_rule_loses_a_message(broker, probe_factory,
                                                                                   stack_factory):
-    up = stack_factory(config(broker, timeout=1))
+    up = stack_factory(config(broker, timeout=1, attempts=1))  # a message sent again with an attempt more: dead
     first = one_pool_process(up)
-    probe = probe_factory("pool/+/out")
+    probe = probe_factory("pool/+/out", "pipeline/errors/#")
     probe.publish("pool/s0/in", {"seq": 0, "sleep": 30})  # passes s0's timeout: the pool process exits
     time.sleep(0.3)
-    for i in range(1, RULES):
+    for i in range(1, RULES):  # waiting in the pool process, behind s0's call
         probe.publish(f"pool/s{i}/in", {"seq": i})
-    got = {topic: orjson.loads(payload) for topic, payload in probe.wait_for(RULES - 1, timeout=20)}
-    assert sorted(got) == [f"pool/s{i}/out" for i in range(1, RULES)], got
-    assert "WORKER_TIMEOUT" in up.output() or "exit status 5" in up.output()
+    got = {topic: orjson.loads(payload) for topic, payload in probe.wait_for(RULES, timeout=20)}
+    assert sorted(got) == ["pipeline/errors/s0"] + [f"pool/s{i}/out" for i in range(1, RULES)], got
+    assert got["pipeline/errors/s0"]["reason"] == "timeout", got
+    assert "exit status 5 (WORKER_TIMEOUT)" in up.output()
+    stages = rules_of(up)
+    assert [stages[f"s{i}"]["dead_letters"] for i in range(RULES)] == [1, 0, 0, 0, 0], stages
     second = one_pool_process(up)
-    assert second != first
+    assert second != first and all(b["pid"] == second for t, b in got.items() if t.startswith("pool/"))
     os.kill(second, signal.SIGKILL)
     third = wait_until(lambda: (p := one_pool_process(up)) != second and p, 20)
     assert third, pool_pids(up)
     for i in range(RULES):
         probe.publish(f"pool/s{i}/in", {"seq": 100 + i})
-    later = [orjson.loads(p) for t, p in probe.wait_for(2 * (RULES - 1) + 1, timeout=20)
-             if orjson.loads(p).get("seq", 0) >= 100]
+    later = [orjson.loads(p) for t, p in probe.wait_for(2 * RULES, timeout=20) if t.startswith("pool/")]
+    later = [b for b in later if b["seq"] >= 100]
     assert sorted(b["rule"] for b in later) == [f"s{i}" for i in range(RULES)]
     assert all(b["pid"] == third for b in later)
 

@@ -49,6 +49,7 @@ PREFETCH = frames.PREFETCH  # messages a worker may hold: one frame in the model
 BEAT = 0.5
 COALESCE_AFTER = 0.001  # seconds of model time per pass above which the worker batches what waits (see _take)
 SHADOW_NICENESS = 10  # added to a shadow worker's nice value
+ELSEWHERE = ""  # the culprit a TIMEOUT names for the other lanes of a pool process: no message of theirs
 
 
 def resolve(cfg: Config, rule_name: str) -> tuple[Path, str]:
@@ -229,8 +230,9 @@ class Watchdog:
 
     def _expire(self, beats: zmq.Socket, lane: Lane) -> None:
         """Tell egress what is answered, and ingress which message timed out (none in a handler_batch call of
-        several: ingress then sends each again alone, one attempt more); then exit. The other lanes' messages go
-        again as a dead worker's do."""
+        several: ingress then sends each again alone, one attempt more); then exit. The other lanes of a pool
+        process tell ingress that their rule's culprit is ELSEWHERE: the messages they hold were never called, and
+        go again as they were, without losing an attempt."""
         proc, limit = lane.proc, lane.proc.rule.timeout
         culprit, where = proc.culprit, proc.call_name
         results = proc.abandon(f"timeout after {limit:g}s")
@@ -243,6 +245,8 @@ class Watchdog:
                 beats.send(frames.pack([lane.ident, lane.index, frames.TIMEOUT,
                                           [culprit.id if culprit else None, answered]]),
                            copy=False, track=True)]
+        sent += [beats.send(frames.pack([other.ident, other.index, frames.TIMEOUT, [ELSEWHERE, []]]), copy=False,
+                            track=True) for other in self.lanes if other is not lane]
         for tracker in sent:
             try:
                 tracker.wait(2.0)
