@@ -112,7 +112,8 @@ def run_lanes(cfg: Config, eps: Endpoints, stop: threading.Event, procs: list[Pr
         os.nice(SHADOW_NICENESS)
     ctx = zmq.Context.instance()
     push = eps.connect(ctx, zmq.PUSH, "results", options={zmq.LINGER: 5000})
-    pub = eps.connect(ctx, zmq.PUB, "stats", options=Reporter.OPTIONS)  # one socket: every lane's snapshots
+    room = {zmq.SNDHWM: Reporter.OPTIONS[zmq.SNDHWM] * len(procs)}  # every lane's snapshots, on one socket
+    pub = eps.connect(ctx, zmq.PUB, "stats", options={**Reporter.OPTIONS, **room})
     lanes = [_lane(cfg, eps, ctx, pub, proc, pool) for proc in procs]
     watchdog = Watchdog(lanes, eps, stop)
     threading.Thread(target=watchdog.run, daemon=True, name="watchdog").start()
