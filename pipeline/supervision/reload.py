@@ -140,7 +140,8 @@ class Reloader:
         if _rules_of(cfg) != _rules_of(self.running):
             raise ReloadError(f"the rules in {cfg.source} changed since the stack started: a reload only "
                               "replaces a model's version; restart the stack to apply the new rules")
-        rules = [r.name for r in cfg.rules if r.model == name and not r.shared]
+        own = {r.name: r.workers for r in self.running.rules}  # worker counts as overridden (--workers)
+        rules = [r.name for r in cfg.rules if r.model == name and (own.get(r.name) or not r.shared)]
         if name in cfg.pools():
             rules.append(pool_unit(name))  # its pool's processes are replaced as a rule's workers are
         if not rules:
