@@ -1,13 +1,14 @@
 """Idle memory of a stack: RSS, PSS, USS of every process `pipeline up` starts, summed; and how soon it is ready.
 
-    python benchmarks/idle_rss.py [--rules 1 10 30 50] [--settle 8] [--json out.json]
+    python benchmarks/idle_rss.py [--rules 1 10 30 50] [--shared] [--settle 8] [--json out.json]
 
 For each count N of --rules (default 1): starts its own Mosquitto on 127.0.0.1:18841 (the broker is not
-counted) and an N-rule stack from a temporary config (one worker per rule, the example threshold model, one
-topic per rule), times `pipeline up` until GET /readyz answers 200 ("ready after"), waits --settle seconds
-more, reads /proc/PID/smaps_rollup of each process in the stack's process tree (`pipeline up` itself
-excluded: it is the launcher, not the stack), prints a table and stops everything. With several counts it
-ends with one summary line per count. Run it from the checkout to measure (`python -m pipeline` is started
+counted) and an N-rule stack from a temporary config (one worker per rule, or with --shared every rule
+`workers: shared` on the model's pool of one process; the example threshold model, one topic per rule), times
+`pipeline up` until GET /readyz answers 200 ("ready after"), waits --settle seconds more, reads
+/proc/PID/smaps_rollup of each process in the stack's process tree (`pipeline up` itself excluded: it is the
+launcher, not the stack), prints a table and stops everything. With several counts it ends with one summary
+line per count. Run it from the checkout to measure (`python -m pipeline` is started
 from the current directory).
 """
 
@@ -91,12 +92,14 @@ RULE = """\
     sub: {{broker: local, topic: "plant{n}/+/telemetry", qos: 1}}
     model: threshold
     pub: {{broker: local, topic: "plant{n}/{{1}}/alarm", qos: 1}}
-    workers: 1
+    workers: {workers}
 """
 
 
-def config(tmp: Path, rules: int, control_port: int) -> Path:
-    """An N-rule config in `tmp`: one worker per rule, each rule on its own topic."""
+def config(tmp: Path, rules: int, control_port: int, shared: bool = False) -> Path:
+    """An N-rule config in `tmp`: one worker per rule (`shared`: one pool process for all), each rule on its own
+    topic."""
+    workers = "shared" if shared else 1
     conf = tmp / "idle.yaml"
     conf.write_text(f"""\
 name: idle-rss
@@ -105,7 +108,7 @@ brokers:
 models:
   threshold: {{path: {ROOT / 'models' / 'threshold'}, params: {{limit: 30}}}}
 rules:
-{''.join(RULE.format(n=i) for i in range(rules))}control: {{listen: "127.0.0.1:{control_port}"}}
+{''.join(RULE.format(n=i, workers=workers) for i in range(rules))}control: {{listen: "127.0.0.1:{control_port}"}}
 run_dir: {tmp / 'run'}
 data_dir: {tmp / 'data'}
 """)
@@ -162,7 +165,7 @@ def run_stack(rules: int, args: argparse.Namespace) -> dict:
             raise SystemExit(f"something already listens on {PORT}: stop it first")
     tmp = Path(tempfile.mkdtemp(prefix="idle-rss-"))
     (tmp / "mosquitto.conf").write_text(f"listener {PORT} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    conf = config(tmp, rules, args.control_port)
+    conf = config(tmp, rules, args.control_port, args.shared)
     broker = subprocess.Popen(["mosquitto", "-c", str(tmp / "mosquitto.conf")], stderr=subprocess.DEVNULL)
     up = None
     try:
@@ -178,7 +181,8 @@ def run_stack(rules: int, args: argparse.Namespace) -> dict:
         tot = show(rows)
         sys.stdout.flush()
         time.sleep(args.hold)
-        return {"rules": rules, "processes": rows, "total_mib": tot, "ready_after_s": round(ready_after, 2)}
+        return {"rules": rules, "shared": args.shared, "processes": rows, "total_mib": tot,
+                "ready_after_s": round(ready_after, 2)}
     finally:
         if up is not None and up.poll() is None:
             up.send_signal(signal.SIGTERM)
@@ -193,6 +197,7 @@ def run_stack(rules: int, args: argparse.Namespace) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rules", type=int, nargs="+", default=[1], help="rule counts to measure, one stack each")
+    ap.add_argument("--shared", action="store_true", help="every rule `workers: shared`: one pool process")
     ap.add_argument("--settle", type=float, default=8.0, help="seconds to wait after the stack is ready")
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--control-port", type=int, default=15888)

@@ -52,6 +52,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     return errors.OK
 
 
+def _workers(cfg: Config, rule: Rule) -> str:
+    """How a rule's workers read in `pipeline check`: its own count, and the model's pool when it is shared."""
+    pool = f"shared (pool of {cfg.models[rule.model].pool})" if rule.shared else ""
+    return " + ".join(filter(None, [f"x{rule.workers}" if rule.workers or not rule.shared else "", pool]))
+
+
 def _protocol(b: Broker) -> str:
     """The MQTT version a broker's links will speak, as `check` tells it."""
     if b.protocol != "auto":
@@ -83,7 +89,7 @@ def summary(cfg: Config) -> str:
     out += [f"  {n:<16} {m.where}  params={m.params}" for n, m in cfg.models.items()]
     out.append("rules:")
     for r in cfg.rules:
-        out.append(f"  {r.name:<16} {r.sub.broker}:{r.sub.topic} (qos {r.sub.qos}) -> {r.model} x{r.workers} "
+        out.append(f"  {r.name:<16} {r.sub.broker}:{r.sub.topic} (qos {r.sub.qos}) -> {r.model} {_workers(cfg, r)} "
                    f"-> {r.pub.broker}:{r.pub.topic} (qos {r.pub.qos}{', retain' if r.pub.retain else ''}); "
                    f"errors -> {r.error_topic}; timeout {r.timeout:g}s")
         if r.trial is not None:

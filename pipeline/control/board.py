@@ -1,7 +1,8 @@
 """The stats board: the snapshots of every stage process, received on a ZMQ SUB socket.
 
 The SUB socket lives in one background thread (created there, closed there); request threads only read
-copies of the board under a lock. A process is keyed by (pid, started), so a reused pid is a new process.
+copies of the board under a lock. A process is keyed by (pid, started, rule), so a reused pid is a new
+process, and a pool process (a snapshot per rule it serves, see pipeline.stages.worker.stage) is an entry per rule.
 For each process the board keeps its snapshots of the last WINDOW seconds (rates and recent latency come
 from the oldest and the newest of them). A process silent for RETIRE_AFTER seconds is folded into its
 stage's retired totals, so its counts stay in the sums while a crash-looping worker cannot grow the board.
@@ -33,7 +34,7 @@ Snapshot = dict[str, Any]
 
 class Board:
     """The stats board of the control process: owns the SUB socket (in its own thread) and the recent
-    snapshots of every stage process, keyed by (pid, started). Readers get copies under the lock, never the
+    snapshots of every stage process, keyed by (pid, started, rule). Readers get copies under the lock, never the
     live structures."""
 
     def __init__(self, endpoints: Endpoints | None = None) -> None:
@@ -55,7 +56,7 @@ class Board:
     def put(self, snap: Snapshot, now: float | None = None) -> None:
         """Record one snapshot (`now`: monotonic time of arrival, for tests)."""
         now = time.monotonic() if now is None else now
-        key = (snap["pid"], snap.get("started", 0.0))
+        key = (snap["pid"], snap.get("started", 0.0), snap.get("rule"))
         with self._lock:
             history = self._procs.setdefault(key, deque())
             history.append((now, snap))

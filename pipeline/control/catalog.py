@@ -60,7 +60,7 @@ def _loaded(workers: list[Proc]) -> dict[str, Any]:
     pick = max(workers, key=lambda p: (bool(p["alive"]), p.get("loaded_at") or 0.0))
     shas = sorted({p["sha256"] for p in workers if p["alive"] and p.get("sha256")})
     return {"source": pick.get("source"), "sha256": pick.get("sha256"), "loaded_at": pick.get("loaded_at"),
-            "workers_loaded": sum(bool(p["alive"]) for p in workers),
+            "workers_loaded": len({p["pid"] for p in workers if p["alive"]}),  # a pool process once, whatever its rules
             "sha256_differs": len(shas) > 1}
 
 

@@ -14,10 +14,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline import errors, logs
 from pipeline.config import overrides, snapshot
+from pipeline.config.schema.behaviour import pooled_model
 from pipeline.errors import PipelineError
 from pipeline.supervision import run_dir as rundir
 from pipeline.wire.endpoints import Endpoints
@@ -123,20 +124,32 @@ def worker(args: argparse.Namespace) -> int:
 def worker_body(args: argparse.Namespace, stop: threading.Event | None, given: Prepared | None = None) -> Body:
     """What a worker of `args.rule` runs once its config is known: load the model (from the folder `given`, if),
     connect, serve until `stop` (None: the first SIGTERM/SIGINT, from the moment the model is loaded)."""
-    from pipeline.stages import worker
-    from pipeline.stages.worker.stage import load
+    from pipeline.stages.worker.stage import load_pool, run_lanes
 
     def body(cfg: Config, rd: Path) -> int:
-        try:
-            cfg.rule(args.rule)
-        except KeyError as e:
-            raise errors.ConfigError(cfg.source, [str(e.args[0])]) from None
+        rules = served_rules(cfg, args.rule)
         eps = given.endpoints if given else worker_endpoints(cfg, rd, args)
         until = stop or stop_event()
-        proc = load(cfg, args.rule, given.model if given else None)
-        return worker.run(cfg, args.rule, eps, until, proc)
+        procs = load_pool(cfg, rules, given.model if given else None)
+        pool = args.rule if pooled_model(args.rule) else None
+        return run_lanes(cfg, eps, until, procs, pool)
 
     return body
+
+
+def served_rules(cfg: Config, unit: str) -> list[Any]:
+    """The rules a worker of `unit` serves: the rule of that name, or the shared rules of the model whose pool `unit`
+    names (`<model>~pool`); ConfigError when there is no such rule or pool."""
+    model = pooled_model(unit)
+    if model is not None:
+        rules = cfg.pools().get(model)
+        if not rules:
+            raise errors.ConfigError(cfg.source, [f"no rule of model '{model}' has workers: shared (pool {unit})"])
+        return rules
+    try:
+        return [cfg.rule(unit)]
+    except KeyError as e:
+        raise errors.ConfigError(cfg.source, [str(e.args[0])]) from None
 
 
 def worker_endpoints(cfg: Config, rd: Path, args: argparse.Namespace) -> Endpoints:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import snapshot
+from pipeline.config.schema.behaviour import pool_unit, pooled_model
 from pipeline.errors import PipelineError
 from pipeline.models import packages
 from pipeline.supervision import run_dir as rundir
@@ -139,7 +140,10 @@ class Reloader:
         if _rules_of(cfg) != _rules_of(self.running):
             raise ReloadError(f"the rules in {cfg.source} changed since the stack started: a reload only "
                               "replaces a model's version; restart the stack to apply the new rules")
-        rules = [r.name for r in cfg.rules if r.model == name]
+        own = {r.name: r.workers for r in self.running.rules}  # worker counts as overridden (--workers)
+        rules = [r.name for r in cfg.rules if r.model == name and (own.get(r.name) or not r.shared)]
+        if name in cfg.pools():
+            rules.append(pool_unit(name))  # its pool's processes are replaced as a rule's workers are
         if not rules:
             raise ReloadError(f"no rule uses model '{name}'")
         return rules
@@ -178,7 +182,7 @@ class Reloader:
             ended = [e for e in server.call("list", rule=rule)["exits"] if e["pid"] == pid]
             if ended:
                 raise ReloadError(f"the new worker {name} of rule {rule} did not start: {self._why(rule, ended[0])}")
-            if any(p["pid"] == pid and p.get("rule") == rule for p in self._live()):
+            if any(p["pid"] == pid and _reports_for(p, rule) for p in self._live()):
                 return
             time.sleep(POLL)
         raise ReloadError(f"the new worker {name} of rule {rule} did not report within {SERVE_TIMEOUT:g}s")
@@ -205,6 +209,12 @@ class Reloader:
 
     def _versions(self, name: str) -> set[str]:
         return {p["sha256"] for p in self._live() if p.get("model") == name and p.get("sha256")}
+
+
+def _reports_for(snap: dict[str, Any], unit: str) -> bool:
+    """Whether a worker snapshot is of `unit`: a rule, or a model's pool (which reports under each rule it serves)."""
+    model = pooled_model(unit)
+    return snap.get("rule") == unit if model is None else snap.get("model") == model
 
 
 def http_workers(cfg: Config) -> Workers:

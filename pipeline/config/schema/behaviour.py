@@ -88,6 +88,22 @@ def trial_name(rule: str, kind: str) -> str:
     return f"{rule}~{kind}"
 
 
+POOL = "pool"  # what a model's pool of shared workers is served as: a unit `<model>~pool` of the fork server
+SHARED = "shared"  # `workers: shared` on a rule: its model's pool serves it
+
+
+def pool_unit(model: str) -> str:
+    """The name a model's pool goes by where a rule's name would (`<model>~pool`: fork server slots, fatal file, logs,
+    hot reload): "~" is in no rule or model name of a file."""
+    return f"{model}~{POOL}"
+
+
+def pooled_model(unit: str) -> str | None:
+    """The model whose pool `unit` names; None when `unit` names a rule."""
+    model, sep, kind = unit.rpartition("~")
+    return model if sep and kind == POOL else None
+
+
 def shadow_topic(rule: str) -> str:
     """Where the shadow of the rule `rule` publishes its results (never the rule's own topic)."""
     return f"{SHADOW_TOPICS}/{rule}"
@@ -154,6 +170,14 @@ class ConfigMixin:
         """This config with some rules' worker counts overridden (`--workers RULE=N`)."""
         rules = [r.model_copy(update={"workers": workers[r.name]}) if r.name in workers else r for r in self.rules]
         return self.model_copy(update={"rules": rules})  # type: ignore[attr-defined]
+
+    def pools(self) -> dict[str, list[Any]]:
+        """model -> the rules its pool serves (those with `workers: shared`), for every model with such rules."""
+        out: dict[str, list[Any]] = {}
+        for r in self.rules:
+            if r.shared:
+                out.setdefault(r.model, []).append(r)
+        return out
 
     def live_rules(self) -> list[Any]:
         """The rules of the file, without the companions their shadows and canaries run as."""

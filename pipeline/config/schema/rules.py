@@ -19,7 +19,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipeline import topics
-from pipeline.config.schema.behaviour import CANARY, SHADOW, RuleMixin
+from pipeline.config.schema.behaviour import CANARY, SHADOW, SHARED, RuleMixin
 from pipeline.config.schema.common import Name, Percent, Seconds, Share, Strict, must_be_defined
 from pipeline.control.hosts import name_problem, normal
 from pipeline.keyed import keys
@@ -127,7 +127,8 @@ class Rule(RuleMixin, Strict):  # error_topic, trials()
     sub: Sub
     model: str
     pub: Pub
-    workers: int = Field(1, ge=0, le=64)  # 0: no local worker, the rule is served by remote workers
+    workers: int = Field(1, ge=0, le=64)  # 0: no local worker, the rule is served by remote workers; see _shared
+    shared: bool = False  # `workers: shared` in a file: the model's pool serves the rule (its own workers: 0)
     timeout: Seconds = 10.0
     errors: Errors = Errors()
     max_attempts: int = Field(3, ge=1, le=100)  # dispatches of one message before it is dead-lettered
@@ -151,6 +152,38 @@ class Rule(RuleMixin, Strict):  # error_topic, trials()
     @classmethod
     def _key(cls, v: Any) -> Any:
         return _parsed_key(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared(cls, data: Any) -> Any:
+        """`workers: shared` becomes `shared: true` with no worker of the rule's own; `shared` is never in a file."""
+        if not isinstance(data, dict):
+            return data
+        if "shared" in data:
+            raise PydanticCustomError("shared", "write `workers: shared`, not {at}", {"at": "shared",
+                                                                                       "value": data["shared"]})
+        workers = data.get("workers")
+        if isinstance(workers, str) and workers != SHARED and not workers.isdigit():
+            raise PydanticCustomError("workers", "{at} is a number of workers (0-64) or '{shared}'",
+                                      {"at": "workers", "shared": SHARED, "value": workers})
+        if workers != SHARED:
+            return data
+        return {**data, "workers": 0, "shared": True}
+
+    @model_validator(mode="after")
+    def _pooled(self) -> Rule:
+        """What a pool process cannot do for one of its rules alone is refused on a shared rule."""
+        if not self.shared:
+            return self
+        for given in ("key", "shadow", "canary", "max_rss"):
+            value = getattr(self, given)
+            if isinstance(value, list):  # key: its parts
+                value = ", ".join(value)
+            if value is not None:
+                raise PydanticCustomError("shared", "{at} is not supported on a rule with workers: shared (its model's "
+                                          "pool serves it): give the rule workers of its own",
+                                          {"at": given, "value": getattr(value, "model", value)})
+        return self
 
     @model_validator(mode="after")
     def _trials(self) -> Rule:

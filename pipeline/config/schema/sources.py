@@ -120,6 +120,7 @@ class Model(ModelMixin, Strict):  # source, where
     md5: str | dict[Literal["amd64", "arm64"], str] | None = None
     insecure: bool = False  # a url model: accept plain http:// and no checksum
     params: dict[str, Any] = {}
+    pool: int = Field(1, ge=1, le=64)  # processes serving the rules of this model that say `workers: shared`
 
     @field_validator("path")
     @classmethod

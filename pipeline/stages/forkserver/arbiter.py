@@ -3,6 +3,8 @@
 Invariants:
 - signal handlers only queue the signal (and Python wakes the loop through the self-pipe); the loop calls
   `handle_<signal>`;
+- a model's pool (`models.<model>.pool` processes serving its rules with `workers: shared`) has slots as a rule's
+  workers do, under the name `<model>~pool`: forked, ended, forked again alone, spared and replaced the same way;
 - every regular slot (a rule's worker `index`, 0 .. workers - 1) has a live worker or a fork due: a worker that
   ended is forked again alone, at once, or after a backoff that doubles while it keeps ending within QUICK seconds
   of its fork other than by WORKER_TIMEOUT or WORKER_RSS (those took a message: with a model that hangs on some
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import errors
+from pipeline.config.schema.behaviour import pool_unit
 from pipeline.stages import boot
 from pipeline.stages.boot import Prepared, Resolved
 from pipeline.stages.forkserver import child
@@ -87,8 +90,10 @@ class ForkServer:
 
     def __init__(self, args: argparse.Namespace, cfg: Config, run_dir: Path) -> None:
         self.args, self.cfg, self.run_dir = args, cfg, run_dir
-        self.rules = {r.name for r in cfg.rules}
+        pools = {pool_unit(m): cfg.models[m].pool for m in cfg.pools()}  # a pool is served as a rule of its own
+        self.rules = {r.name for r in cfg.rules} | set(pools)
         self.slots = {(r.name, i): Slot(r.name, i) for r in cfg.rules for i in range(r.workers)}
+        self.slots.update({(unit, i): Slot(unit, i) for unit, n in pools.items() for i in range(n)})
         self.spares: dict[str, Slot] = {}
         self.by_pid: dict[int, Slot] = {}
         self.exits: deque[dict[str, Any]] = deque(maxlen=EXITS_KEPT)
@@ -349,9 +354,10 @@ class Preparation:
             if self.cfg is None or self.endpoints is None:
                 self.cfg = boot.stage_config(self.args, self.run_dir)
                 self.endpoints = Endpoints.for_config(self.cfg, self.run_dir)
-            model = self.cfg.rule(rule).model
+            served = boot.served_rules(self.cfg, rule)
+            model = served[0].model
             if model not in self.models:
-                self.models[model] = stage.resolve(self.cfg, rule)
+                self.models[model] = stage.resolve(self.cfg, served[0].name)
             return Prepared(self.cfg, self.run_dir, self.models[model], self.endpoints)
         except Exception as e:  # any failure is the worker's to report
             log.debug("the worker of rule %s prepares itself: %s", rule, e)

@@ -1,4 +1,5 @@
-"""Workers: a pool per rule; each process loads the model once and calls it for every message."""
+"""Workers: processes that call a model for every message of a rule (a pool process: of each shared rule of its model);
+each loads the model once."""
 
 from pipeline.stages.worker.stage import run
 
