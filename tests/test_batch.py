@@ -154,5 +154,5 @@ def test_a_call_that_hangs_on_one_event_of_many_costs_that_event_only(broker, pr
     letters = [orjson.loads(p) for t, p in got if t != "vec/out"]
     assert Counter(r["seq"] for r in results) == Counter(x for x in range(12) if x != 6), up.output()[-3000:]
     assert [(orjson.loads(lt["payload"])["seq"], lt["reason"]) for lt in letters] == [(6, "timeout")]
-    assert "model call passed 1s on a handler_batch call of" in up.output()  # the frame was one call
+    assert "model call of rule vec passed 1s on a handler_batch call of" in up.output()  # the frame was one call
     assert max(r["batch"] for r in results) == 1  # every one came out alone, on its second attempt
