@@ -41,6 +41,22 @@ log = logging.getLogger("pipeline.ingress.keyed")  # a stable name for log filte
 KNOWN_KEYS = 100_000  # keys whose worker and state are remembered while idle (the least recently used go first)
 
 
+def key_value(parts: tuple[keys.Part, ...], topic: str, payload: bytes, memo: list[Any]) -> str:
+    """The key value `parts` give a message; raise keys.NoKey, or codec.BadPayload when a part reads a payload that
+    is not JSON. `memo` holds the payload decoded (or the BadPayload it raised) once per message, for every rule
+    that reads a key from it."""
+    def event() -> Any:
+        if not memo:
+            try:
+                memo.append(codec.decode_event(payload))
+            except codec.BadPayload as e:
+                memo.append(e)
+        if isinstance(memo[0], codec.BadPayload):
+            raise memo[0]
+        return memo[0]
+    return keys.key_of(parts, topic, event)
+
+
 class StateReader:
     """Reads committed states from egress's file (read-only), opened at the first read that finds the file."""
 
@@ -99,17 +115,8 @@ class KeyedQueue(RuleQueue):
         """The message's key value (`memo`: the payload decoded by an earlier keyed rule, shared per message);
         the rule's key_default when it has none; raise keys.NoKey (or codec.BadPayload, when the key is read from
         a payload that is not JSON) when there is no default either."""
-        def event() -> Any:
-            if not memo:
-                try:
-                    memo.append(codec.decode_event(payload))
-                except codec.BadPayload as e:
-                    memo.append(e)
-            if isinstance(memo[0], codec.BadPayload):
-                raise memo[0]
-            return memo[0]
         try:
-            return keys.key_of(self.parts, topic, event)
+            return key_value(self.parts, topic, payload, memo)
         except (keys.NoKey, codec.BadPayload):
             if self.rule.key_default is None:
                 raise

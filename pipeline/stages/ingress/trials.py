@@ -21,6 +21,7 @@ from pipeline import trials
 from pipeline.keyed import keys
 from pipeline.models import codec
 from pipeline.stages.ingress.dispatch import RuleQueue
+from pipeline.stages.ingress.keyed import key_value
 from pipeline.telemetry.reporter import Reporter
 from pipeline.wire.frames import Message
 
@@ -69,18 +70,8 @@ class CanaryRoute:
     def _key(self, topic: str, payload: bytes, memo: list[Any]) -> str | None:
         if self.parts is None:
             return topic
-
-        def event() -> Any:
-            if not memo:
-                try:
-                    memo.append(codec.decode_event(payload))
-                except codec.BadPayload as e:
-                    memo.append(e)
-            if isinstance(memo[0], codec.BadPayload):
-                raise memo[0]
-            return memo[0]
         try:
-            return keys.key_of(self.parts, topic, event)
+            return key_value(self.parts, topic, payload, memo)
         except (keys.NoKey, codec.BadPayload):
             return None  # no key: the live version serves it
 
