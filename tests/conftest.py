@@ -33,6 +33,14 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=60)
 
 
+def wait_until(check, timeout: float, step: float = 0.2):
+    """check()'s first true answer within `timeout` seconds, looking every `step`; its last answer otherwise."""
+    deadline = time.monotonic() + timeout
+    while not (got := check()) and time.monotonic() < deadline:
+        time.sleep(step)
+    return got
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -212,6 +220,15 @@ class Up:
     def pids(self) -> list[int]:
         """Pids of every process whose command line names this stack's run directory."""
         return [pid for pid, cmd in processes().items() if str(self.run_dir) in cmd and pid != self.proc.pid]
+
+    def worker_pids(self) -> dict[str, set[int]]:
+        """rule -> pids of the live processes serving it (its workers, or its pool's), as GET /models shows them."""
+        out: dict[str, set[int]] = {}
+        for model in self.get("/models")[1]["models"]:
+            for w in model["workers"]:
+                if w["alive"]:
+                    out.setdefault(w["rule"], set()).add(w["pid"])
+        return out
 
     def kill(self) -> None:
         """SIGKILL `pipeline up` and every process of its stack, at once (supervisord takes a second per group

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import orjson
-from conftest import Up, processes
+from conftest import Up, processes, wait_until
 
 from pipeline.supervision import run_dir as rundir
 from pipeline.supervision.forkctl import ForkServer
@@ -31,23 +31,6 @@ def config(broker, rules: int) -> str:
             + "".join(RULE.format(i=i) for i in range(rules)) + "control: {listen: CONTROL}\n")
 
 
-def worker_pids(up: Up) -> dict[str, set[int]]:
-    """rule -> pids of its live workers, as GET /models shows them."""
-    out: dict[str, set[int]] = {}
-    for model in up.get("/models")[1]["models"]:
-        for w in model["workers"]:
-            if w["alive"]:
-                out.setdefault(w["rule"], set()).add(w["pid"])
-    return out
-
-
-def wait_until(check, timeout: float):
-    deadline = time.monotonic() + timeout
-    while not (got := check()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return got
-
-
 def forkserver_pid(up: Up) -> int:
     cmds = processes()
     return next(pid for pid in up.pids() if "pipeline forkserver" in cmds.get(pid, ""))
@@ -60,14 +43,14 @@ def parent_of(pid: int) -> int:
 
 def test_a_killed_worker_of_20_rules_is_forked_again_alone_and_serves(broker, probe_factory, stack_factory):
     up = stack_factory(config(broker, RULES))
-    assert wait_until(lambda: len(worker_pids(up)) == RULES, 30), worker_pids(up)
-    before = worker_pids(up)
+    assert wait_until(lambda: len(up.worker_pids()) == RULES, 30), up.worker_pids()
+    before = up.worker_pids()
     server = forkserver_pid(up)
     assert all(parent_of(pid) == server for pids in before.values() for pid in pids)
     victim = next(iter(before["r7"]))
     os.kill(victim, signal.SIGKILL)
-    replaced = wait_until(lambda: (p := worker_pids(up)).get("r7") and victim not in p["r7"] and p, 20)
-    assert replaced, f"r7's worker was not replaced: {worker_pids(up)}\n{up.output()[-3000:]}"
+    replaced = wait_until(lambda: (p := up.worker_pids()).get("r7") and victim not in p["r7"] and p, 20)
+    assert replaced, f"r7's worker was not replaced: {up.worker_pids()}\n{up.output()[-3000:]}"
     (new,) = replaced["r7"]
     assert parent_of(new) == server
     assert {r: p for r, p in replaced.items() if r != "r7"} == {r: p for r, p in before.items() if r != "r7"}
@@ -121,16 +104,16 @@ def test_the_control_channel_survives_hostile_input(broker, stack_factory):
 
 def test_workers_die_with_their_fork_server_and_come_back_with_the_next(broker, probe_factory, stack_factory):
     up = stack_factory(config(broker, 1), "--workers", "r0=2")
-    assert wait_until(lambda: len(worker_pids(up).get("r0", ())) == 2, 20), worker_pids(up)
-    old_server, old = forkserver_pid(up), worker_pids(up)["r0"]
+    assert wait_until(lambda: len(up.worker_pids().get("r0", ())) == 2, 20), up.worker_pids()
+    old_server, old = forkserver_pid(up), up.worker_pids()["r0"]
     os.kill(old_server, signal.SIGKILL)
     assert wait_until(lambda: not old & set(processes()), 10), "a worker outlived its fork server"
-    assert wait_until(lambda: len(worker_pids(up).get("r0", set()) - old) == 2, 30), worker_pids(up)
+    assert wait_until(lambda: len(up.worker_pids().get("r0", set()) - old) == 2, 30), up.worker_pids()
     assert forkserver_pid(up) != old_server
     probe = probe_factory("fs/+/out")
     probe.publish("fs/r0/in", {"seq": 1})
     (got,) = probe.wait_for(1, timeout=20)
-    assert orjson.loads(got[1])["pid"] in worker_pids(up)["r0"]
+    assert orjson.loads(got[1])["pid"] in up.worker_pids()["r0"]
 
 
 def test_a_slot_whose_workers_keep_dying_at_once_is_backed_off_but_not_one_whose_worker_timed_out(tmp_path):

@@ -11,7 +11,7 @@ import time
 
 import orjson
 import pytest
-from conftest import Up
+from conftest import Up, wait_until
 
 from pipeline import errors
 from pipeline.config import load
@@ -34,28 +34,11 @@ def config(broker, rules: int = RULES, timeout: float = 10, pool: int = 1, attem
             + "control: {listen: CONTROL}\n")
 
 
-def pool_pids(up: Up) -> dict[str, set[int]]:
-    """rule -> pids of the live processes serving it, as GET /models shows them."""
-    out: dict[str, set[int]] = {}
-    for model in up.get("/models")[1]["models"]:
-        for w in model["workers"]:
-            if w["alive"]:
-                out.setdefault(w["rule"], set()).add(w["pid"])
-    return out
-
-
-def wait_until(check, timeout: float):
-    deadline = time.monotonic() + timeout
-    while not (got := check()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return got
-
-
 def one_pool_process(up: Up) -> int:
     """The single pid serving every rule, once each rule reports it alone."""
-    pids = wait_until(lambda: (p := pool_pids(up)) and len(p) == RULES
+    pids = wait_until(lambda: (p := up.worker_pids()) and len(p) == RULES
                       and len(set().union(*p.values())) == 1 and p, 30)
-    assert pids, pool_pids(up)
+    assert pids, up.worker_pids()
     return next(iter(next(iter(pids.values()))))
 
 
@@ -100,7 +83,7 @@ def test_a_timeout_or_kill_replaces_the_pool_process_and_no_rule_loses_a_message
     assert second and all(b["pid"] == second for t, b in got.items() if t.startswith("pool/")), (first, second, got)
     os.kill(second, signal.SIGKILL)
     third = wait_until(lambda: (p := one_pool_process(up)) != second and p, 20)
-    assert third, pool_pids(up)
+    assert third, up.worker_pids()
     for i in range(RULES):
         probe.publish(f"pool/s{i}/in", {"seq": 100 + i})
     later = [orjson.loads(p) for t, p in probe.wait_for(2 * RULES, timeout=20) if t.startswith("pool/")]
@@ -152,7 +135,7 @@ def test_a_hot_reload_replaces_the_pool_processes_and_loses_nothing(broker, prob
     write_model(tmp_path / "model", "v1")
     up = stack_factory(RELOAD.replace("BROKER", broker.url).replace("MODEL", str(tmp_path / "model"))
                        .replace("TOKEN", TOKEN))
-    before = wait_until(lambda: (p := pool_pids(up)) and len(p["a"]) == 2 and p, 30)
+    before = wait_until(lambda: (p := up.worker_pids()) and len(p["a"]) == 2 and p, 30)
     assert before and before["a"] == before["b"] and not before["a"] & before["own"], before
     probe = probe_factory("rp/+/out")
     for seq in range(30):
@@ -167,5 +150,5 @@ def test_a_hot_reload_replaces_the_pool_processes_and_loses_nothing(broker, prob
     assert wait_until(lambda: got.update({orjson.loads(p)["seq"]: orjson.loads(p)["version"]
                                           for _, p in probe.received("rp/")}) or len(got) == 40, 20), sorted(got)
     assert all(got[seq] == "v2" for seq in range(30, 40)), got
-    after = wait_until(lambda: (p := pool_pids(up)) and not p["a"] & before["a"] and len(p["a"]) == 2 and p, 10)
-    assert after and after["a"] == after["b"], (before, pool_pids(up))
+    after = wait_until(lambda: (p := up.worker_pids()) and not p["a"] & before["a"] and len(p["a"]) == 2 and p, 10)
+    assert after and after["a"] == after["b"], (before, up.worker_pids())

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 import yaml
-from conftest import Up
+from conftest import Up, wait_until
 from falcon import testing
 from test_control import Fake as Snapshots
 from test_packages import FileServer, digests, zip_bytes
@@ -103,15 +103,8 @@ def outputs(probe) -> dict[int, set[str]]:
 
 
 def wait_all(probe, n: int, timeout: float) -> dict[int, set[str]]:
-    wait_until(lambda: len(outputs(probe)) >= n, timeout)
+    wait_until(lambda: len(outputs(probe)) >= n, timeout, step=0.3)
     return outputs(probe)
-
-
-def wait_until(check, timeout: float):
-    deadline = time.monotonic() + timeout
-    while not (got := check()) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    return got
 
 
 def live_versions(up: Up) -> set[str]:
@@ -142,10 +135,10 @@ def test_reload_under_load_loses_nothing_and_switches_versions(broker, probe_fac
     assert not late, f"old-version results after the reload: {sorted(late)[:10]}"
     model = up.get("/models")[1]["models"][0]
     assert model["sha256"] == result["version"]
-    assert wait_until(lambda: live_versions(up) == {result["version"]}, 10)
+    assert wait_until(lambda: live_versions(up) == {result["version"]}, 10, step=0.3)
     assert model["reload"]["ok"] and model["reload"]["version"] == result["version"]
     # the spare's last report counts as live for 2 s after it stopped
-    assert wait_until(lambda: up.get("/models")[1]["models"][0]["workers_loaded"] == 2, 10)
+    assert wait_until(lambda: up.get("/models")[1]["models"][0]["workers_loaded"] == 2, 10, step=0.3)
     assert up.proc.poll() is None
 
 
@@ -186,10 +179,10 @@ def test_sighup_reloads_the_models_that_changed(broker, probe_factory, stack_fac
     old = live_versions(up)
     write_model(tmp_path / "model", "v2")
     up.proc.send_signal(signal.SIGHUP)
-    record = wait_until(lambda: up.get("/models")[1]["models"][0]["reload"], 90)
+    record = wait_until(lambda: up.get("/models")[1]["models"][0]["reload"], 90, step=0.3)
     assert record and record["ok"] and record["trigger"] == "sighup", record
     assert record["previous"] == sorted(old)  # a stopped worker's last report counts for 2 s more:
-    assert wait_until(lambda: live_versions(up) == {record["version"]}, 10)
+    assert wait_until(lambda: live_versions(up) == {record["version"]}, 10, step=0.3)
     for seq in range(20):
         probe.publish("rl/d1/in", {"seq": seq})
     got = wait_all(probe, 20, timeout=30)
