@@ -60,11 +60,8 @@ def write_verdict(run_dir: Path, verdict: dict[str, Any]) -> None:
 
 def read_verdict(run_dir: Path, rule: str) -> dict[str, Any] | None:
     """The verdict on the canary of `rule` in this run, None while there is none (or it was another run's)."""
-    try:
-        verdict = json.loads(rundir.canary_verdict(run_dir, rule).read_text())
-    except (OSError, ValueError, RecursionError):  # RecursionError: arrays or objects nested too deep
-        return None
-    return verdict if isinstance(verdict, dict) and verdict.get("run") == run_id() else None
+    verdict = rundir.read_object(rundir.canary_verdict(run_dir, rule))
+    return verdict if verdict is not None and verdict.get("run") == run_id() else None
 
 
 # -- judging a canary (egress) --

@@ -107,8 +107,4 @@ def status(run_dir: Path, rule: str) -> Status | None:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):  # RecursionError: arrays or objects nested too deep
-        return {}
-    return doc if isinstance(doc, dict) else {}
+    return rundir.read_object(path) or {}

@@ -12,12 +12,13 @@ Invariants, held by every process of the stack:
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import stat
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import StartupError
 
@@ -166,6 +167,16 @@ def leave_fatal(run_dir: Path, program: str, exit_code: int, reason: str) -> Non
     path = fatal_file(run_dir, program)
     private_folder(path.parent)
     write_private(path, f"{exit_code}\n{reason}")
+
+
+def read_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object a file of the run directory holds; None when it is missing, unreadable, not JSON, nested too
+    deep for the parser, or not an object (another process wrote it: nothing in it is trusted)."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def read_fatal(path: Path) -> tuple[int, str]:
